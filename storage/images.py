@@ -1,0 +1,94 @@
+"""Decoding untrusted image bytes into RGB with clear, recordable failure reasons.
+
+Every failure raises :class:`ImageError` with a short ``reason`` code (stored in the ``errors`` table) and a
+human-readable ``detail``. Handled cases: empty, truncated, corrupt and non-image files, decompression bombs
+(more than ``max_pixels``), EXIF orientation, CMYK, 16-bit, float, grayscale, palette and alpha images.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# we enforce our own pixel limit from the header, so Pillow's global bomb check is not relied upon
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """An image could not be decoded; ``reason`` is a short code, ``detail`` explains."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB (alpha composited on white, 16-bit/float rescaled, CMYK converted)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        if mode == "F":
+            lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+            arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
+        else:
+            arr = arr * (255.0 / hi)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV ...
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> Image.Image:
+    """Decode image bytes to an EXIF-oriented RGB image.
+
+    ``max_side`` lets JPEG decoding use DCT scaling (draft mode) when the network input will be smaller,
+    which is several times faster on large photos; the result still has at least ``max_side`` pixels on its
+    longest side whenever the original had.
+    """
+    if not data:
+        raise ImageError("empty", "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError("corrupt", f"invalid size {w}x{h}")
+            if w * h > max_pixels:
+                raise ImageError("too_large", f"{w}x{h} = {w * h / 1e6:.1f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+            if max_side is not None and img.format == "JPEG" and max(w, h) > 2 * max_side:
+                scale = max_side / max(w, h)
+                img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))
+            saved_limit = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                img.load()
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved_limit
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError("not_image", str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc)
+        reason = "truncated" if ("truncated" in msg.lower() or isinstance(exc, EOFError)) else "corrupt"
+        raise ImageError(reason, f"{type(exc).__name__}: {msg}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder bug is recorded, never crashes the job
+        raise ImageError("corrupt", f"{type(exc).__name__}: {exc}") from None
