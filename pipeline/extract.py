@@ -1,0 +1,191 @@
+"""Per-image feature extraction: activations → global descriptors, region proposals, local features.
+
+This is the pure part of the extraction stage (no I/O, no Ray): :func:`extract_features` takes the
+backbone's activation map of one image and returns everything the tables store for it. Region sources and
+global methods are selected by name, so users pick them in the config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline import pooling
+from pipeline.regions import cells_to_pixels, to_cells
+
+GLOBAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
+REGION_SOURCES = ("full", "grid", "fs_egm", "cam")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """What to compute per image. Defaults follow ALGORITHMS.md (R-MAC L=3, FS rho=5 tau=0.4 sigma=2.5, N_C=64)."""
+
+    max_side: int = 1024
+    scales: tuple[float, ...] = (1.0,)
+    global_methods: tuple[str, ...] = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
+    region_sources: tuple[str, ...] = ("full", "grid", "fs_egm", "cam")
+    gem_p: float = 3.0
+    rmac_levels: int = 3
+    fs_rho: float = 5.0
+    fs_tau: float = 0.4
+    fs_sigma: float = 2.5
+    cam_classes: int = 64
+    cam_thresholds: tuple[float, ...] = (0.01, 0.1, 0.2, 0.3, 0.4)
+    local_features: int = 0  # top-N local descriptors per image; 0 disables the locals table
+    local_scales: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        bad = set(self.global_methods) - set(GLOBAL_METHODS)
+        if bad:
+            raise ValueError(f"unknown global methods {sorted(bad)}; known: {GLOBAL_METHODS}")
+        bad = set(self.region_sources) - set(REGION_SOURCES)
+        if bad:
+            raise ValueError(f"unknown region sources {sorted(bad)}; known: {REGION_SOURCES}")
+        if self.max_side < 32:
+            raise ValueError("max_side must be at least 32 pixels")
+        if not self.scales or any(s <= 0 or s > 1 for s in self.scales):
+            raise ValueError("scales must be in (0, 1]")
+
+
+@dataclass
+class ImageFeatures:
+    """Everything extracted from one image (numpy, float32, boxes in original-image pixels)."""
+
+    feat_hw: tuple[int, int]
+    proc_hw: tuple[int, int]
+    sparsity: np.ndarray
+    act_mean: float
+    act_max: float
+    globals: dict[str, np.ndarray] = field(default_factory=dict)
+    region_source: list[str] = field(default_factory=list)
+    region_level: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int16))
+    region_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    region_score: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    region_saliency: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    region_desc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    local_xy: np.ndarray | None = None
+    local_scale: np.ndarray | None = None
+    local_strength: np.ndarray | None = None
+    local_desc: np.ndarray | None = None
+
+
+def _grid_levels(height: int, width: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """R-MAC grid boxes (without the full image) and the level (1..L) of each."""
+    boxes, lv = [], []
+    for level in range(1, levels + 1):
+        b = pooling.rmac_grid(height, width, levels=level, include_full=False)
+        prev = pooling.rmac_grid(height, width, levels=level - 1, include_full=False) if level > 1 else np.zeros((0, 4))
+        boxes.append(b[len(prev):])
+        lv.append(np.full(len(b) - len(prev), level, np.int16))
+    return np.concatenate(boxes), np.concatenate(lv)
+
+
+def extract_features(activations: list[torch.Tensor], config: ExtractConfig, image_hw: tuple[int, int],
+                     classifier: tuple[torch.Tensor, torch.Tensor] | None = None) -> ImageFeatures:
+    """Compute one image's descriptors from its activation maps at each scale of ``config.scales``.
+
+    ``activations[0]`` (scale 1) drives regions, saliency and locals; global descriptors sum the
+    L2-normalised descriptor of every scale (multi-scale, ALGORITHMS.md §1) and L2-normalise.
+    ``image_hw`` is the original (oriented) image size, used for pixel boxes.
+    """
+    from pipeline import cam as cam_mod
+    from pipeline import crow as crow_mod
+    from pipeline import egm as egm_mod
+    from pipeline import saliency as sal_mod
+
+    A = activations[0].float()
+    C, H, W = A.shape
+    nonzero = (A > 0).float().mean(dim=(1, 2))
+    out = ImageFeatures(feat_hw=(H, W), proc_hw=(0, 0), sparsity=nonzero.cpu().numpy(),
+                        act_mean=float(A.mean()), act_max=float(A.max()))
+    fhat = sal_mod.feature_saliency(A)
+
+    # ---- global descriptors (multi-scale where more than one activation map is given)
+    def multi(fn) -> np.ndarray:
+        acc = sum(pooling.l2n(fn(a.float())) for a in activations)
+        return pooling.l2n(acc).cpu().numpy().astype(np.float32)
+
+    gm = config.global_methods
+    if "mac" in gm:
+        out.globals["mac"] = multi(pooling.mac)
+    if "gem" in gm:
+        out.globals["gem"] = multi(lambda a: pooling.gem(a, config.gem_p))
+    if "spoc" in gm:
+        out.globals["spoc"] = multi(pooling.spoc)
+    if "crow" in gm:
+        out.globals["crow"] = multi(crow_mod.crow)
+    if "cam_ofa" in gm and classifier is not None:
+        weight, bias = classifier
+        out.globals["cam_ofa"] = multi(lambda a: cam_mod.cam_ofa(a, weight, bias, n_classes=config.cam_classes))
+
+    # ---- region proposals on the scale-1 map: (source, level, cell boxes, scores)
+    proposals: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
+    if "full" in config.region_sources:
+        proposals.append(("full", np.array([[0, 0, W, H]], np.int64), np.zeros(1, np.int16), np.ones(1, np.float32)))
+    if "grid" in config.region_sources:
+        g, lv = _grid_levels(H, W, config.rmac_levels)
+        proposals.append(("grid", g, lv, np.ones(len(g), np.float32)))
+    need_fs = "fs_egm" in config.region_sources or "fs_egm_sum" in gm
+    if need_fs:
+        boxes, scores = egm_mod.detect_regions(fhat.cpu().numpy(), tau=config.fs_tau, rho=config.fs_rho,
+                                               sigma=config.fs_sigma)
+        cells = to_cells(boxes, H, W) if len(boxes) else np.zeros((0, 4), np.int64)
+        fs_cells = cells
+        if "fs_egm" in config.region_sources:
+            proposals.append(("fs_egm", cells, np.zeros(len(cells), np.int16), np.asarray(scores, np.float32)))
+    if "cam" in config.region_sources and classifier is not None:
+        weight, bias = classifier
+        top = cam_mod.top_classes(A, weight, bias, 2)
+        cams = cam_mod.class_activation_maps(A, weight, top).mean(dim=0)
+        cboxes = cam_mod.cam_boxes(cams.cpu().numpy(), thresholds=config.cam_thresholds)
+        ccells = to_cells(cboxes, H, W)
+        proposals.append(("cam", ccells, np.arange(len(ccells), dtype=np.int16),
+                          np.asarray(config.cam_thresholds[:len(ccells)], np.float32)))
+
+    if proposals:
+        all_cells = np.concatenate([p[1] for p in proposals]).astype(np.int64)
+        desc = pooling.regional_mac(A, all_cells)
+        out.region_desc = desc.cpu().numpy().astype(np.float32)
+        out.region_source = [p[0] for p in proposals for _ in range(len(p[1]))]
+        out.region_level = np.concatenate([p[2] for p in proposals]).astype(np.int16)
+        out.region_score = np.concatenate([p[3] for p in proposals]).astype(np.float32)
+        out.region_saliency = sal_mod.box_saliency(fhat, all_cells).cpu().numpy().astype(np.float32)
+        out.region_boxes = cells_to_pixels(all_cells, (H, W), image_hw)
+    else:
+        out.region_desc = np.zeros((0, C), np.float32)
+
+    if "fs_egm_sum" in gm:
+        # seed 001's FS.EGM before whitening: sum_R L2(m_A(R)); w(.) is applied by the descriptors stage
+        if len(fs_cells):
+            reg = pooling.l2n(pooling.regional_mac(A, fs_cells))
+            out.globals["fs_egm_sum"] = reg.sum(dim=0).cpu().numpy().astype(np.float32)
+        else:
+            out.globals["fs_egm_sum"] = pooling.mac(A).cpu().numpy().astype(np.float32)
+
+    if config.local_features > 0:
+        from pipeline import local_features as lf
+
+        xy, strength, scale, desc = [], [], [], []
+        for s, a in zip(config.scales, activations):
+            if s not in config.local_scales:
+                continue
+            p, st, d = lf.select_local_features(a.float(), n=config.local_features, image_hw=image_hw)
+            xy.append(p), strength.append(st), desc.append(d), scale.append(np.full(len(st), s, np.float32))
+        order = np.argsort(-np.concatenate(strength), kind="stable")[: config.local_features]
+        out.local_xy = np.concatenate(xy)[order].astype(np.float32)
+        out.local_strength = np.concatenate(strength)[order].astype(np.float32)
+        out.local_scale = np.concatenate(scale)[order]
+        out.local_desc = np.concatenate(desc)[order].astype(np.float32)
+    return out
+
+
+def scaled_sizes(width: int, height: int, config: ExtractConfig) -> list[tuple[int, int]]:
+    """Network input sizes (w, h) for each scale of ``config`` (longest side = scale * max_side)."""
+    base = min(1.0, config.max_side / max(width, height))
+    return [(max(1, round(width * base * s)), max(1, round(height * base * s))) for s in config.scales]
+
+
+__all__ = ["ExtractConfig", "ImageFeatures", "extract_features", "scaled_sizes", "GLOBAL_METHODS",
+           "REGION_SOURCES"]

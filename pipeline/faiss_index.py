@@ -1,0 +1,599 @@
+"""FAISS indexes over global and regional descriptors, built in shards (ALGORITHMS.md §8 search side).
+
+Build flow for a million-image corpus (R1M scale):
+
+1. ``factory = choose_factory(n, d, budget)`` picks the index family from the corpus size and memory budget.
+2. ``trained = train_index(factory, sample, d)`` trains once (coarse k-means / OPQ / PQ) on a sample;
+   ``serialize(trained)`` ships the empty trained index to shard workers.
+3. Each worker calls ``add_shard(trained_bytes, X_shard, ids_shard)`` (int64 ids, e.g. image ids or region
+   row ids) and serialises its shard.
+4. Shards are either searched together with :class:`ShardedSearcher` (no merge needed) or merged with
+   :func:`merge_indexes`. Because IVF shards share the coarse quantizer trained in step 2, searching the
+   shards and merging the per-shard top-k gives exactly the result of the single merged index.
+
+Scores are similarities for ``METRIC_INNER_PRODUCT`` (higher is better) and squared distances for
+``METRIC_L2`` (lower is better). Descriptors are float32 rows; L2-normalise them first for cosine search.
+Nothing here does I/O: persistence is ``serialize``/``deserialize`` (uint8 arrays) plus ``storage.snapshot``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Any, Protocol, Sequence
+
+import faiss
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRIC_IP = faiss.METRIC_INNER_PRODUCT
+METRIC_L2 = faiss.METRIC_L2
+
+# --- memory model (bytes per database vector, documented for choose_factory) -----------------------------
+IDMAP2_BYTES = 8 + 48      # id_map (int64) + reverse hash map entry (std::unordered_map node, ~48 B)
+IVF_ID_BYTES = 8           # IVF inverted lists store one int64 id per vector
+HNSW_LINK_BYTES_PER_M = 8  # level 0 keeps 2*M int32 links; upper levels add ~4 B; levels/offsets ~12 B
+DEFAULT_HNSW_M = 32
+DEFAULT_EF_SEARCH = 128
+
+
+class Searchable(Protocol):
+    """Anything with FAISS's ``search(Q, k) -> (D, I)``: a faiss.Index or a :class:`ShardedSearcher`."""
+
+    d: int
+    ntotal: int
+    metric_type: int
+
+    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+# ----------------------------------------------------------------------------------------------------------
+# factory choice
+# ----------------------------------------------------------------------------------------------------------
+def ivf_nlist(n: int) -> int:
+    """Number of IVF lists: the power of two nearest to ``4 sqrt(n)`` (FAISS guideline 4..16 sqrt(n)), >= 16."""
+    return int(max(16, 2 ** round(math.log2(4.0 * math.sqrt(max(n, 1))))))
+
+
+def _ivf_prefix(nlist: int) -> str:
+    # A flat coarse quantizer costs nlist*d per query; past 64k lists an HNSW quantizer is the usual choice.
+    return f"IVF{nlist}_HNSW32" if nlist >= 65536 else f"IVF{nlist}"
+
+
+def estimate_bytes(factory: str, n: int, d: int) -> float:
+    """Approximate resident bytes of ``factory`` holding ``n`` vectors of dimension ``d``.
+
+    Bytes per vector of each family (``n`` large), as used by :func:`choose_factory`:
+
+    - ``IDMap2,Flat``: ``4d + 56`` (raw float32 + id map + reverse map).
+    - ``IDMap2,HNSW{M}``: ``4d + 8M + 16 + 56`` (raw vectors, 2M level-0 int32 links, upper levels,
+      level/offset tables, id maps).
+    - ``IVF{nlist},Flat``: ``4d + 8``; ``IVF{nlist},SQ8``: ``d + 8``; ``OPQ{M},IVF{nlist},PQ{M}``: ``M + 8``;
+      plus the coarse quantizer ``4 d nlist`` (and ``4 d^2`` for the OPQ rotation) once.
+    """
+    m = re.search(r"HNSW(\d+)", factory)
+    if factory.startswith("IDMap2,HNSW") and m:
+        M = int(m.group(1))
+        return n * (4 * d + HNSW_LINK_BYTES_PER_M * M + 16 + IDMAP2_BYTES)
+    if factory.startswith("IDMap2,Flat") or factory == "Flat":
+        return n * (4 * d + (IDMAP2_BYTES if factory.startswith("IDMap2") else 0))
+    mi = re.search(r"IVF(\d+)", factory)
+    if mi is None:
+        raise ValueError(f"no memory model for factory {factory!r}")
+    nlist = int(mi.group(1))
+    fixed = 4.0 * d * nlist
+    if "_HNSW" in factory:
+        fixed += nlist * (HNSW_LINK_BYTES_PER_M * 32 + 16)
+    if factory.endswith(",Flat"):
+        per = 4 * d
+    elif factory.endswith(",SQ8"):
+        per = d
+    else:
+        mp = re.search(r"PQ(\d+)(x(\d+))?", factory.split("IVF", 1)[1])
+        if mp is None:
+            raise ValueError(f"no memory model for factory {factory!r}")
+        M, nbits = int(mp.group(1)), int(mp.group(3) or 8)
+        per = math.ceil(M * nbits / 8)
+        fixed += 4.0 * M * (2 ** nbits) * (d // M)  # PQ centroids
+    if factory.startswith("OPQ"):
+        fixed += 4.0 * d * d
+    return fixed + n * (per + IVF_ID_BYTES)
+
+
+def choose_factory(
+    n: int,
+    d: int,
+    memory_budget_bytes: float,
+    metric: int = METRIC_IP,
+    *,
+    flat_max_n: int = 50_000,
+    hnsw_max_n: int = 500_000,
+    hnsw_m: int = DEFAULT_HNSW_M,
+    headroom: float = 0.8,
+) -> str:
+    """Pick a FAISS index-factory string for ``n`` vectors of dimension ``d`` within a memory budget.
+
+    Rule (first that fits ``headroom * memory_budget_bytes``; byte models in :func:`estimate_bytes`):
+
+    1. ``n <= flat_max_n``: ``IDMap2,Flat`` - exact; brute force over <= 50k vectors is a few ms per query.
+    2. ``n <= hnsw_max_n``: ``IDMap2,HNSW{M}`` - best latency at high recall when memory is plentiful;
+       limited to moderate ``n`` because its graph build is slow (no batching) and shards cannot be merged
+       cheaply (merging re-inserts all vectors).
+    3. ``IVF{nlist},Flat`` - exact vectors, recall set by ``nprobe``; shards share the trained quantizer and
+       merge in O(n). ``nlist`` = power of two near ``4 sqrt(n)`` (:func:`ivf_nlist`), HNSW quantizer
+       beyond 64k lists.
+    4. ``IVF{nlist},SQ8`` - 8-bit scalar quantisation, 4x smaller, recall loss ~1%.
+    5. ``OPQ{M},IVF{nlist},PQ{M}`` with the largest ``M`` (dividing ``d``, ``M <= d/4``) that fits;
+       ``M + 8`` bytes/vector (re-rank with exact vectors kept elsewhere if recall matters).
+
+    ``metric`` does not change the string (FAISS takes it separately in ``index_factory``); it is checked.
+    Raises ``ValueError`` when even ``OPQ4,...,PQ4`` does not fit.
+    """
+    if metric not in (METRIC_IP, METRIC_L2):
+        raise ValueError(f"unsupported metric {metric}")
+    if n <= 0 or d <= 0:
+        raise ValueError("n and d must be positive")
+    usable = headroom * float(memory_budget_bytes)
+    if n <= flat_max_n and estimate_bytes("IDMap2,Flat", n, d) <= usable:
+        return "IDMap2,Flat"
+    hnsw = f"IDMap2,HNSW{hnsw_m}"
+    if n <= hnsw_max_n and estimate_bytes(hnsw, n, d) <= usable:
+        return hnsw
+    prefix = _ivf_prefix(ivf_nlist(n))
+    candidates = [f"{prefix},Flat", f"{prefix},SQ8"]
+    candidates += [f"OPQ{M},{prefix},PQ{M}" for M in (256, 128, 96, 64, 48, 32, 24, 16, 8, 4)
+                   if d % M == 0 and M <= d // 4]
+    for f in candidates:
+        if estimate_bytes(f, n, d) <= usable:
+            return f
+    raise ValueError(f"{n} x {d} vectors do not fit in {memory_budget_bytes:.3g} bytes even with PQ")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU / CPU placement
+# ----------------------------------------------------------------------------------------------------------
+def num_gpus() -> int:
+    """GPUs visible to FAISS (0 on faiss-cpu builds)."""
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # pragma: no cover - very old builds
+        return 0
+
+
+def _is_gpu_index(index: Any) -> bool:
+    name = type(index).__name__
+    return name.startswith("Gpu") or name in ("IndexReplicas", "IndexShards")
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """Copy ``index`` onto all GPUs (``faiss.index_cpu_to_all_gpus``); the CPU index when none or unsupported."""
+    if num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError) as e:  # e.g. HNSW has no GPU twin
+        log.warning("GPU copy of %s failed (%s); searching on CPU", type(index).__name__, e)
+        return index
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    """CPU copy of a GPU index (identity for CPU indexes)."""
+    if _is_gpu_index(index) and hasattr(faiss, "index_gpu_to_cpu"):
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+# ----------------------------------------------------------------------------------------------------------
+# build
+# ----------------------------------------------------------------------------------------------------------
+def _as_f32(X: np.ndarray, d: int | None = None) -> np.ndarray:
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if X.ndim != 2 or (d is not None and X.shape[1] != d):
+        raise ValueError(f"expected (n, {d}) float32 rows, got {X.shape}")
+    return X
+
+
+def _find_ivf(index: faiss.Index) -> Any | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _find_hnsw(index: faiss.Index) -> Any | None:
+    idx = faiss.downcast_index(index)
+    for _ in range(4):
+        if hasattr(idx, "hnsw"):
+            return idx
+        inner = getattr(idx, "index", None)
+        if inner is None:
+            return None
+        idx = faiss.downcast_index(inner)
+    return None
+
+
+def default_search_params(index: faiss.Index) -> dict[str, int]:
+    """Defaults applied after training: IVF ``nprobe = max(8, nlist/64)``, HNSW ``efSearch = 128``.
+
+    Both are starting points; :func:`tune` picks the value meeting a recall target on held-out queries.
+    """
+    ivf = _find_ivf(index)
+    if ivf is not None:
+        return {"nprobe": int(min(ivf.nlist, max(8, ivf.nlist // 64)))}
+    if _find_hnsw(index) is not None:
+        return {"efSearch": DEFAULT_EF_SEARCH}
+    return {}
+
+
+def train_index(
+    factory: str,
+    sample: np.ndarray,
+    d: int,
+    metric: int = METRIC_IP,
+    *,
+    seed: int = 1234,
+    use_gpu: bool | None = None,
+) -> faiss.Index:
+    """Create ``faiss.index_factory(d, factory, metric)`` and train it on ``sample`` (n_train, d).
+
+    The result is empty and trained: serialise it and hand it to shard workers (:func:`add_shard`).
+    IVF k-means is seeded (deterministic) and runs on the GPUs when FAISS sees any (``use_gpu=None``).
+    Default search parameters (:func:`default_search_params`) are set.
+    """
+    index = faiss.index_factory(d, factory, metric)
+    if not index.is_trained:
+        sample = _as_f32(sample, d)
+        ivf = _find_ivf(index)
+        if ivf is not None:
+            ivf.cp.seed = seed
+            if sample.shape[0] < 39 * ivf.nlist:
+                log.warning("training %s on %d < 39*nlist points", factory, sample.shape[0])
+            if (use_gpu if use_gpu is not None else num_gpus() > 0) and num_gpus() > 0:
+                ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(d, metric))
+        index.train(sample)
+        if ivf is not None:
+            ivf.clustering_index = None
+    set_search_params(index, **default_search_params(index))
+    return index
+
+
+def serialize(index: faiss.Index) -> np.ndarray:
+    """Serialise (a CPU copy of) ``index`` to a uint8 array (FAISS's own format, no pickle)."""
+    return faiss.serialize_index(to_cpu(index))
+
+
+def deserialize(data: np.ndarray | bytes | bytearray | memoryview) -> faiss.Index:
+    """Inverse of :func:`serialize`; accepts a uint8 array or raw bytes."""
+    arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    if arr.dtype != np.uint8 or arr.ndim != 1:
+        raise ValueError("expected a 1-d uint8 array")
+    return faiss.deserialize_index(np.ascontiguousarray(arr))
+
+
+def add_shard(
+    index_bytes_or_index: faiss.Index | np.ndarray | bytes,
+    X: np.ndarray,
+    ids: np.ndarray,
+    *,
+    chunk: int = 65536,
+) -> faiss.Index:
+    """Add rows ``X`` (n, d) with int64 ``ids`` (n,) to a trained index and return it.
+
+    Given serialised bytes, a fresh index is deserialised (the usual shard-worker path); given an index,
+    it is extended in place. Ids must be unique across all shards (they identify images or regions).
+    Rows are added in chunks to bound temporary memory (IVF assignment, HNSW insertion).
+    """
+    if isinstance(index_bytes_or_index, (np.ndarray, bytes, bytearray, memoryview)):
+        index = deserialize(index_bytes_or_index)
+    else:
+        index = index_bytes_or_index
+    if not index.is_trained:
+        raise ValueError("index must be trained before adding vectors")
+    X = _as_f32(X, index.d)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.shape != (X.shape[0],):
+        raise ValueError(f"ids shape {ids.shape} does not match {X.shape[0]} rows")
+    for s in range(0, X.shape[0], chunk):
+        index.add_with_ids(X[s:s + chunk], ids[s:s + chunk])
+    return index
+
+
+def _reconstruct_all(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, ids) of an IDMap/IDMap2-wrapped index whose storage can reconstruct (Flat, HNSW)."""
+    idx = faiss.downcast_index(index)
+    if not hasattr(idx, "id_map"):
+        raise ValueError(f"cannot enumerate vectors of {type(idx).__name__}")
+    ids = faiss.vector_to_array(idx.id_map).astype(np.int64)
+    X = idx.index.reconstruct_n(0, idx.ntotal) if idx.ntotal else np.zeros((0, idx.d), np.float32)
+    return X, ids
+
+
+def merge_indexes(indexes: Sequence[faiss.Index], *, consume: bool = False) -> faiss.Index:
+    """Merge shard indexes built from the same trained index into one.
+
+    IVF / Flat / IDMap shards use FAISS ``merge_from`` (moves inverted lists or codes, O(n)). HNSW shards
+    cannot be merged in FAISS, so their vectors are reconstructed and re-inserted into one graph.
+    With ``consume=True`` the inputs are emptied instead of copied (saves one copy of the data).
+    """
+    if not indexes:
+        raise ValueError("nothing to merge")
+    first = indexes[0]
+    for other in indexes[1:]:
+        if other.d != first.d or other.metric_type != first.metric_type:
+            raise ValueError("shards differ in dimension or metric")
+    cpu = [to_cpu(i) for i in indexes]
+    if _find_hnsw(cpu[0]) is not None:
+        out = faiss.clone_index(cpu[0])
+        out.reset()
+        for idx in cpu:
+            X, ids = _reconstruct_all(idx)
+            add_shard(out, X, ids)
+            if consume:
+                idx.reset()
+        set_search_params(out, efSearch=_find_hnsw(cpu[0]).hnsw.efSearch)
+        return out
+    out = cpu[0] if consume else faiss.clone_index(cpu[0])
+    for idx in cpu[1:]:
+        src = idx if consume else faiss.clone_index(idx)
+        out.merge_from(src, 0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# search
+# ----------------------------------------------------------------------------------------------------------
+def _ensure_quantizer_ef(index: faiss.Index, nprobe: int, ps: Any) -> None:
+    ivf = _find_ivf(index)
+    if ivf is not None and hasattr(faiss.downcast_index(ivf.quantizer), "hnsw"):
+        ps.set_index_parameter(index, "quantizer_efSearch", int(max(64, 2 * nprobe)))
+
+
+def set_search_params(index: Any, **params: int | None) -> Any:
+    """Set search-time parameters (``nprobe=``, ``efSearch=``, ``quantizer_efSearch=``, ...) and return ``index``.
+
+    Works through wrappers (IDMap2, OPQ pre-transform, GPU copies) via FAISS's ParameterSpace; applies to
+    every shard of a :class:`ShardedSearcher`. ``None`` values are skipped; an inapplicable name raises.
+    """
+    if isinstance(index, ShardedSearcher):
+        for shard in index.shards:
+            set_search_params(shard, **params)
+        return index
+    ps = faiss.GpuParameterSpace() if _is_gpu_index(index) and hasattr(faiss, "GpuParameterSpace") \
+        else faiss.ParameterSpace()
+    for name, value in params.items():
+        if value is None:
+            continue
+        try:
+            ps.set_index_parameter(index, name, float(value) if name == "k_factor" else int(value))
+        except RuntimeError as e:
+            raise ValueError(f"parameter {name} does not apply to {type(index).__name__}") from e
+        if name == "nprobe" and "quantizer_efSearch" not in params:
+            _ensure_quantizer_ef(index, int(value), ps)
+    return index
+
+
+def merge_topk(D: np.ndarray, I: np.ndarray, k: int, metric: int = METRIC_IP) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` of candidate lists ``D, I`` (nq, m): by score, ties by ascending id, missing ids (-1) last.
+
+    Deterministic, independent of the order in which shards were concatenated.
+    """
+    D = np.asarray(D)
+    I = np.asarray(I, dtype=np.int64)
+    key = -D.astype(np.float64) if metric == METRIC_IP else D.astype(np.float64)
+    key = np.where(I < 0, np.inf, key)
+    order = np.lexsort((I, key), axis=-1)[:, :k]
+    Dk = np.take_along_axis(D, order, axis=1)
+    Ik = np.take_along_axis(I, order, axis=1)
+    if Dk.shape[1] < k:  # fewer candidates than k overall: pad like FAISS does
+        pad = k - Dk.shape[1]
+        fill = -np.finfo(np.float32).max if metric == METRIC_IP else np.finfo(np.float32).max
+        Dk = np.concatenate([Dk, np.full((Dk.shape[0], pad), fill, Dk.dtype)], axis=1)
+        Ik = np.concatenate([Ik, np.full((Ik.shape[0], pad), -1, np.int64)], axis=1)
+    return Dk, Ik
+
+
+class ShardedSearcher:
+    """Search several shard indexes as one: query every shard for top-k, then merge by score (ties by id).
+
+    With IVF shards that share one trained quantizer (the :func:`add_shard` flow) and equal ``nprobe``, the
+    result equals that of the merged index. Shards are moved to the GPUs when FAISS sees any
+    (``use_gpu=None``), else searched on CPU (FAISS parallelises each search with OpenMP).
+    """
+
+    def __init__(self, indexes: Sequence[faiss.Index], use_gpu: bool | None = None) -> None:
+        if not indexes:
+            raise ValueError("need at least one shard")
+        d, metric = indexes[0].d, indexes[0].metric_type
+        if any(i.d != d or i.metric_type != metric for i in indexes):
+            raise ValueError("shards differ in dimension or metric")
+        gpu = num_gpus() > 0 if use_gpu is None else (use_gpu and num_gpus() > 0)
+        self.shards: list[faiss.Index] = [to_gpu(i) if gpu else i for i in indexes]
+        self.d = int(d)
+        self.metric_type = int(metric)
+
+    @property
+    def ntotal(self) -> int:
+        return int(sum(s.ntotal for s in self.shards))
+
+    def set_search_params(self, **params: int | None) -> "ShardedSearcher":
+        return set_search_params(self, **params)
+
+    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I) of shape (nq, k): scores and int64 ids; -1 ids where fewer than k results exist."""
+        Q = _as_f32(Q, self.d)
+        parts = [s.search(Q, k) for s in self.shards]
+        if len(parts) == 1:
+            D, I = parts[0]
+        else:
+            D = np.concatenate([p[0] for p in parts], axis=1)
+            I = np.concatenate([p[1] for p in parts], axis=1)
+        return merge_topk(D, I, k, self.metric_type)
+
+
+def brute_force_knn(
+    X: np.ndarray, Q: np.ndarray, k: int, metric: int = METRIC_IP, *, block: int = 65536,
+    ids: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``Q`` against ``X`` in numpy, scanning ``X`` in row blocks (bounded memory).
+
+    Used as ground truth for recall (benchmarks, :func:`tune`). Ties by ascending id.
+    """
+    Q = _as_f32(Q)
+    nq = Q.shape[0]
+    kk = min(k, X.shape[0])
+    bestD = np.empty((nq, 0), np.float32)
+    bestI = np.empty((nq, 0), np.int64)
+    qn = (Q * Q).sum(1)[:, None]
+    for s in range(0, X.shape[0], block):
+        B = np.asarray(X[s:s + block], dtype=np.float32)
+        S = Q @ B.T
+        if metric == METRIC_L2:
+            S = qn - 2 * S + (B * B).sum(1)[None, :]
+            part = np.argpartition(S, min(kk, S.shape[1]) - 1, axis=1)[:, :kk]
+        else:
+            part = np.argpartition(-S, min(kk, S.shape[1]) - 1, axis=1)[:, :kk]
+        bid = (np.arange(s, s + B.shape[0]) if ids is None else np.asarray(ids[s:s + block]))[part]
+        bestD, bestI = merge_topk(np.concatenate([bestD, np.take_along_axis(S, part, 1)], 1),
+                                  np.concatenate([bestI, bid.astype(np.int64)], 1), kk, metric)
+    return bestD, bestI
+
+
+def regional_search(
+    searcher: Searchable,
+    Q: np.ndarray,
+    k: int,
+    region_to_image: np.ndarray,
+    *,
+    k_regions: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image search over a region index: image score = max over its retrieved regions (D2R regional search).
+
+    The index holds region descriptors with ids = region row numbers; ``region_to_image`` (R,) maps a row
+    to its image id. The top ``k_regions`` regions (default ``10 k``) are retrieved, max-pooled per image
+    and the best ``k`` images returned as (scores (nq, k) float32, image ids (nq, k) int64), padded with
+    ``-inf`` / ``-1``. For L2 indexes "max" means the smallest distance (padding ``+inf``).
+    Regions outside the top ``k_regions`` do not contribute (the usual approximation).
+    """
+    region_to_image = np.asarray(region_to_image, dtype=np.int64)
+    K = k_regions or 10 * k
+    K = int(min(K, max(getattr(searcher, "ntotal", K), 1)))
+    D, I = searcher.search(_as_f32(Q), K)
+    nq = D.shape[0]
+    sign = 1.0 if searcher.metric_type == METRIC_IP else -1.0
+    S = sign * D.astype(np.float64)
+    img = np.where(I >= 0, region_to_image[np.clip(I, 0, None)], -1)
+    row = np.repeat(np.arange(nq), K)
+    img, S = img.ravel(), S.ravel()
+    keep = img >= 0
+    row, img, S = row[keep], img[keep], S[keep]
+    # group (query, image), best score first -> the first of each group is the max-pooled score
+    o = np.lexsort((-S, img, row))
+    row, img, S = row[o], img[o], S[o]
+    first = np.ones(row.shape, bool)
+    first[1:] = (row[1:] != row[:-1]) | (img[1:] != img[:-1])
+    row, img, S = row[first], img[first], S[first]
+    # rank images within each query by score desc, ties by image id
+    o = np.lexsort((img, -S, row))
+    row, img, S = row[o], img[o], S[o]
+    rank = np.arange(row.size) - np.searchsorted(row, row, side="left")
+    sel = rank < k
+    out_s = np.full((nq, k), -np.inf if sign > 0 else np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    out_s[row[sel], rank[sel]] = (sign * S[sel]).astype(np.float32)
+    out_i[row[sel], rank[sel]] = img[sel]
+    return out_s, out_i
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tuning
+# ----------------------------------------------------------------------------------------------------------
+def recall_at_k(I: np.ndarray, ground_truth_ids: np.ndarray, k: int) -> float:
+    """Mean over queries of |top-k found ∩ true top-k| / |true top-k| (missing ids -1 ignored)."""
+    I = np.asarray(I)[:, :k]
+    G = np.asarray(ground_truth_ids)[:, :k]
+    hits = 0
+    total = 0
+    step = max(1, 4_000_000 // max(1, k * k))
+    for s in range(0, I.shape[0], step):
+        a, g = I[s:s + step], G[s:s + step]
+        match = (a[:, :, None] == g[:, None, :]) & (g[:, None, :] >= 0)
+        hits += int(match.any(axis=2).sum())
+        total += int((g >= 0).sum())
+    return hits / max(total, 1)
+
+
+def tunable_parameter(index: Any) -> tuple[str, list[int]] | None:
+    """(name, candidate values ascending) of the main speed/recall knob, or None for exact indexes."""
+    first = index.shards[0] if isinstance(index, ShardedSearcher) else index
+    first = to_cpu(first) if _is_gpu_index(first) else first
+    ivf = _find_ivf(first)
+    if ivf is not None:
+        vals = [2 ** i for i in range(int(math.log2(ivf.nlist)) + 1)]
+        return "nprobe", sorted(set(vals + [ivf.nlist]))
+    if _find_hnsw(first) is not None:
+        return "efSearch", [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
+    return None
+
+
+def tune(
+    index: Any,
+    queries: np.ndarray,
+    ground_truth_ids: np.ndarray,
+    k: int = 100,
+    target_recall: float | None = None,
+    latency_budget_ms: float | None = None,
+    *,
+    values: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Choose ``nprobe`` (IVF) / ``efSearch`` (HNSW) on held-out queries with exact ``ground_truth_ids``.
+
+    - ``target_recall``: the smallest value whose recall@k reaches the target. Search cost grows with the
+      value, so the smallest one is the lowest-latency one; choosing by value (not by noisy timings) keeps
+      the choice reproducible. If no value reaches it, the best-recall value is chosen (``met=False``).
+    - ``latency_budget_ms`` (mean per query, batched search of all ``queries``): the best recall among
+      values within the budget (the scan stops at the first value over budget).
+
+    The chosen value is applied to ``index``. Returns ``{"param", <param>, "recall", "latency_ms", "met",
+    "curve": [(value, recall, latency_ms), ...]}``; ``{"param": None, ...}`` for exact indexes.
+    """
+    if (target_recall is None) == (latency_budget_ms is None):
+        raise ValueError("give exactly one of target_recall, latency_budget_ms")
+    Q = _as_f32(queries)
+    tp = tunable_parameter(index)
+    if tp is None:
+        t0 = time.perf_counter()
+        _, I = index.search(Q, k)
+        lat = (time.perf_counter() - t0) * 1e3 / len(Q)
+        r = recall_at_k(I, ground_truth_ids, k)
+        met = r >= target_recall if target_recall is not None else lat <= latency_budget_ms
+        return {"param": None, "recall": r, "latency_ms": lat, "met": bool(met), "curve": []}
+    name, cands = tp
+    if values is not None:
+        cands = sorted(set(int(v) for v in values))
+    curve: list[tuple[int, float, float]] = []
+    chosen: tuple[int, float, float] | None = None
+    for v in cands:
+        set_search_params(index, **{name: v})
+        t0 = time.perf_counter()
+        _, I = index.search(Q, k)
+        lat = (time.perf_counter() - t0) * 1e3 / len(Q)
+        r = recall_at_k(I, ground_truth_ids, k)
+        curve.append((v, r, lat))
+        if target_recall is not None and r >= target_recall:
+            chosen = (v, r, lat)
+            break
+        if latency_budget_ms is not None and lat > latency_budget_ms:
+            break
+    if target_recall is not None:
+        met = chosen is not None
+        if chosen is None:
+            chosen = max(curve, key=lambda c: (c[1], -c[0]))
+    else:
+        within = [c for c in curve if c[2] <= latency_budget_ms]
+        met = bool(within)
+        chosen = max(within, key=lambda c: (c[1], -c[0])) if within else curve[0]
+    set_search_params(index, **{name: chosen[0]})
+    return {"param": name, name: chosen[0], "recall": chosen[1], "latency_ms": chosen[2],
+            "met": bool(met), "curve": curve}

@@ -1,0 +1,119 @@
+"""Corpus input → manifest with stable image ids and deterministic shards.
+
+Accepted sources: a folder (local path, ``file://`` or an ``s3://`` prefix; every non-hidden file is an
+input, so broken or non-image files are reported rather than silently skipped), a text file with one URI per
+line, or a Parquet manifest with a ``uri`` column (optional ``image_id``).
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.uri import get_fs, read_bytes
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("shard", pa.int32()),
+    ("size", pa.int64()), ("version", pa.string()),
+])
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+def _scheme_prefix(uri: str) -> str:
+    return uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
+
+
+def _list_folder(uri: str) -> list[tuple[str, str, int, str]]:
+    """(relative path, uri, size, version) of every non-hidden file under a folder, recursively."""
+    fs, root = get_fs(uri)
+    root = root.rstrip("/")
+    prefix = _scheme_prefix(uri)
+    out = []
+    for path, info in sorted(fs.find(root, detail=True, withdirs=False).items()):
+        rel = posixpath.relpath(path, root)
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        version = str(info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or "")
+        out.append((rel, prefix + path, int(info.get("size") or 0), version.strip('"')))
+    return out
+
+
+def _stable_ids(names: list[str]) -> list[str]:
+    """Ids from relative names: extension dropped unless that would make two ids equal."""
+    stems = [posixpath.splitext(n)[0] for n in names]
+    counts = Counter(stems)
+    return [s if counts[s] == 1 else n for s, n in zip(stems, names)]
+
+
+def list_corpus(source: str) -> pa.Table:
+    """Manifest rows (image_id, uri, size, version) for a folder, URI list (.txt) or Parquet manifest."""
+    fs, path = get_fs(source)
+    if fs.isdir(path):
+        rows = _list_folder(source)
+        ids = _stable_ids([r[0] for r in rows])
+        uris = [r[1] for r in rows]
+        sizes = [r[2] for r in rows]
+        versions = [r[3] for r in rows]
+    elif source.endswith(".parquet"):
+        t = pq.read_table(io.BytesIO(read_bytes(source)))
+        if "uri" not in t.column_names:
+            raise ValueError(f"{source}: a Parquet manifest needs a 'uri' column")
+        uris = t.column("uri").to_pylist()
+        ids = t.column("image_id").to_pylist() if "image_id" in t.column_names else _stable_ids(
+            [u.rsplit("/", 1)[-1] for u in uris])
+        sizes = [-1] * len(uris)
+        versions = [""] * len(uris)
+    elif fs.isfile(path):
+        lines = read_bytes(source).decode("utf-8").splitlines()
+        uris = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        ids = _stable_ids([u.rsplit("/", 1)[-1] for u in uris])
+        if len(set(ids)) != len(ids):
+            ids = uris
+        sizes = [-1] * len(uris)
+        versions = [""] * len(uris)
+    else:
+        raise FileNotFoundError(f"corpus source not found: {source}")
+    if len(set(ids)) != len(ids):
+        dup = [k for k, v in Counter(ids).items() if v > 1][:5]
+        raise ValueError(f"duplicate image ids in {source}: {dup}")
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    return pa.table({
+        "image_id": pa.array([ids[i] for i in order], pa.string()),
+        "uri": pa.array([uris[i] for i in order], pa.string()),
+        "size": pa.array([sizes[i] for i in order], pa.int64()),
+        "version": pa.array([versions[i] for i in order], pa.string()),
+    })
+
+
+def assign_shards(corpus: pa.Table, shard_size: int = 64, first_shard: int = 0) -> pa.Table:
+    """Deterministic shards: images sorted by id, cut into consecutive chunks of ``shard_size``."""
+    if shard_size <= 0:
+        raise ValueError("shard_size must be positive")
+    corpus = corpus.sort_by("image_id")
+    n = corpus.num_rows
+    shards = pa.array([first_shard + i // shard_size for i in range(n)], pa.int32())
+    t = corpus.append_column("shard", shards) if "shard" not in corpus.column_names else corpus.set_column(
+        corpus.column_names.index("shard"), "shard", shards)
+    return t.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+
+
+def num_shards(corpus: pa.Table) -> int:
+    """Number of distinct shards in a sharded manifest."""
+    return 0 if corpus.num_rows == 0 else len(set(corpus.column("shard").to_pylist()))
+
+
+def subset_ids(ids: list[str], limit: int | None, seed: int = 0) -> list[str]:
+    """A deterministic sample of ``limit`` ids (all when None): ids ordered by a stable hash."""
+    if limit is None or limit >= len(ids):
+        return list(ids)
+    import hashlib
+
+    keyed = sorted(ids, key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
+    return sorted(keyed[:limit])
+
+
+__all__ = ["MANIFEST_SCHEMA", "list_corpus", "assign_shards", "num_shards", "subset_ids"]

@@ -1,0 +1,94 @@
+"""Versioned Parquet schemas of the tables and conversions between descriptor columns and numpy.
+
+Descriptors are ``fixed_size_list<float16|float32>[d]`` columns; one Parquet file holds one width ``d`` per
+descriptor column. The schema version and table name are stored in the Parquet key-value metadata so readers
+can refuse files written by an incompatible version.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+TABLES = ("images", "regions", "globals", "locals", "errors")
+DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def _meta(table: str) -> dict[bytes, bytes]:
+    return {b"schema_version": str(SCHEMA_VERSION).encode(), b"table": table.encode()}
+
+
+def descriptor_type(dim: int, dtype: str = "float16") -> pa.DataType:
+    """Arrow type of a descriptor column of width ``dim``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"descriptor dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return pa.list_(DTYPES[dtype], dim)
+
+
+def images_schema(channels: int) -> pa.Schema:
+    """One row per successfully processed image."""
+    return pa.schema([
+        ("image_id", pa.string()), ("uri", pa.string()), ("shard", pa.int32()),
+        ("width", pa.int32()), ("height", pa.int32()),
+        ("proc_width", pa.int32()), ("proc_height", pa.int32()),
+        ("feat_width", pa.int32()), ("feat_height", pa.int32()),
+        ("bytes", pa.int64()), ("sha1", pa.string()), ("backbone", pa.string()), ("layer", pa.string()),
+        ("act_sparsity", pa.list_(pa.float16(), channels)), ("act_mean", pa.float32()), ("act_max", pa.float32()),
+    ], metadata=_meta("images"))
+
+
+def regions_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """One row per region proposal (box in original-image pixels) with its regional descriptor."""
+    return pa.schema([
+        ("image_id", pa.string()), ("region_id", pa.int32()), ("source", pa.string()), ("level", pa.int16()),
+        ("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()),
+        ("score", pa.float32()), ("saliency", pa.float32()), ("descriptor", descriptor_type(dim, dtype)),
+    ], metadata=_meta("regions"))
+
+
+def globals_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """One row per (image, global method)."""
+    return pa.schema([
+        ("image_id", pa.string()), ("method", pa.string()), ("descriptor", descriptor_type(dim, dtype)),
+    ], metadata=_meta("globals"))
+
+
+def locals_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """One row per local descriptor (position in original-image pixels)."""
+    return pa.schema([
+        ("image_id", pa.string()), ("local_id", pa.int32()), ("x", pa.float32()), ("y", pa.float32()),
+        ("scale", pa.float32()), ("strength", pa.float32()), ("descriptor", descriptor_type(dim, dtype)),
+    ], metadata=_meta("locals"))
+
+
+ERRORS_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+    ("detail", pa.string()),
+], metadata=_meta("errors"))
+
+
+def descriptor_array(x: np.ndarray, dtype: str = "float16") -> pa.FixedSizeListArray:
+    """(N, d) numpy → fixed-size-list Arrow array of ``dtype`` (zero-copy for float32)."""
+    x = np.ascontiguousarray(x, dtype=np.float16 if dtype == "float16" else np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"descriptors must be 2-D, got shape {x.shape}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
+
+def descriptors_to_numpy(column: pa.ChunkedArray | pa.Array, dtype: type = np.float32) -> np.ndarray:
+    """Fixed-size-list column → (N, d) numpy array of ``dtype``."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    width = column.type.list_size
+    if len(column) == 0:
+        return np.zeros((0, width), dtype=dtype)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(column), width).astype(dtype, copy=False)
+
+
+def check_schema_version(schema: pa.Schema) -> None:
+    """Raise if a file was written by an unknown schema version."""
+    meta = schema.metadata or {}
+    version = int(meta.get(b"schema_version", b"0"))
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"table schema version {version} is not supported (expected {SCHEMA_VERSION}); re-run the stage")
