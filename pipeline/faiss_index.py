@@ -332,7 +332,6 @@ def merge_indexes(indexes: Sequence[faiss.Index], *, consume: bool = False) -> f
             add_shard(out, X, ids)
             if consume:
                 idx.reset()
-        set_search_params(out, efSearch=_find_hnsw(cpu[0]).hnsw.efSearch)
         return out
     out = cpu[0] if consume else faiss.clone_index(cpu[0])
     for idx in cpu[1:]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import pickle
 import posixpath
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from storage.uri import join, read_bytes
+from storage.uri import get_fs, join, read_bytes
 
 # R1M size per the revisitop paper / README: 1,001,001 distractor images
 REVISITOP1M_SIZE = 1_001_001
@@ -122,12 +123,16 @@ class Dataset:
     images: list[str]
     queries: list[str]
     gnd: list[dict[str, Any]]
+    image_root: str | None = None  # folder of database and query images; default <root>/jpg
     ext: str = ".jpg"
     qext: str = ".jpg"
-    image_dir: str = "jpg"
     distractors: list[str] = field(default_factory=list)
-    distractor_root: str | None = None
+    distractor_root: str | None = None  # folder the distractor list's relative paths start from
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image_root is None:
+            self.image_root = join(self.root, "jpg")
 
     @property
     def n_images(self) -> int:
@@ -150,9 +155,10 @@ class Dataset:
         """Path / URI of database image ``i``."""
         n = len(self.images)
         if 0 <= i < n:
-            return join(self.root, self.image_dir, self.images[i] + self.ext)
+            return join(str(self.image_root), self.images[i] + self.ext)
         name = self.image_id(i)
-        assert self.distractor_root is not None
+        if self.distractor_root is None:
+            raise DatasetError("distractors were added without a distractor_root")
         return join(self.distractor_root, name)
 
     def image_paths(self) -> list[str]:
@@ -161,7 +167,7 @@ class Dataset:
 
     def query_path(self, i: int) -> str:
         """Path / URI of query image ``i`` (uncropped)."""
-        return join(self.root, self.image_dir, self.queries[i] + self.qext)
+        return join(str(self.image_root), self.queries[i] + self.qext)
 
     def query_bbox(self, i: int) -> tuple[float, float, float, float] | None:
         """Query box ``(x0, y0, x1, y1)`` in pixels of the query image, or None for the whole image."""
@@ -220,17 +226,42 @@ def _normalise(raw: Any, name: str, root: str, source: str) -> Dataset:
             entry["bbx"] = None
         gnd.append(entry)
     meta = {k: v for k, v in raw.items() if k not in ("imlist", "qimlist", "gnd")}
-    return Dataset(name=name, root=root, images=images, queries=queries, gnd=gnd, meta=meta)
+    return Dataset(
+        name=name, root=root, images=images, queries=queries, gnd=gnd, image_root=resolve_image_root(root), meta=meta
+    )
+
+
+def resolve_image_root(root: str, folder: str = "jpg") -> str:
+    """``<root>/jpg``, following a relative link to another folder.
+
+    museum-landmarks' ``in-photos/jpg`` and ``no-box/jpg`` are links ``-> ../jpg``; copies that do not keep
+    symlinks (object stores, some archivers) store them as a tiny text file holding the target, which is
+    followed here when it names a folder at or below the dataset's parent.
+    """
+    base = join(root, folder)
+    fs, path = get_fs(base)
+    try:
+        if not fs.isfile(path) or fs.size(path) > 256:
+            return base
+        target = fs.cat_file(path).decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return base
+    if not target or target.startswith("/") or "\\" in target or "\n" in target:
+        return base
+    if "://" in root:
+        scheme, rest = root.split("://", 1)
+        resolved = f"{scheme}://" + posixpath.normpath(posixpath.join(rest, target))
+    else:
+        resolved = os.path.normpath(os.path.join(root, target))
+    parent = _dirname(root)
+    if not resolved.startswith(parent.rstrip("/") + "/"):
+        return base
+    return resolved
 
 
 def _dirname(uri: str) -> str:
-    return posixpath.dirname(uri.rstrip("/")) if "://" in uri else str(_local_dirname(uri))
-
-
-def _local_dirname(path: str) -> str:
-    import os
-
-    return os.path.dirname(os.path.abspath(path))
+    """Folder of a file URI (absolute for local paths)."""
+    return posixpath.dirname(uri.rstrip("/")) if "://" in uri else os.path.dirname(os.path.abspath(uri))
 
 
 def load_gnd_json(path_or_uri: str, name: str | None = None) -> Dataset:
@@ -283,3 +314,12 @@ def load_distractor_list(path_or_uri: str) -> list[str]:
         if n.startswith("/") or ".." in n.split("/") or "\\" in n:
             raise DatasetError(f"{path_or_uri}: unsafe path {n!r} in distractor list")
     return names
+
+
+def load_revisitop1m(data_root: str) -> tuple[list[str], str]:
+    """R1M distractor names and the folder they are relative to (``<data_root>/revisitop1m/{revisitop1m.txt,jpg}``).
+
+    Use as ``dataset.with_distractors(*load_revisitop1m(data_root))``.
+    """
+    names = load_distractor_list(join(data_root, "revisitop1m", "revisitop1m.txt"))
+    return names, join(data_root, "revisitop1m", "jpg")

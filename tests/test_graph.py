@@ -137,23 +137,28 @@ def test_katz_cg_equals_dense_solve():
 
 
 def test_katz_cluster_nodes_most_central():
-    # 25 tight cluster members plus 10 outliers that lean towards the cluster (so their k-NN are cluster
-    # members) but are far from one another: their k-NN relation is never mutual, so they end up isolated.
+    # 25 members of one dense cluster plus 10 outliers that lean towards the cluster (their k-NN are cluster
+    # members, cosine ~0.43) but are far from one another (~0.2): an outlier's k-NN relation is never
+    # mutual, so outliers are isolated and keep g = 1 - alpha, while the cluster forms a connected
+    # component with g around 1. Mutual k-NN may also leave a peripheral member or two without a mutual
+    # neighbour (a known property of mutual k-NN); those tie with the outliers.
     rng = np.random.default_rng(3)
     d = 64
     centre = rng.standard_normal(d)
     centre /= np.linalg.norm(centre)
     cluster = centre + 0.3 * rng.standard_normal((25, d)) / np.sqrt(d)  # pairwise cosine ~0.92
-    outliers = 0.5 * centre + rng.standard_normal((10, d)) / np.sqrt(d)  # ~0.43 to members, ~0.2 to each other
+    outliers = 0.5 * centre + rng.standard_normal((10, d)) / np.sqrt(d)
     X = np.vstack([cluster, outliers])
     X = (X / np.linalg.norm(X, axis=1, keepdims=True)).astype(np.float32)
     W = knn_graph(X, k=10, beta=3)
+    deg = np.asarray(W.sum(axis=1)).ravel()
     g, _ = katz_centrality(normalize_graph(W), alpha=0.99, tol=1e-10)
-    assert g[:25].min() > g[25:].max()
-    assert set(np.argsort(-g)[:25]) == set(range(25))
-    # outliers have no mutual neighbour: isolated vertices keep g = 1 - alpha
-    np.testing.assert_allclose(g[25:], 0.01, rtol=1e-8)
-    assert g[:25].min() > 0.5
+    np.testing.assert_allclose(g[25:], 0.01, rtol=1e-8)  # isolated outliers
+    connected = np.flatnonzero(deg[:25] > 0)
+    assert len(connected) >= 22
+    assert g[connected].min() > 20 * g[25:].max()
+    assert set(np.argsort(-g)[:len(connected)]) == set(connected.tolist())
+    assert np.median(g[:25]) > 0.5
 
 
 def test_patch_descriptors_equal_explicit_pooling():

