@@ -53,6 +53,7 @@ class ExtractJob:
     prefetch: int = 6
     local_pca_mean: np.ndarray | None = None
     local_pca_projection: np.ndarray | None = None
+    tables: tuple[str, ...] = ("images", "regions", "globals", "locals", "errors")
 
 
 @dataclass
@@ -102,7 +103,8 @@ class ExtractWorker:
         except Exception as exc:  # noqa: BLE001
             d.error = ("corrupt", f"{type(exc).__name__}: {exc}")
             return d
-        d.image_hw = (img.height, img.width)
+        ow, oh = img.info.get("original_size", img.size)  # full resolution even when JPEG draft decoding shrank img
+        d.image_hw = (oh, ow)
         if min(img.width, img.height) < 16:
             d.error = ("unsupported", f"image too small: {img.width}x{img.height} pixels")
             return d
@@ -146,6 +148,24 @@ class ExtractWorker:
         if pending:
             yield pending, []
 
+    def compute(self, activations: list[torch.Tensor], decoded: _Decoded) -> ImageFeatures:
+        """Per-image features from its activations (subclasses compute other region sources)."""
+        return extract_features(activations, self.job.config, decoded.image_hw, self.classifier)
+
+    def sample_local_descriptors(self, rows: list[dict[str, Any]], per_image: int) -> np.ndarray:
+        """Raw local descriptors of a few images (no writes): the sample the local PCA is learned on."""
+        rng = np.random.default_rng(0)
+        parts = []
+        for good, _ in self._batches(rows):
+            if not good:
+                continue
+            for d, a in zip(good, self._forward(good)):
+                f = self.compute(a, d)
+                if f.local_desc is not None and len(f.local_desc):
+                    take = rng.choice(len(f.local_desc), min(per_image, len(f.local_desc)), replace=False)
+                    parts.append(f.local_desc[take])
+        return np.concatenate(parts) if parts else np.zeros((0, self.backbone.channels), np.float32)
+
     def process_shard(self, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Extract and commit one shard; a committed shard is skipped (idempotent)."""
         if self.manifest.is_committed(shard):
@@ -165,7 +185,7 @@ class ExtractWorker:
                 continue
             for d, a in zip(good, acts):
                 try:
-                    feats = extract_features(a, self.job.config, d.image_hw, self.classifier)
+                    feats = self.compute(a, d)
                 except Exception as exc:  # noqa: BLE001 - recorded, the shard goes on
                     acc.add_error(d.row, "extract", "internal",
                                   f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}")
@@ -249,7 +269,9 @@ class _ShardRows:
     def write(self, store: TableStore, shard: int) -> dict[str, str]:
         """Write this shard's tables (even empty ones, so a rerun has nothing left to do)."""
         job, stage, C = self.job, self.job.stage, self.channels
-        files = {"images": store.write("images", stage, shard, self._table(self.images, images_schema(C), None))}
+        files = {}
+        if "images" in job.tables:
+            files["images"] = store.write("images", stage, shard, self._table(self.images, images_schema(C), None))
         rdesc = np.concatenate(self.region_desc) if self.region_desc else np.zeros((0, C), np.float32)
         files["regions"] = store.write("regions", stage, shard, self._table(
             self.regions, regions_schema(rdesc.shape[1], job.descriptor_dtype), rdesc))
@@ -257,7 +279,7 @@ class _ShardRows:
         grows = [{"image_id": i, "method": m} for i, m in self.globals]
         files["globals"] = store.write("globals", stage, shard, self._table(
             grows, globals_schema(gdesc.shape[1], job.descriptor_dtype), gdesc))
-        if job.config.local_features > 0:
+        if job.config.local_features > 0 and "locals" in job.tables:
             dim = (job.local_pca_projection.shape[1] if job.local_pca_projection is not None else C)
             ldesc = np.concatenate(self.local_desc) if self.local_desc else np.zeros((0, dim), np.float32)
             files["locals"] = store.write("locals", stage, shard, self._table(
@@ -267,7 +289,8 @@ class _ShardRows:
 
 
 def run_extract(job: ExtractJob, manifest: pa.Table, resources: ActorResources,
-                progress: Progress | None = None) -> dict[str, Any]:
+                progress: Progress | None = None, worker_cls: type = None,
+                worker_args: tuple = ()) -> dict[str, Any]:
     """Run the extraction stage over every uncommitted shard of ``manifest`` with an actor pool.
 
     Returns counts (images, errors, skipped shards), error reasons and the images/s of the run.
@@ -280,6 +303,8 @@ def run_extract(job: ExtractJob, manifest: pa.Table, resources: ActorResources,
         by_shard.setdefault(int(r["shard"]), []).append(r)
     todo = [s for s in sorted(by_shard) if f"{s:05d}" not in committed]
     progress = progress or Progress(job.stage, total=len(rows))
+    if worker_cls is None:
+        worker_cls = ExtractWorker
     skipped_images = sum(len(by_shard[s]) for s in by_shard if f"{s:05d}" in committed)
     progress.skipped = skipped_images
     progress.update(skipped_images, force=True)
@@ -288,11 +313,11 @@ def run_extract(job: ExtractJob, manifest: pa.Table, resources: ActorResources,
     if not todo:
         return result
     job.torch_threads = job.torch_threads or resources.torch_threads
-    actor_cls = ray.remote(ExtractWorker).options(
+    actor_cls = ray.remote(worker_cls or ExtractWorker).options(
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=-1, max_task_retries=-1,
         max_concurrency=1)
     n_workers = max(1, min(resources.num_workers, len(todo)))
-    actors = [actor_cls.remote(job) for _ in range(n_workers)]
+    actors = [actor_cls.remote(job, *worker_args) for _ in range(n_workers)]
     pool = ActorPool(actors)
     t0 = time.time()
     for out in pool.map_unordered(lambda a, s: a.process_shard.remote(s, by_shard[s]), todo):
