@@ -13,6 +13,7 @@ float64 copy of the whole matrix.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -28,7 +29,7 @@ def _l2n64(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-@dataclass
+@dataclass(eq=False)
 class Whitening:
     """A learned whitening: ``mean`` (D,) and ``projection`` (D, d), both float32.
 
@@ -114,9 +115,11 @@ def learn_pca_whitening(X: np.ndarray, dim: int | None = None, eps: float = 1e-6
 
     Projection: the ``dim`` leading eigenvectors of the sample covariance, each divided by
     ``sqrt(lambda + eps * mean(lambda))`` (a small ridge so near-null directions are not blown up).
-    ``dim`` defaults to the rank of the centred sample (at most ``min(D, N - 1)``); asking for more
-    than the rank raises, since whitening a direction the sample does not span would only amplify noise.
-    When ``N < D`` the eigenvectors come from the N x N Gram matrix (cheaper, same result).
+    ``dim`` defaults to the rank of the centred sample (at most ``min(D, N - 1)``). Asking for more than
+    the rank (few or duplicated samples) warns and pads the projection with zero columns: whitening a
+    direction the sample does not span would only amplify noise, and the padding keeps the requested
+    output width for fixed-size descriptor columns. When ``N < D`` the eigenvectors come from the
+    N x N Gram matrix (cheaper, same result).
     """
     X = np.asarray(X)
     N, D = X.shape
@@ -136,10 +139,15 @@ def learn_pca_whitening(X: np.ndarray, dim: int | None = None, eps: float = 1e-6
     rank = int((lam > 1e-10 * max(lam[0], 1e-300)).sum())
     if dim is None:
         dim = rank
-    if dim > rank:
-        raise ValueError(f"cannot PCA-whiten to {dim} dims: the {N} samples span only {rank}")
+    if not 0 < dim <= D:
+        raise ValueError(f"dim must be in 1..{D}")
     ridge = eps * lam[:rank].mean() if rank else eps
-    projection = U[:, :dim] / np.sqrt(lam[:dim] + ridge)[None, :]
+    projection = np.zeros((D, dim))
+    k = min(dim, rank)
+    projection[:, :k] = U[:, :k] / np.sqrt(lam[:k] + ridge)[None, :]
+    if dim > rank:
+        warnings.warn(f"PCA whitening to {dim} dims: the {N} samples span only {rank}; "
+                      f"the last {dim - rank} output dims are 0", RuntimeWarning, stacklevel=2)
     return Whitening(mean=mean, projection=projection)
 
 
