@@ -78,7 +78,7 @@ def _per_query_rankings(ranks: np.ndarray | Sequence[Sequence[int]], nq: int) ->
         if a.size and not np.issubdtype(a.dtype, np.integer):
             raise TypeError("rankings must hold integer database ids")
         a = a.astype(np.int64, copy=False)
-        out.append(a[a >= 0])
+        out.append(a[a >= 0] if a.size and a.min() < 0 else a)  # no copy of full (n_db,) columns
     return out
 
 
@@ -115,7 +115,7 @@ def compute_map(
     """Mean AP and mean precision at ``kappas`` over the queries of ``gnd`` (reference ``compute_map``).
 
     ``ranks``: ``(n_db, n_q)`` int array (reference layout) or a list of per-query ranked id arrays
-    (truncated top-k lists allowed). ``gnd[i]``: dict with ``ok`` and optional ``junk`` id lists.
+    (truncated top-k lists allowed; a FAISS result ``I`` of shape ``(n_q, k)`` is passed as ``list(I)``). ``gnd[i]``: dict with ``ok`` and optional ``junk`` id lists.
     Returns ``(map, aps (n_q,), mpr (K,), prs (n_q, K))``; skipped queries (no positives) hold NaN in
     ``aps`` / ``prs``; ``map`` / ``mpr`` are NaN when every query is skipped.
     """

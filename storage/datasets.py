@@ -16,6 +16,7 @@ tampered file cannot run code. Plain dicts, lists, strings and numbers need no g
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -36,11 +37,12 @@ class DatasetError(ValueError):
     """A ground-truth or list file is malformed or refers to something it should not."""
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, DatasetError):
     """The pickle asked for a global outside the allow-list."""
 
 
 # ----------------------------------------------------------------------------------------- restricted pickle
+@functools.lru_cache(maxsize=1)
 def _numpy_callables() -> dict[tuple[str, str], Callable[..., Any]]:
     """The numpy objects that array / scalar / dtype pickles reference, under numpy 1.x and 2.x module names."""
     try:  # numpy >= 2
@@ -183,8 +185,13 @@ class Dataset:
 
 
 def _index_array(value: Any, n_db: int, what: str) -> np.ndarray:
-    arr = np.asarray([] if value is None else value)
-    if arr.size and not (np.issubdtype(arr.dtype, np.integer) or np.all(np.mod(arr, 1) == 0)):
+    """Database indices as a 1-D int64 array, checked to be whole numbers inside ``[0, n_db)``."""
+    try:
+        arr = np.asarray([] if value is None else value)
+        whole = arr.size == 0 or np.issubdtype(arr.dtype, np.integer) or bool(np.all(np.mod(arr, 1) == 0))
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
         raise DatasetError(f"{what}: database indices must be integers")
     arr = arr.astype(np.int64).ravel()
     if arr.size and (arr.min() < 0 or arr.max() >= n_db):

@@ -253,3 +253,29 @@ def test_mean_pr_curve_hand_values():
     # a query that never reaches a recall level contributes 0 there
     levels, prec = mean_pr_curve([np.array([1, 5])], [{"ok": [1, 2]}], recall_levels=[0.5, 1.0])
     np.testing.assert_allclose(prec, [1.0, 0.0])
+
+
+def test_museum_landmarks_oracle_and_reversed_rankings():
+    """On the real ground truth: positives first gives mAP 1 for every protocol; positives last gives less."""
+    from pathlib import Path
+
+    gnd_path = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks" / "gnd.json"
+    if not gnd_path.exists():
+        pytest.skip("museum-landmarks data not available")
+    from storage.datasets import load_gnd_json
+
+    ds = load_gnd_json(str(gnd_path))
+    n = ds.n_images
+    for protocol in ("easy", "medium", "hard"):
+        pg = protocol_gnd(ds.gnd, protocol)
+        oracle, worst = [], []
+        for g in pg:
+            rest = np.setdiff1d(np.arange(n), np.concatenate([g["ok"], g["junk"]]))
+            oracle.append(np.concatenate([g["junk"], g["ok"], rest]))  # junk on top must not hurt
+            worst.append(np.concatenate([rest, g["junk"], g["ok"]]))
+        m, aps, mpr, _ = compute_map(oracle, pg)
+        n_valid = sum(len(g["ok"]) > 0 for g in pg)
+        assert int((~np.isnan(aps)).sum()) == n_valid > 0
+        assert m == pytest.approx(1.0) and np.allclose(mpr, 1.0)
+        m_worst, _, _, _ = compute_map(worst, pg)
+        assert m_worst < 0.05
