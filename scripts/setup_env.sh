@@ -25,7 +25,7 @@ fi
 if [ "$want_test" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
   # the HTML report is checked in headless Chromium; Debian's package (needs root, as in CI)
   if [ "$(id -u)" = "0" ]; then
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
       || echo "warning: could not install chromium; the browser check of the report will be skipped" >&2
   else
     echo "warning: chromium missing and not root; the browser check of the report will be skipped" >&2
