@@ -120,6 +120,7 @@ class IndexConfig:
     images: str = ""
     out: str = ""
     limit: int | None = None             # deterministic subset of N images (the demo); None: the whole corpus
+    include: list[str] = field(default_factory=list)  # id glob patterns always kept in a limited subset
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     ray: RayConfig = field(default_factory=RayConfig)
     extract: ExtractSection = field(default_factory=ExtractSection)

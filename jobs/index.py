@@ -54,12 +54,23 @@ def filter_ids(corpus: pa.Table, keep: set[str]) -> pa.Table:
     return corpus.filter(pc.is_in(corpus.column("image_id"), value_set=pa.array(sorted(keep), pa.string())))
 
 
-def prepare_manifest(images: str, out: str, shard_size: int, limit: int | None = None) -> pa.Table:
+def select_subset(corpus: pa.Table, limit: int | None, include: list[str] | None = None) -> pa.Table:
+    """A deterministic subset of ``limit`` images: every id matching an ``include`` glob, then a stable sample."""
+    if limit is None:
+        return corpus
+    import fnmatch
+
+    ids = corpus.column("image_id").to_pylist()
+    must = {i for i in ids if any(fnmatch.fnmatchcase(i, pat) for pat in include or [])}
+    rest = subset_ids([i for i in ids if i not in must], max(0, limit - len(must)))
+    return filter_ids(corpus, must | set(rest))
+
+
+def prepare_manifest(images: str, out: str, shard_size: int, limit: int | None = None,
+                     include: list[str] | None = None) -> pa.Table:
     """The run's corpus manifest, reused when the corpus is unchanged (stable shards across reruns)."""
     uri = join(out, "corpus", "manifest.parquet")
-    corpus = list_corpus(images)
-    if limit is not None:
-        corpus = filter_ids(corpus, set(subset_ids(corpus.column("image_id").to_pylist(), limit)))
+    corpus = select_subset(list_corpus(images), limit, include)
     if exists(uri):
         previous = read_parquet(uri)
         if previous.column("image_id").to_pylist() == corpus.column("image_id").to_pylist() and \
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_access(cfg.out)
-        manifest = prepare_manifest(cfg.images, cfg.out, cfg.extract.shard_size, cfg.limit)
+        manifest = prepare_manifest(cfg.images, cfg.out, cfg.extract.shard_size, cfg.limit, cfg.include)
     except (StorageError, FileNotFoundError, ValueError) as exc:
         log.error("%s", redact(str(exc)))
         return 2

@@ -28,9 +28,10 @@ import pyarrow.compute as pc
 from actors.common import init_ray
 from jobs.config import ConfigError, IndexConfig
 from jobs.index import (STAGE_FUNCS, MemoryWatch, RunManifest, StageFailed, config_from_args, params_hash,
+                        select_subset,
                         print_summary, setup_logging, stage_params, write_manifest)
 from storage.arrays import load_json
-from storage.corpus import MANIFEST_SCHEMA, assign_shards, list_corpus, subset_ids
+from storage.corpus import MANIFEST_SCHEMA, assign_shards, list_corpus
 from storage.tables import StageManifest, read_parquet
 from storage.uri import StorageError, check_access, exists, join, redact
 
@@ -83,10 +84,7 @@ def reindex(cfg: IndexConfig) -> dict[str, Any]:
     if not exists(manifest_uri):
         raise StageFailed(f"no previous run at {redact(out)}: run `python -m jobs.index` first")
     previous = read_parquet(manifest_uri)
-    current = list_corpus(cfg.images)
-    if cfg.limit is not None:
-        keep = set(subset_ids(current.column("image_id").to_pylist(), cfg.limit))
-        current = current.filter(pc.is_in(current.column("image_id"), value_set=pa.array(sorted(keep), pa.string())))
+    current = select_subset(list_corpus(cfg.images), cfg.limit, cfg.include)
     d = diff_corpus(previous, current)
     gone = d["deleted"] | d["changed"]
     added = d["new"] | d["changed"]
