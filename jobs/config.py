@@ -121,6 +121,7 @@ class IndexConfig:
     out: str = ""
     limit: int | None = None             # deterministic subset of N images (the demo); None: the whole corpus
     include: list[str] = field(default_factory=list)  # id glob patterns always kept in a limited subset
+    exclude: list[str] = field(default_factory=list)  # id glob patterns never indexed (e.g. query photos)
     stages: list[str] = field(default_factory=lambda: list(STAGES))
     ray: RayConfig = field(default_factory=RayConfig)
     extract: ExtractSection = field(default_factory=ExtractSection)

@@ -54,12 +54,17 @@ def filter_ids(corpus: pa.Table, keep: set[str]) -> pa.Table:
     return corpus.filter(pc.is_in(corpus.column("image_id"), value_set=pa.array(sorted(keep), pa.string())))
 
 
-def select_subset(corpus: pa.Table, limit: int | None, include: list[str] | None = None) -> pa.Table:
-    """A deterministic subset of ``limit`` images: every id matching an ``include`` glob, then a stable sample."""
-    if limit is None:
-        return corpus
+def select_subset(corpus: pa.Table, limit: int | None, include: list[str] | None = None,
+                  exclude: list[str] | None = None) -> pa.Table:
+    """Images to index: ids matching an ``exclude`` glob dropped; with ``limit``, every id matching an
+    ``include`` glob plus a stable sample of the others, ``limit`` in all."""
     import fnmatch
 
+    if exclude:
+        ids = corpus.column("image_id").to_pylist()
+        corpus = filter_ids(corpus, {i for i in ids if not any(fnmatch.fnmatchcase(i, p) for p in exclude)})
+    if limit is None:
+        return corpus
     ids = corpus.column("image_id").to_pylist()
     must = {i for i in ids if any(fnmatch.fnmatchcase(i, pat) for pat in include or [])}
     rest = subset_ids([i for i in ids if i not in must], max(0, limit - len(must)))
@@ -67,10 +72,10 @@ def select_subset(corpus: pa.Table, limit: int | None, include: list[str] | None
 
 
 def prepare_manifest(images: str, out: str, shard_size: int, limit: int | None = None,
-                     include: list[str] | None = None) -> pa.Table:
+                     include: list[str] | None = None, exclude: list[str] | None = None) -> pa.Table:
     """The run's corpus manifest, reused when the corpus is unchanged (stable shards across reruns)."""
     uri = join(out, "corpus", "manifest.parquet")
-    corpus = select_subset(list_corpus(images), limit, include)
+    corpus = select_subset(list_corpus(images), limit, include, exclude)
     if exists(uri):
         previous = read_parquet(uri)
         if previous.column("image_id").to_pylist() == corpus.column("image_id").to_pylist() and \
@@ -382,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_access(cfg.out)
-        manifest = prepare_manifest(cfg.images, cfg.out, cfg.extract.shard_size, cfg.limit, cfg.include)
+        manifest = prepare_manifest(cfg.images, cfg.out, cfg.extract.shard_size, cfg.limit, cfg.include,
+                                    cfg.exclude)
     except (StorageError, FileNotFoundError, ValueError) as exc:
         log.error("%s", redact(str(exc)))
         return 2

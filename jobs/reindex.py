@@ -84,7 +84,7 @@ def reindex(cfg: IndexConfig) -> dict[str, Any]:
     if not exists(manifest_uri):
         raise StageFailed(f"no previous run at {redact(out)}: run `python -m jobs.index` first")
     previous = read_parquet(manifest_uri)
-    current = select_subset(list_corpus(cfg.images), cfg.limit, cfg.include)
+    current = select_subset(list_corpus(cfg.images), cfg.limit, cfg.include, cfg.exclude)
     d = diff_corpus(previous, current)
     gone = d["deleted"] | d["changed"]
     added = d["new"] | d["changed"]
