@@ -169,7 +169,12 @@ class ExtractWorker:
     def process_shard(self, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Extract and commit one shard; a committed shard is skipped (idempotent)."""
         if self.manifest.is_committed(shard):
-            return {"shard": shard, "skipped": True, "images": 0, "errors": 0, "seconds": 0.0}
+            # a retried call whose first attempt committed before its worker died: report what it wrote
+            from storage.arrays import load_json
+
+            m = load_json(self.manifest.marker_uri(shard))
+            return {"shard": shard, "skipped": True, "images": m.get("images", 0), "errors": m.get("errors", 0),
+                    "seconds": 0.0}
         t0 = time.time()
         acc = _ShardRows(self.job, self.backbone)
         for good, bad in self._batches(rows):

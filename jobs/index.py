@@ -97,7 +97,7 @@ def write_manifest(out: str, manifest: pa.Table) -> None:
 
 # ------------------------------------------------------------------------------------------ run manifest
 class MemoryWatch:
-    """Peak resident memory of this process and its Ray workers during a stage (sampled every 0.5 s)."""
+    """Peak resident memory of this process and its descendants during a stage (sampled every 0.5 s)."""
 
     def __init__(self) -> None:
         self.peak = 0
@@ -108,14 +108,9 @@ class MemoryWatch:
         total = 0
         try:
             me = psutil.Process()
-            procs = [me] + me.children(recursive=True)
-            procs += [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and
-                      any("ray::" in c for c in p.info["cmdline"][:1])]
-            seen = set()
-            for p in procs:
-                if p.pid in seen:
-                    continue
-                seen.add(p.pid)
+            # a local Ray started by this job runs its workers as our descendants; on a cluster this is
+            # the driver's own memory (workers report through Ray's own metrics)
+            for p in [me] + me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:

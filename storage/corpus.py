@@ -13,7 +13,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.uri import get_fs, read_bytes
+from storage.uri import StorageError, _describe, get_fs, read_bytes
 
 MANIFEST_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("shard", pa.int32()),
@@ -50,7 +50,20 @@ def _stable_ids(names: list[str]) -> list[str]:
 
 
 def list_corpus(source: str) -> pa.Table:
-    """Manifest rows (image_id, uri, size, version) for a folder, URI list (.txt) or Parquet manifest."""
+    """Manifest rows (image_id, uri, size, version) for a folder, URI list (.txt) or Parquet manifest.
+
+    Store failures (rejected credentials, unreachable endpoint) become a :class:`StorageError` with a clear,
+    credential-free message.
+    """
+    try:
+        return _list_corpus(source)
+    except (FileNotFoundError, ValueError, StorageError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. s3fs PermissionError on a wrong secret
+        raise _describe(exc, source) from None
+
+
+def _list_corpus(source: str) -> pa.Table:
     fs, path = get_fs(source)
     if fs.isdir(path):
         rows = _list_folder(source)

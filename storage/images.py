@@ -40,7 +40,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
         else:
             arr = arr * (255.0 / hi)
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
@@ -56,7 +56,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
 
     ``max_side`` lets JPEG decoding use DCT scaling (draft mode) when the network input will be smaller,
     which is several times faster on large photos; the result still has at least ``max_side`` pixels on its
-    longest side whenever the original had.
+    longest side whenever the original had. ``result.info["original_size"]`` is the full-resolution
+    (width, height) after EXIF orientation, which pixel coordinates in the tables refer to.
     """
     if not data:
         raise ImageError("empty", "zero-byte file")
@@ -78,8 +79,11 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
                 img.load()
             finally:
                 Image.MAX_IMAGE_PIXELS = saved_limit
+            swapped = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
             img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            rgb = _to_rgb(img)
+            rgb.info["original_size"] = (h, w) if swapped else (w, h)
+            return rgb
     except ImageError:
         raise
     except UnidentifiedImageError as exc:

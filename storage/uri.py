@@ -32,10 +32,27 @@ def storage_options(uri: str) -> dict[str, Any]:
     return {}
 
 
+_S3_FS: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and in-filesystem path for ``uri``."""
+    """Filesystem and in-filesystem path for ``uri``.
+
+    S3 filesystems are reused per process, endpoint and credentials: creating one (a botocore session and
+    client) costs ~0.5-2 s, which made every read/write of a shard pay it. Directory listings are never
+    cached, so a marker written by another worker is seen at once.
+    """
     if uri.startswith("s3a://"):
         uri = "s3://" + uri[len("s3a://"):]
+    if uri.startswith("s3://"):
+        opts = storage_options(uri)
+        key = (os.getpid(), repr(sorted(opts.items())), *(os.environ.get(v) for v in (
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_PROFILE")))
+        fs = _S3_FS.get(key)
+        if fs is None:
+            fs = fsspec.filesystem("s3", use_listings_cache=False, **opts)
+            _S3_FS[key] = fs
+        return fs, fs._strip_protocol(uri)
     fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
     return fs, path
 
@@ -67,8 +84,12 @@ def _describe(exc: BaseException, uri: str) -> StorageError:
     msg = f"{type(exc).__name__}: {exc}"
     hint = ""
     low = msg.lower()
-    if any(s in low for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403")):
-        hint = " (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy)"
+    remote = "://" in uri and not uri.startswith("file://")
+    # s3fs turns SignatureDoesNotMatch / InvalidAccessKeyId into a PermissionError carrying only the message
+    if (remote and isinstance(exc, PermissionError)) or any(s in low for s in (
+            "invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden", "403",
+            "signature we calculated", "access key id you provided")):
+        hint = " (the credentials were rejected: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket policy)"
     elif "nosuchbucket" in low:
         hint = " (the bucket does not exist)"
     elif "could not connect" in low or "connect" in low and "endpoint" in low:
