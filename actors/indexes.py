@@ -48,7 +48,7 @@ def _effective_dim(X: np.ndarray) -> int:
 def load_method(root: str, method: str) -> tuple[list[str], np.ndarray]:
     """(image ids, descriptors) of a final global method, in shard order."""
     ids, parts = [], []
-    for label, marker in sorted(StageManifest(root, "descriptors").committed().items()):
+    for _, marker in sorted(StageManifest(root, "descriptors").committed().items()):
         t = read_parquet(marker["files"]["globals"])
         t = t.filter(pc.equal(t.column("method"), method))
         ids += t.column("image_id").to_pylist()
@@ -64,7 +64,7 @@ def load_regional(root: str, source: str) -> tuple[list[str], np.ndarray]:
     white = load_whitening(root, "regions")
     stage = "object_saliency" if source.startswith("os_") else "extract"
     ids, parts = [], []
-    for label, marker in sorted(StageManifest(root, stage).committed().items()):
+    for _, marker in sorted(StageManifest(root, stage).committed().items()):
         t = read_parquet(marker["files"]["regions"])
         t = t.filter(pc.equal(t.column("source"), source))
         if t.num_rows:

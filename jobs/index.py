@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.common import Progress, init_ray, plan_resources
-from actors.extract import ExtractJob, ExtractWorker, job_parameters, run_extract
+from actors.extract import ExtractJob, ExtractWorker, run_extract
 from jobs.config import STAGES, ConfigError, IndexConfig, load_config
 from pipeline.extract import ExtractConfig
 from storage.arrays import load_arrays, load_json, save_arrays, save_json

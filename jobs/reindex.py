@@ -32,7 +32,7 @@ from jobs.index import (STAGE_FUNCS, MemoryWatch, RunManifest, StageFailed, conf
                         print_summary, setup_logging, stage_params, write_manifest)
 from storage.arrays import load_json
 from storage.corpus import MANIFEST_SCHEMA, assign_shards, list_corpus
-from storage.tables import StageManifest, read_parquet
+from storage.tables import StageManifest, read_parquet, write_parquet
 from storage.uri import StorageError, check_access, exists, join, redact
 
 log = logging.getLogger("indexer")

@@ -61,6 +61,13 @@ def regional_mac(A: torch.Tensor, boxes: torch.Tensor | np.ndarray) -> torch.Ten
     return pooled.clamp_min(0)
 
 
+def _grid_starts(extent: int, n_extra: int, level: int, side: int, half: int) -> np.ndarray:
+    """Start offsets of the ``level + n_extra`` regions of side ``side`` placed uniformly along ``extent``."""
+    n = level + n_extra
+    step = 0.0 if n == 1 else (extent - side) / (n - 1)
+    return (np.floor(half + np.arange(n) * step) - half).astype(np.int64)
+
+
 def rmac_grid(height: int, width: int, levels: int = 3, overlap: float = 0.4,
               include_full: bool = True) -> np.ndarray:
     """The rigid multi-scale R-MAC grid of Tolias et al. (used by seed 003) on an H x W feature map.
@@ -85,13 +92,8 @@ def rmac_grid(height: int, width: int, levels: int = 3, overlap: float = 0.4,
             continue
         half = int(math.floor(side / 2 - 1))
 
-        def starts(extent: int, n_extra: int) -> np.ndarray:
-            n = level + n_extra
-            step = 0.0 if n == 1 else (extent - side) / (n - 1)
-            return (np.floor(half + np.arange(n) * step) - half).astype(np.int64)
-
-        for y0 in starts(height, extra_h):
-            for x0 in starts(width, extra_w):
+        for y0 in _grid_starts(height, extra_h, level, side, half):
+            for x0 in _grid_starts(width, extra_w, level, side, half):
                 boxes.append((int(x0), int(y0), int(x0) + side, int(y0) + side))
     out = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
     out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, width)

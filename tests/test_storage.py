@@ -12,7 +12,7 @@ import torch
 
 from storage import arrays, corpus, schemas
 from storage.tables import StageManifest, TableStore, read_parquet
-from storage.uri import redact, write_bytes_atomic
+from storage.uri import StorageError, redact, write_bytes_atomic
 from storage.weights import load_state_dict
 
 
@@ -67,7 +67,7 @@ def test_atomic_write_leaves_old_content_on_failure(tmp_path, monkeypatch) -> No
         raise OSError("disk full")
 
     monkeypatch.setattr("storage.uri.os.replace", boom)
-    with pytest.raises(Exception):
+    with pytest.raises(StorageError, match="disk full"):
         write_bytes_atomic(str(target), b"new")
     assert target.read_bytes() == b"old"
 
