@@ -15,7 +15,7 @@ Katz centrality (:func:`katz_centrality_ray`)
     ``RowBlockActor``. Conjugate gradients runs on the driver (``pipeline.katz.katz_centrality_operator``);
     its only access to the graph is ``x -> Wn x``, computed as: put ``x`` once in the object store, every
     actor returns ``block @ x`` for its rows, the driver concatenates.
-    * Memory per actor: its block's CSR, ``8 * nnz_b + 8 * (rows_b + 1)`` bytes (float32 data, int32
+    * Memory per actor: its block's CSR, ``12 * nnz_b + 8 * (rows_b + 1)`` bytes (float64 data, int32
       indices, int64 indptr), plus one read-only copy of ``x`` per node (``8 n`` bytes, shared by the actors
       of that node through the object store) and its ``8 rows_b`` output. No actor ever holds all of ``Wn``,
       which is what lets the centrality scale past one node's memory; the driver holds only O(n) CG state
@@ -70,22 +70,26 @@ def _search_block(token: str, index_bytes: np.ndarray, shard: np.ndarray, start:
 def build_knn_graph_ray(V: np.ndarray | Sequence[np.ndarray], k: int = 50, beta: float = 3.0,
                         block_rows: int = 20_000, num_workers: int = 2, num_cpus: float = 1.0,
                         exact_threshold: int = DEFAULT_EXACT_THRESHOLD, nlist: int | None = None,
-                        nprobe: int = DEFAULT_NPROBE, return_knn: bool = False
+                        nprobe: int = DEFAULT_NPROBE, return_knn: bool = False,
+                        index: faiss.Index | None = None
                         ) -> sp.csr_matrix | tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
     """Mutual k-NN graph ``W`` (n, n) of the rows of ``V`` (one array or a list of row shards, global row
     order = shard order), searched block-wise by Ray tasks. See the module docstring.
 
     ``num_cpus`` is the Ray CPU request per task (fractional allowed) and also sets the FAISS threads of the
     task (at least 1). With ``return_knn`` the raw ``(sims, ids)`` lists of ``k + 1`` neighbours are
-    returned too (for recall measurements).
+    returned too (for recall measurements). ``index`` reuses an already built CPU index over exactly these
+    rows (e.g. the one a job also stores for object saliency) instead of building one.
     """
     shards = [np.ascontiguousarray(V, dtype=np.float32)] if isinstance(V, np.ndarray) else \
         [np.ascontiguousarray(s, dtype=np.float32) for s in V]
-    index = build_knn_index(shards, exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe, use_gpu=False)
+    if index is None:
+        index = build_knn_index(shards, exact_threshold=exact_threshold, nlist=nlist, nprobe=nprobe, use_gpu=False)
+    elif index.ntotal != sum(s.shape[0] for s in shards):
+        raise ValueError(f"index holds {index.ntotal} vectors, V has {sum(s.shape[0] for s in shards)} rows")
     n = int(index.ntotal)
     kk = int(min(k + 1, n))
     index_bytes = faiss.serialize_index(index)
-    del index
     index_ref = ray.put(index_bytes)
     del index_bytes
     token = uuid.uuid4().hex
@@ -130,7 +134,8 @@ class RowBlockActor:
 
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, shape: np.ndarray) -> None:
         self.block = graph_from_arrays({"indptr": indptr, "indices": indices, "data": data, "shape": shape})
-        self.block = self.block.copy()  # own the arrays (object-store views are read-only)
+        # own float64 arrays (object-store views are read-only; float64 avoids an upcast per product)
+        self.block = self.block.astype(np.float64)
 
     def matvec(self, x: np.ndarray) -> np.ndarray:
         return self.block @ x

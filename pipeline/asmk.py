@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 EPS = 1e-12
 KERNELS = ("vlad", "asmk", "asmk_star")
@@ -67,6 +68,22 @@ def hamming_similarity(a: np.ndarray, b: np.ndarray, dim: int) -> np.ndarray:
     return (dim - 2.0 * _popcount_rows(np.ascontiguousarray(x))) / dim
 
 
+def _faiss_hammings():
+    """FAISS's all-pairs Hamming kernel as ``f(a (na, B) uint8, b (nb, B) uint8, out (na, nb) int32)``, or None."""
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is a project dependency
+        return None
+    fn = getattr(faiss, "hammings", None)
+    if fn is None:
+        return None
+
+    def run(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+        fn(faiss.swig_ptr(a), faiss.swig_ptr(b), len(a), len(b), a.shape[1], faiss.swig_ptr(out))
+
+    return run
+
+
 # ----------------------------------------------------------------------------------------------- aggregation
 
 @dataclass
@@ -95,49 +112,95 @@ class Aggregated:
         return int(len(self.item_image))
 
 
-def residual_sums(des: np.ndarray, words: np.ndarray, centroids: np.ndarray, groups: np.ndarray,
-                  rows: np.ndarray | None = None, chunk: int = 1 << 18
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``V`` = sum of residuals ``x - c_w`` per (group, word) pair: the unnormalised VLAD block of each word.
+def segment_sum(R: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Sums of consecutive row segments of ``R`` (n, D) beginning at ``starts`` (increasing, first 0).
 
-    ``des`` (n, D); ``words`` (n, m) assignments (``m > 1``: multiple assignment, a descriptor adds its
-    residual to each of its ``m`` words); ``groups`` gives the item of each entry. Without ``rows`` entry
-    ``i`` is descriptor ``i``; with ``rows`` (T,) entry ``i`` is descriptor ``rows[i]`` and ``groups`` is (T,)
-    (how regions reuse an image's descriptors without copying them). Returns ``(groups, words, V)`` of the
-    non-empty pairs sorted by (group, word). Vectorised: one argsort on the pair key and ``np.add.reduceat``
-    over chunks of about ``chunk`` residuals (bounding the memory of the residual matrix).
+    Same result as ``np.add.reduceat(R, starts, axis=0)``, computed as a sparse (segments x rows) 0/1 CSR
+    matrix times ``R``: numpy's 2-D reduceat walks columns with a row stride and is ~30x slower here.
+    """
+    n = len(R)
+    if len(starts) == 0:
+        return np.zeros((0,) + R.shape[1:], dtype=R.dtype)
+    indptr = np.r_[np.asarray(starts, dtype=np.int64), n]
+    S = sp.csr_matrix((np.ones(n, dtype=R.dtype), np.arange(n), indptr), shape=(len(starts), n))
+    return np.asarray(S @ R)
+
+
+def _residual_chunks(des: np.ndarray, words: np.ndarray, centroids: np.ndarray, groups: np.ndarray,
+                     rows: np.ndarray | None = None, weights: np.ndarray | None = None, chunk: int = 1 << 18):
+    """Yield ``(keys, V)`` blocks of residual sums per (group, word) pair, in increasing ``key = group*K + word``.
+
+    One argsort of the pair keys, then segment sums (:func:`segment_sum`) over blocks of about ``chunk``
+    residuals, so the residual matrix never exists whole. See :func:`residual_sums` for the arguments.
     """
     des = np.asarray(des, dtype=np.float32)
     cents = np.asarray(centroids, dtype=np.float32)
     K = len(cents)
     words = np.asarray(words, dtype=np.int64).reshape(len(des), -1)
     m = words.shape[1]
-    if rows is None:
-        rows = np.arange(len(des), dtype=np.int64)
-    rows = np.asarray(rows, dtype=np.int64)
+    rows = np.arange(len(des), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     groups = np.asarray(groups, dtype=np.int64)
     if len(groups) != len(rows):
         raise ValueError("groups must give one item per entry")
     ent_rows = np.repeat(rows, m)
     ent_words = words[rows].ravel()
+    ent_w = None if weights is None else np.repeat(np.asarray(weights, dtype=np.float32), m)
     key = np.repeat(groups, m) * K + ent_words
     order = np.argsort(key, kind="stable")
     key_s = key[order]
     if len(key_s) == 0:
-        e = np.empty(0, dtype=np.int64)
-        return e, e, np.empty((0, des.shape[1]), dtype=np.float32)
+        return
     starts = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
-    ukey = key_s[starts]
-    V = np.empty((len(starts), des.shape[1]), dtype=np.float32)
     seg_cut = np.unique(np.r_[np.searchsorted(starts, np.arange(0, len(key_s), chunk), side="right") - 1,
                               len(starts)])
     for i0, i1 in zip(seg_cut[:-1], seg_cut[1:]):
         r0 = starts[i0]
         r1 = starts[i1] if i1 < len(starts) else len(key_s)
         idx = order[r0:r1]
-        R = des[ent_rows[idx]] - cents[ent_words[idx]]
-        V[i0:i1] = np.add.reduceat(R, starts[i0:i1] - r0, axis=0)
-    return ukey // K, ukey % K, V
+        R = np.take(des, ent_rows[idx], axis=0)
+        R -= np.take(cents, ent_words[idx], axis=0)
+        if ent_w is not None:
+            R *= ent_w[idx][:, None]
+        yield key_s[starts[i0:i1]], segment_sum(R, starts[i0:i1] - r0)
+
+
+def residual_sums(des: np.ndarray, words: np.ndarray, centroids: np.ndarray, groups: np.ndarray,
+                  rows: np.ndarray | None = None, weights: np.ndarray | None = None, chunk: int = 1 << 18
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``V`` = sum of residuals ``x - c_w`` per (group, word) pair: the unnormalised VLAD block of each word.
+
+    ``des`` (n, D); ``words`` (n, m) assignments (``m > 1``: multiple assignment, a descriptor adds its
+    residual to each of its ``m`` words); ``groups`` gives the item of each entry. Without ``rows`` entry
+    ``i`` is descriptor ``i``; with ``rows`` (T,) entry ``i`` is descriptor ``rows[i]`` and ``groups`` is (T,)
+    (how regions reuse an image's descriptors without copying them). ``weights`` (per entry) scale the
+    residuals. Returns ``(groups, words, V)`` of the non-empty pairs sorted by (group, word).
+    """
+    K = len(centroids)
+    blocks = list(_residual_chunks(des, words, centroids, groups, rows, weights, chunk))
+    if not blocks:
+        e = np.empty(0, dtype=np.int64)
+        return e, e, np.empty((0, np.asarray(des).shape[1]), dtype=np.float32)
+    keys = np.concatenate([k for k, _ in blocks])
+    V = np.concatenate([v for _, v in blocks])
+    return keys // K, keys % K, V
+
+
+def _aggregate_phi(des, words, centroids, groups, rows, kernel, chunk=1 << 18):
+    """Residual sums turned into ``Phi`` block by block (so ASMK* never holds all float residuals)."""
+    K = len(centroids)
+    keys, vecs, selfs = [], [], []
+    for k, V in _residual_chunks(des, words, centroids, groups, rows, None, chunk):
+        v, s = _phi(V, kernel)
+        keys.append(k)
+        vecs.append(v)
+        selfs.append(s)
+    D = np.asarray(des).shape[1]
+    if not keys:
+        e = np.empty(0, dtype=np.int64)
+        width = (D + 7) // 8 if kernel == "asmk_star" else D
+        return e, e, np.empty((0, width), np.uint8 if kernel == "asmk_star" else np.float32), np.empty(0)
+    keys = np.concatenate(keys)
+    return keys // K, keys % K, np.concatenate(vecs), np.concatenate(selfs)
 
 
 def _phi(V: np.ndarray, kernel: str) -> tuple[np.ndarray, np.ndarray]:
@@ -163,9 +226,8 @@ def aggregate_images(des: np.ndarray, words: np.ndarray, image_ids: np.ndarray, 
                      kernel: str = "asmk_star") -> Aggregated:
     """Per-image VLAD / ASMK / ASMK* aggregation (items = sorted unique ``image_ids``)."""
     images, item = _compact_ids(image_ids)
-    it, w, V = residual_sums(des, words, centroids, item)
-    vecs, self_sim = _phi(V, kernel)
-    return Aggregated(it, w, vecs, self_sim, images, V.shape[1], kernel == "asmk_star",
+    it, w, vecs, self_sim = _aggregate_phi(des, words, centroids, item, None, kernel)
+    return Aggregated(it, w, vecs, self_sim, images, np.asarray(des).shape[1], kernel == "asmk_star",
                       scale_items=True, unit=kernel != "vlad")
 
 
@@ -221,8 +283,11 @@ def _regions(xy: np.ndarray, image_ids: np.ndarray, boxes: np.ndarray | None, bo
         bimg = np.empty(0, dtype=np.int64)
     else:
         b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        pos = np.searchsorted(images, np.asarray(box_image, dtype=np.int64))
-        ok = (pos < len(images)) & (images[np.minimum(pos, len(images) - 1)] == np.asarray(box_image))
+        bi = np.asarray(box_image, dtype=np.int64).ravel()
+        pos = np.searchsorted(images, bi)
+        ok = np.zeros(len(bi), dtype=bool)
+        if len(images):
+            ok = (pos < len(images)) & (images[np.minimum(pos, len(images) - 1)] == bi)
         b, bimg = b[ok], pos[ok]  # boxes of images without descriptors have nothing to aggregate
     if include_full:
         inf = np.inf
@@ -247,58 +312,68 @@ def aggregate_regions(des: np.ndarray, words: np.ndarray, image_ids: np.ndarray,
     region is an item without postings (it counts in ``R_n`` for average pooling, eq. 4).
     """
     images, reg_img, reg, d = _regions(xy, image_ids, boxes, box_image, include_full)
-    it, w, V = residual_sums(des, words, centroids, reg, rows=d)
-    vecs, self_sim = _phi(V, kernel)
-    return Aggregated(it, w, vecs, self_sim, images[reg_img], V.shape[1], kernel == "asmk_star",
+    it, w, vecs, self_sim = _aggregate_phi(des, words, centroids, reg, d, kernel)
+    return Aggregated(it, w, vecs, self_sim, images[reg_img], np.asarray(des).shape[1], kernel == "asmk_star",
                       scale_items=True, unit=kernel != "vlad")
 
 
 def aggregate_regional(des: np.ndarray, words: np.ndarray, image_ids: np.ndarray, xy: np.ndarray,
                        boxes: np.ndarray | None, box_image: np.ndarray | None, centroids: np.ndarray,
-                       method: str = "rasmk", binary: bool = False, include_full: bool = True) -> Aggregated:
+                       method: str = "rasmk", binary: bool = False, include_full: bool = True,
+                       chunk: int = 1 << 18) -> Aggregated:
     """Regionally aggregated image representations (one vector per (image, word), seed 002 §4.3).
 
     ``method``: ``'rvlad'`` (eq. 8, ``V_R``), ``'naive_rasmk'`` (eq. 8 with ``V_hat`` and the regions' ASMK
     ``gamma``), ``'rasmk'`` (eq. 9, ``V_R / ||V_R||``; ``binary=True`` gives R-ASMK*). Items are images.
+
+    For R-VLAD / R-ASMK eq. 8 is linear in the residuals, so ``V_R(Y_c) = sum_{x in Y_c} w_x (x - c)`` with
+    per-descriptor weight ``w_x = (1/R_n) sum_{r : x in r} gamma_VLAD(Y^(n,r))``: one pass computes each
+    region's ``gamma_VLAD`` (block-wise, keeping only norms), a second aggregates the weighted residuals per
+    image -- no per-region vectors are stored. Naive-R-ASMK normalises per (region, word) before pooling, so
+    its region blocks are pooled into the image rows block by block.
     """
     if method not in ("rvlad", "naive_rasmk", "rasmk"):
         raise ValueError(f"unknown regional method {method!r}")
     if binary and method != "rasmk":
         raise ValueError("only R-ASMK has a binarised variant (R-ASMK*)")
     images, reg_img, reg, d = _regions(xy, image_ids, boxes, box_image, include_full)
+    K, D = len(centroids), np.asarray(des).shape[1]
     n_reg = len(reg_img)
-    rit, w, V = residual_sums(des, words, centroids, reg, rows=d)
-    if method == "naive_rasmk":
-        vecs, self_sim = _phi(V, "asmk")
-    else:
-        vecs, self_sim = V, np.einsum("ij,ij->i", V, V, dtype=np.float64)
-    per_region = np.bincount(rit, weights=self_sim, minlength=n_reg)
-    g = np.where(per_region > 0, 1.0 / np.sqrt(np.maximum(per_region, EPS)), 0.0)  # gamma of each region
     r_n = np.bincount(reg_img, minlength=len(images)).astype(np.float64)  # R_n, empty regions included
-    img = reg_img[rit]
-    weighted = vecs.astype(np.float64) * (g[rit] / r_n[img])[:, None]
-    K = len(centroids)
-    key = img * K + w
-    order = np.argsort(key, kind="stable")
-    key_s = key[order]
-    if len(key_s):
-        starts = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
-        VR = np.add.reduceat(weighted[order], starts, axis=0)
-        ukey = key_s[starts]
-    else:
-        VR, ukey = np.empty((0, V.shape[1])), np.empty(0, dtype=np.int64)
-    items, words_out = ukey // K, ukey % K
-    if method == "rasmk":
-        norms = np.linalg.norm(VR, axis=1)
-        keep = norms > 0
-        items, words_out, VR, norms = items[keep], words_out[keep], VR[keep], norms[keep]
-        Vh = (VR / norms[:, None]).astype(np.float32)
-        vecs_out = binarize(Vh) if binary else Vh
-        return Aggregated(items, words_out, vecs_out, np.ones(len(items)), images, V.shape[1], binary,
-                          scale_items=True, unit=True)
-    VR = VR.astype(np.float32)
-    linear_self = np.einsum("ij,ij->i", VR, VR, dtype=np.float64)
-    return Aggregated(items, words_out, VR, linear_self, images, V.shape[1], False, scale_items=False, unit=False)
+    if method == "naive_rasmk":
+        words2 = np.asarray(words, dtype=np.int64).reshape(len(des), -1)
+        rk = np.unique(np.repeat(reg, words2.shape[1]) * K + words2[d].ravel())
+        g = 1.0 / np.sqrt(np.maximum(np.bincount(rk // K, minlength=n_reg), 1))  # ASMK gamma of each region
+        out_keys = np.unique(reg_img[rk // K] * K + rk % K)
+        VR = np.zeros((len(out_keys), D), dtype=np.float64)
+        for k, V in _residual_chunks(des, words, centroids, reg, d, None, chunk):
+            r = k // K
+            vh, _ = _phi(V, "asmk")
+            contrib = vh.astype(np.float64) * (g[r] / r_n[reg_img[r]])[:, None]
+            ok = reg_img[r] * K + k % K
+            o = np.argsort(ok, kind="stable")
+            oks = ok[o]
+            st = np.flatnonzero(np.r_[True, oks[1:] != oks[:-1]])
+            VR[np.searchsorted(out_keys, oks[st])] += segment_sum(contrib[o], st)
+        VR = VR.astype(np.float32)
+        return Aggregated(out_keys // K, out_keys % K, VR, np.einsum("ij,ij->i", VR, VR, dtype=np.float64),
+                          images, D, False, scale_items=False, unit=False)
+    norm2 = np.zeros(n_reg)
+    for k, V in _residual_chunks(des, words, centroids, reg, d, None, chunk):
+        norm2 += np.bincount(k // K, weights=np.einsum("ij,ij->i", V, V, dtype=np.float64), minlength=n_reg)
+    g = np.where(norm2 > 0, 1.0 / np.sqrt(np.maximum(norm2, EPS)), 0.0)  # gamma_VLAD of each region
+    w_desc = np.bincount(d, weights=g[reg] / r_n[reg_img[reg]], minlength=len(des))
+    _, d_img = _compact_ids(image_ids)
+    items, words_out, VR = residual_sums(des, words, centroids, d_img, weights=w_desc, chunk=chunk)
+    if method == "rvlad":
+        return Aggregated(items, words_out, VR, np.einsum("ij,ij->i", VR, VR, dtype=np.float64), images, D,
+                          False, scale_items=False, unit=False)
+    norms = np.linalg.norm(VR, axis=1)
+    keep = norms > 0
+    items, words_out, VR, norms = items[keep], words_out[keep], VR[keep], norms[keep]
+    Vh = (VR / norms[:, None]).astype(np.float32)
+    return Aggregated(items, words_out, binarize(Vh) if binary else Vh, np.ones(len(items)), images, D, binary,
+                      scale_items=True, unit=True)
 
 
 # ----------------------------------------------------------------------------------------------- inverted file
@@ -447,22 +522,38 @@ class InvertedFile:
 
     # -- search ---------------------------------------------------------------------------------------------
     def query_scale(self, query: Aggregated) -> np.ndarray:
-        """(n_queries,) ``gamma(X)`` of each query item, with the index's idf."""
+        """(n_queries,) ``gamma(X)`` of each query item, with the index's idf (``self_sim`` is already
+        ``sigma(Phi . Phi)``)."""
         idf = self.idf()
-        if self.use_idf and not query.unit:
-            s = self._sigma(np.asarray(query.self_sim))  # self_sim of linear kernels is already sigma
-        else:
-            s = np.asarray(query.self_sim, dtype=np.float64)
+        s = np.asarray(query.self_sim, dtype=np.float64)
         norm = np.bincount(query.items, weights=idf[query.words] * s, minlength=query.n_items)
         return np.where(norm > 0, 1.0 / np.sqrt(np.maximum(norm, EPS)), 0.0)
 
-    def item_scores(self, query: Aggregated, budget: int = 1 << 24) -> np.ndarray:
+    def _binary_table(self, idf_w: float) -> np.ndarray:
+        """``idf_w * sigma((D - 2h) / D)`` for every Hamming distance ``h = 0..D`` (ASMK* lookup table)."""
+        u = (self.dim - 2.0 * np.arange(self.dim + 1)) / self.dim
+        return idf_w * self._sigma(u)
+
+    def _sigma_block(self, u: np.ndarray) -> np.ndarray:
+        """Selectivity on a float32 block with few passes (fast path for ``tau >= 0``, integer ``alpha``)."""
+        if self.linear:
+            return u
+        if self.tau >= 0:
+            v = np.where(u > self.tau, u, np.float32(0))
+            if self.alpha == 3.0:
+                return v * v * v
+            return v if self.alpha == 1.0 else v ** np.float32(self.alpha)
+        return self._sigma(u)
+
+    def item_scores(self, query: Aggregated, budget: int = 1 << 21) -> np.ndarray:
         """Dense (n_queries, n_items) kernel values ``K(X, item)`` for every query item of ``query``.
 
         Word-major: the query pairs of a chunk of queries are grouped by word; for each word its postings
-        slice is scored against all chunk queries having that word with one matmul (or one XOR + popcount
-        for ASMK*), and the values are scattered into the score matrix (each (query, item) pair occurs once
-        per word, so a plain fancy-index ``+=`` is exact). ``budget`` bounds the dense chunk size.
+        slice is scored against all chunk queries having that word at once -- one matmul (ASMK / VLAD) or
+        one FAISS Hamming cross-distance plus a lookup table of the selective kernel (ASMK*) -- and the values
+        are added into the chunk's score matrix (each (query, item) pair occurs once per word, so the
+        scatter is exact). Item ``gamma``, query ``gamma`` and idf are applied outside the pair loop.
+        ``budget`` (elements) bounds the chunk's dense score matrix so that it stays cache-friendly.
         """
         if query.binary != self.binary or query.dim != self.dim:
             raise ValueError("query aggregation does not match the index (binary / dim)")
@@ -470,14 +561,14 @@ class InvertedFile:
         out = np.zeros((nq, ni), dtype=np.float64)
         if nq == 0 or ni == 0:
             return out
-        idf, iscale = self.idf(), self.item_scale()
-        qscale = self.query_scale(query)
+        idf = self.idf()
         step = max(1, budget // max(ni, 1))
         q_items = np.asarray(query.items, dtype=np.int64)
         q_words = np.asarray(query.words, dtype=np.int64)
         bounds = np.searchsorted(q_items, np.arange(0, nq + step, step))  # query pairs sorted by item
         ptr, ids, vecs = self.word_ptr, self.item_ids, self.vecs
-        as_u64 = self.binary and vecs.shape[1] % 8 == 0
+        nbytes = vecs.shape[1]
+        hammings = _faiss_hammings() if self.binary else None
         for c, (p0, p1) in enumerate(zip(bounds[:-1], bounds[1:])):
             if p0 == p1:
                 continue
@@ -486,32 +577,35 @@ class InvertedFile:
             w = q_words[p0:p1]
             order = np.argsort(w, kind="stable")
             ws = w[order]
-            qi = q_items[p0:p1][order] - q0
-            qv = query.vecs[p0:p1][order]
+            qoff = (q_items[p0:p1][order] - q0) * ni
+            qv = np.ascontiguousarray(query.vecs[p0:p1][order])
             if not self.binary:
-                qv = np.asarray(qv, dtype=np.float32)
+                qv = qv.astype(np.float32, copy=False)
             cuts = np.flatnonzero(np.r_[True, ws[1:] != ws[:-1], True])
             for s, e in zip(cuts[:-1], cuts[1:]):
                 word = ws[s]
-                a, b = ptr[word], ptr[word + 1]
-                if a == b:
+                a, b = int(ptr[word]), int(ptr[word + 1])
+                if a == b or idf[word] == 0:
                     continue
                 P = vecs[a:b]
                 if self.binary:
-                    if as_u64:
-                        x = np.bitwise_xor(P.view(np.uint64)[:, None, :], qv[s:e].view(np.uint64)[None, :, :])
+                    if hammings is not None:
+                        h = np.empty((b - a, e - s), dtype=np.int32)
+                        hammings(np.ascontiguousarray(P), qv[s:e], h)
                     else:
-                        x = np.bitwise_xor(P[:, None, :], qv[s:e][None, :, :])
-                    u = (self.dim - 2.0 * np.bitwise_count(x).sum(axis=-1, dtype=np.int64)) / self.dim
+                        h = np.bitwise_count(P[:, None, :] ^ qv[None, s:e, :]).sum(axis=-1, dtype=np.int32)
+                    val = np.take(self._binary_table(idf[word]), h)
                 else:
-                    u = np.asarray(P, dtype=np.float32) @ qv[s:e].T
-                its = ids[a:b]
-                val = self._sigma(u) * (idf[word] * iscale[its])[:, None]
-                flat[qi[s:e][None, :] * ni + its[:, None]] += val
-        out *= qscale[:, None]
+                    val = self._sigma_block(np.asarray(P, dtype=np.float32) @ qv[s:e].T)
+                    if idf[word] != 1.0:
+                        val = val * idf[word]
+                its = np.asarray(ids[a:b], dtype=np.int64)
+                np.add.at(flat, (its[:, None] + qoff[None, s:e]).ravel(), val.ravel())
+        out *= self.item_scale()[None, :]
+        out *= self.query_scale(query)[:, None]
         return out
 
-    def image_scores(self, query: Aggregated, pooling: str = "max", budget: int = 1 << 24) -> np.ndarray:
+    def image_scores(self, query: Aggregated, pooling: str = "max", budget: int = 1 << 21) -> np.ndarray:
         """(n_queries, n_images) image similarities; items of one image pooled by ``'max'`` (eq. 3),
         ``'avg'`` (eq. 4) or ``'sum'``. Columns follow :meth:`images`."""
         S = self.item_scores(query, budget)
@@ -528,20 +622,38 @@ class InvertedFile:
             return total / counts[None, :]
         raise ValueError(f"unknown pooling {pooling!r}")
 
-    def search(self, query: Aggregated, topk: int | None = 100, pooling: str = "max"
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``topk`` image ids and scores per query item (``topk=None``: full ranking), best first."""
-        S = self.image_scores(query, pooling)
+    def search(self, query: Aggregated, topk: int | None = 100, pooling: str = "max",
+               max_scores: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``topk`` image ids and scores per query item (``topk=None``: full ranking), best first.
+
+        Queries are scored in groups so that a group's dense score matrix holds at most ``max_scores``
+        values; ties are broken by image order (deterministic, equal to a stable full sort cut at ``k``).
+        """
         images = self.images()
-        k = S.shape[1] if topk is None else min(int(topk), S.shape[1])
-        if k < S.shape[1]:
-            part = np.argpartition(-S, k - 1, axis=1)[:, :k]
-            vals = np.take_along_axis(S, part, axis=1)
-            o = np.lexsort((part, -vals), axis=1)
-            idx = np.take_along_axis(part, o, axis=1)
-        else:
-            idx = np.argsort(-S, axis=1, kind="stable")
-        return images[idx], np.take_along_axis(S, idx, axis=1)
+        k = len(images) if topk is None else min(int(topk), len(images))
+        ids = np.empty((query.n_items, k), dtype=np.int64)
+        vals = np.empty((query.n_items, k), dtype=np.float64)
+        step = max(1, max_scores // max(self.n_items, 1))
+        for q0 in range(0, query.n_items, step):
+            S = self.image_scores(_slice_queries(query, q0, q0 + step), pooling)
+            if k < S.shape[1]:
+                kth = -np.partition(-S, k - 1, axis=1)[:, k - 1]
+                idx = np.empty((len(S), k), dtype=np.int64)
+                for r in range(len(S)):
+                    cand = np.flatnonzero(S[r] >= kth[r])  # ties at the k-th value included
+                    idx[r] = cand[np.argsort(-S[r, cand], kind="stable")[:k]]
+            else:
+                idx = np.argsort(-S, axis=1, kind="stable")
+            ids[q0:q0 + len(S)] = images[idx]
+            vals[q0:q0 + len(S)] = np.take_along_axis(S, idx, axis=1)
+        return ids, vals
+
+
+def _slice_queries(query: Aggregated, q0: int, q1: int) -> Aggregated:
+    """Query items ``q0 <= item < q1`` of ``query`` (items are sorted), renumbered from 0."""
+    a, b = np.searchsorted(query.items, [q0, q1])
+    return Aggregated(query.items[a:b] - q0, query.words[a:b], query.vecs[a:b], query.self_sim[a:b],
+                      query.item_image[q0:q1], query.dim, query.binary, query.scale_items, query.unit)
 
 
 def merge_inverted_files(parts: Sequence[InvertedFile]) -> InvertedFile:

@@ -109,7 +109,8 @@ def choose_factory(
     metric: int = METRIC_IP,
     *,
     flat_max_n: int = 50_000,
-    hnsw_max_n: int = 500_000,
+    prefer_hnsw: bool = False,
+    hnsw_max_n: int = 2_000_000,
     hnsw_m: int = DEFAULT_HNSW_M,
     headroom: float = 0.8,
 ) -> str:
@@ -118,9 +119,11 @@ def choose_factory(
     Rule (first that fits ``headroom * memory_budget_bytes``; byte models in :func:`estimate_bytes`):
 
     1. ``n <= flat_max_n``: ``IDMap2,Flat`` - exact; brute force over <= 50k vectors is a few ms per query.
-    2. ``n <= hnsw_max_n``: ``IDMap2,HNSW{M}`` - best latency at high recall when memory is plentiful;
-       limited to moderate ``n`` because its graph build is slow (no batching) and shards cannot be merged
-       cheaply (merging re-inserts all vectors).
+    2. only with ``prefer_hnsw`` and ``n <= hnsw_max_n``: ``IDMap2,HNSW{M}`` - lowest single-query latency
+       for small k when memory is plentiful. Not the default: its graph build is slow (no batching),
+       shards cannot be merged cheaply (merging re-inserts every vector), and for recall@100 >= 0.95 it
+       lost to IVF-Flat in ``jobs.bench_faiss --quick`` (clustered 100k x 512: efSearch 768 at 9.1 ms/query
+       and a 5x longer build, versus nprobe 64/1024 at 2.1 ms/query).
     3. ``IVF{nlist},Flat`` - exact vectors, recall set by ``nprobe``; shards share the trained quantizer and
        merge in O(n). ``nlist`` = power of two near ``4 sqrt(n)`` (:func:`ivf_nlist`), HNSW quantizer
        beyond 64k lists.
@@ -139,7 +142,7 @@ def choose_factory(
     if n <= flat_max_n and estimate_bytes("IDMap2,Flat", n, d) <= usable:
         return "IDMap2,Flat"
     hnsw = f"IDMap2,HNSW{hnsw_m}"
-    if n <= hnsw_max_n and estimate_bytes(hnsw, n, d) <= usable:
+    if prefer_hnsw and n <= hnsw_max_n and estimate_bytes(hnsw, n, d) <= usable:
         return hnsw
     prefix = _ivf_prefix(ivf_nlist(n))
     candidates = [f"{prefix},Flat", f"{prefix},SQ8"]
@@ -215,13 +218,14 @@ def _find_hnsw(index: faiss.Index) -> Any | None:
 
 
 def default_search_params(index: faiss.Index) -> dict[str, int]:
-    """Defaults applied after training: IVF ``nprobe = max(8, nlist/64)``, HNSW ``efSearch = 128``.
+    """Defaults applied after training: IVF ``nprobe = max(8, nlist/16)``, HNSW ``efSearch = 128``.
 
-    Both are starting points; :func:`tune` picks the value meeting a recall target on held-out queries.
+    ``nlist/16`` reached recall@100 >= 0.95 on the clustered data of ``jobs.bench_faiss`` (``nlist/64``
+    gave ~0.89); :func:`tune` then picks the cheapest value meeting a target on held-out queries.
     """
     ivf = _find_ivf(index)
     if ivf is not None:
-        return {"nprobe": int(min(ivf.nlist, max(8, ivf.nlist // 64)))}
+        return {"nprobe": int(min(ivf.nlist, max(8, ivf.nlist // 16)))}
     if _find_hnsw(index) is not None:
         return {"efSearch": DEFAULT_EF_SEARCH}
     return {}
@@ -526,11 +530,16 @@ def recall_at_k(I: np.ndarray, ground_truth_ids: np.ndarray, k: int) -> float:
 def tunable_parameter(index: Any) -> tuple[str, list[int]] | None:
     """(name, candidate values ascending) of the main speed/recall knob, or None for exact indexes."""
     first = index.shards[0] if isinstance(index, ShardedSearcher) else index
-    first = to_cpu(first) if _is_gpu_index(first) else first
-    ivf = _find_ivf(first)
-    if ivf is not None:
-        vals = [2 ** i for i in range(int(math.log2(ivf.nlist)) + 1)]
-        return "nprobe", sorted(set(vals + [ivf.nlist]))
+    if _is_gpu_index(first):  # GpuIndexIVF* (or replicas of them) expose nlist directly
+        g = faiss.downcast_index(first)
+        g = faiss.downcast_index(g.at(0)) if hasattr(g, "at") else g
+        nlist = getattr(g, "nlist", None)
+    else:
+        ivf = _find_ivf(first)
+        nlist = ivf.nlist if ivf is not None else None
+    if nlist is not None:
+        vals = [2 ** i for i in range(int(math.log2(nlist)) + 1)]
+        return "nprobe", sorted(set(vals + [int(nlist)]))
     if _find_hnsw(first) is not None:
         return "efSearch", [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
     return None

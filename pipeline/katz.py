@@ -57,6 +57,10 @@ def katz_centrality_operator(matvec: Callable[[np.ndarray], np.ndarray], n: int,
 
 def katz_centrality(Wn: sp.spmatrix, alpha: float = 0.99, tol: float = 1e-6, maxiter: int | None = 1000,
                     x0: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
-    """Katz centrality of every vertex of the normalised graph ``Wn`` (n, n); see module docstring."""
-    Wn = sp.csr_matrix(Wn)
+    """Katz centrality of every vertex of the normalised graph ``Wn`` (n, n); see module docstring.
+
+    ``Wn`` is converted to float64 once (a float32 matrix times the float64 CG vectors would be upcast by
+    scipy on every product).
+    """
+    Wn = sp.csr_matrix(Wn, dtype=np.float64)
     return katz_centrality_operator(lambda x: Wn @ x, Wn.shape[0], alpha=alpha, tol=tol, maxiter=maxiter, x0=x0)

@@ -35,9 +35,11 @@ def _as_f32(x: np.ndarray) -> np.ndarray:
 
 
 def default_nlist(n: int) -> int:
-    """Number of IVF lists for ``n`` vectors: the power of two nearest to ``4 sqrt(n)``, in [16, 65536]."""
-    target = 4.0 * np.sqrt(max(n, 1))
-    return int(np.clip(2 ** int(round(np.log2(target))), 16, 65536))
+    """Number of IVF lists for ``n`` vectors: the power of two nearest to ``4 sqrt(n)``, in [16, 65536], and
+    small enough that every list gets FAISS's recommended 39 training points."""
+    nlist = 2 ** int(round(np.log2(4.0 * np.sqrt(max(n, 1)))))
+    cap = 2 ** int(np.floor(np.log2(max(n // 39, 16))))
+    return int(np.clip(min(nlist, cap), 16, 65536))
 
 
 def choose_index_factory(n: int, exact_threshold: int = DEFAULT_EXACT_THRESHOLD,
@@ -148,8 +150,9 @@ def mutual_knn_graph(ids: np.ndarray, sims: np.ndarray, beta: float = 3.0, n: in
     valid = (ids >= 0) & (ids != rows)
     if k is not None:
         valid &= np.cumsum(valid, axis=1) <= k
-    r = np.broadcast_to(rows, ids.shape)[valid]
-    c = ids[valid]
+    idx_t = np.int32 if n < 2 ** 31 - 1 else np.int64  # halves the memory of the edge lists
+    r = np.broadcast_to(rows, ids.shape)[valid].astype(idx_t)
+    c = ids[valid].astype(idx_t)
     w = np.maximum(sims[valid], 0.0) ** np.float32(beta)
     B = sp.csr_matrix((np.ones(r.shape[0], np.float32), (r, c)), shape=(n, n))
     B.data[:] = 1.0  # duplicate ids in a row would have summed

@@ -161,7 +161,12 @@ class Snapshot:
         return sorted(self.manifest.get("files", {}))
 
     def path(self, rel: str) -> str:
+        """Path of a file inside the version, for ``self.fs``."""
         return posixpath.join(self.dir, _check_rel(rel))
+
+    def uri(self, rel: str) -> str:
+        """Full URI of a file (``s3://...``, ``file://...``) for other fsspec-based readers."""
+        return self.fs.unstrip_protocol(self.path(rel))
 
     def open(self, rel: str, mode: str = "rb") -> BinaryIO:
         if "r" not in mode:
@@ -231,7 +236,12 @@ class SnapshotWriter:
         return posixpath.join(self.base, self.version)
 
     def path(self, rel: str) -> str:
+        """Path of a file inside the new version, for ``self.fs``."""
         return posixpath.join(self.dir, _check_rel(rel))
+
+    def uri(self, rel: str) -> str:
+        """Full URI of a file inside the new version (for writers that take URIs)."""
+        return self.fs.unstrip_protocol(self.path(rel))
 
     def open(self, rel: str, mode: str = "wb") -> _HashingFile:
         if mode != "wb":

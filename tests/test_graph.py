@@ -245,6 +245,10 @@ def test_ray_knn_graph_and_katz_equal_single_process(local_ray):
     W_ivf = build_knn_graph_ray(X, k=6, beta=3, block_rows=64, num_workers=2, num_cpus=1,
                                 exact_threshold=100, nlist=8, nprobe=8)
     np.testing.assert_allclose(_dense(W_ivf), _dense(W_ref), atol=1e-5)
+    # a pre-built index is reused as is
+    ivf = build_knn_index(X, exact_threshold=100, nlist=8, nprobe=8, use_gpu=False)
+    W_pre = build_knn_graph_ray(X, k=6, beta=3, block_rows=100, num_workers=2, num_cpus=0.5, index=ivf)
+    np.testing.assert_allclose(_dense(W_pre), _dense(W_ref), atol=1e-5)
 
     Wn = normalize_graph(W_ref)
     g_ref, info_ref = katz_centrality(Wn, alpha=0.99, tol=1e-10)
