@@ -4,7 +4,8 @@
                           [--top-k K] [--qe none|avg|alpha] [--diffusion] [--html results.html]
 
 ``--method`` is a global method (``gem``, ``rmac``, ``fs_egm``, ``os_egm``, ...: the ``global_<method>``
-snapshot) or ``regional:<source>`` (``regional:fs_egm``: regions of the database max-pooled per image). The
+snapshot), ``regional:<source>`` (``regional:fs_egm``: regions of the database max-pooled per image) or an
+ASMK kernel (``asmk_star``, ``r_asmk_star``, ``d2r_asmk_star``...: the ``asmk_<kernel>`` snapshot). The
 query goes through the run's own extraction (and object saliency against the stored region graph for OS
 methods). The Python API is :class:`SearchService`.
 """
@@ -19,6 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
+from actors.asmk import KERNEL_CONFIGS, LoadedASMK, open_asmk
 from actors.indexes import LoadedIndex, open_index
 from actors.query import QueryDescriptors, QueryEncoder
 from pipeline.query_expansion import alpha_qe, average_qe, diffusion_rerank
@@ -40,6 +42,7 @@ class SearchService:
         self.root = root
         self.encoder = QueryEncoder(root)
         self._indexes: dict[str, LoadedIndex] = {}
+        self._asmk: dict[str, LoadedASMK] = {}
 
     def index(self, method: str) -> LoadedIndex:
         name = f"regional_{method.split(':', 1)[1]}" if method.startswith("regional:") else f"global_{method}"
@@ -57,6 +60,15 @@ class SearchService:
                 out[r] = X[pos[i], : idx.dim]
         return out
 
+    def _search_asmk(self, q: QueryDescriptors, kernel: str, top_k: int) -> list[SearchResult]:
+        """ASMK-family search (snapshot ``asmk_<kernel>``) with the query's local descriptors."""
+        if q.local_desc is None:
+            raise KeyError("this run has no local features: ASMK methods need extract.local_features > 0")
+        if kernel not in self._asmk:
+            self._asmk[kernel] = open_asmk(self.root, kernel)
+        scores, ids = self._asmk[kernel].search(q.local_desc, top_k)
+        return [SearchResult(i, float(s), r) for r, (i, s) in enumerate(zip(ids, scores))]
+
     def query_vector(self, q: QueryDescriptors, method: str) -> np.ndarray:
         if method.startswith("regional:"):
             return q.globals.get("rmac", next(iter(q.globals.values())))
@@ -68,6 +80,8 @@ class SearchService:
                qe: str = "none", qe_n: int = 10, diffusion: bool = False) -> tuple[list[SearchResult], QueryDescriptors]:
         """Ranked database images for a query image (optionally cropped to ``bbox``)."""
         q = self.encoder.encode(decode_image(image_bytes), bbox)
+        if method in KERNEL_CONFIGS:
+            return self._search_asmk(q, method, top_k), q
         idx = self.index(method)
         vec = self.query_vector(q, method)
         k_first = max(top_k, qe_n, 100 if diffusion else 0)

@@ -1,0 +1,80 @@
+"""The ASMK index stage end to end: locals -> codebook -> per-shard inverted files on Ray -> snapshots -> search."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actors.asmk import KERNEL_CONFIGS, kernel_config, open_asmk
+from jobs import index as index_job
+from pipeline.asmk import build_index
+from pipeline.codebook import assign
+from storage.snapshot import open_latest
+from storage.tables import TableStore
+
+
+@pytest.fixture(scope="module")
+def asmk_run(museum, ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("asmk_run")
+    rc = index_job.main(["--images", str(museum / "jpg"), "--out", str(out), "--stages", "extract,asmk",
+                         "--limit", "18", "--max-side", "256", "--shard-size", "6",
+                         "--set", "include=['painting_*']", "--set", "extract.local_features=120",
+                         "--set", "extract.local_pca_images=8", "--set", "asmk.codebook_size=32",
+                         "--set", "asmk.kernels=[asmk_star, r_asmk_star, d2r_asmk_star]"])
+    assert rc == 0
+    return out
+
+
+def test_kernel_names_map_to_valid_configs():
+    for name in KERNEL_CONFIGS:
+        cfg = kernel_config(name, multiple=2)
+        assert cfg.multiple == 2
+    with pytest.raises(ValueError, match="unknown ASMK kernel"):
+        kernel_config("bow")
+
+
+def test_snapshots_cover_the_corpus_and_equal_one_build(asmk_run):
+    out = str(asmk_run)
+    store = TableStore(out)
+    images = sorted(store.read("images", ["extract"]).column("image_id").to_pylist())
+    loc = store.read("locals", ["extract"])
+    codebook = np.load(asmk_run / "artefacts" / "asmk" / "codebook.npy")
+    assert codebook.shape == (32, loc.schema.field("descriptor").type.list_size)
+    for name in ("asmk_star", "r_asmk_star", "d2r_asmk_star"):
+        snap = open_latest(out, f"asmk_{name}")
+        ids = np.load(asmk_run / "indexes" / f"asmk_{name}" / snap.version / "image_ids.npy")
+        assert sorted(ids.tolist()) == images  # every extracted image exactly once
+        assert snap.manifest["parameters"]["bytes_per_image"] > 0
+        loaded = open_asmk(out, name)
+        # the sharded build merged in shard order equals one build over all descriptors (same int ids)
+        pos = {i: k for k, i in enumerate(ids.tolist())}
+        from storage.schemas import descriptors_to_numpy
+
+        des = np.asarray(descriptors_to_numpy(loc.column("descriptor")), np.float32)
+        img = np.array([pos[i] for i in loc.column("image_id").to_pylist()])
+        order = np.argsort(img, kind="stable")
+        xy = np.stack([loc.column("x").to_numpy(), loc.column("y").to_numpy()], 1)[order]
+        regs = store.read("regions", ["extract"])
+        regs = regs.filter(regs.column("source").to_numpy(zero_copy_only=False) == "fs_egm")
+        boxes = np.stack([regs.column(c).to_numpy() for c in ("x0", "y0", "x1", "y1")], 1)
+        box_image = np.array([pos[i] for i in regs.column("image_id").to_pylist()])
+        cfg = kernel_config(name)
+        regional = cfg.regional != "none"
+        whole = build_index(des[order], assign(des[order], codebook)[0], img[order], codebook, cfg,
+                            xy if regional else None, boxes if regional else None, box_image if regional else None)
+        assert np.array_equal(whole.word_ptr, loaded.index.word_ptr)
+        assert np.array_equal(whole.item_image, loaded.index.item_image)
+        assert np.array_equal(whole.vecs, loaded.index.vecs)
+
+
+def test_search_finds_the_database_image_itself(asmk_run):
+    out = str(asmk_run)
+    loc = TableStore(out).read("locals", ["extract"])
+    from storage.schemas import descriptors_to_numpy
+
+    ids = np.asarray(loc.column("image_id").to_pylist())
+    des = np.asarray(descriptors_to_numpy(loc.column("descriptor")), np.float32)
+    loaded = open_asmk(out, "asmk_star")
+    for target in np.unique(ids)[:4]:
+        scores, hits = loaded.search(des[ids == target], top_k=5)
+        assert hits[0] == target
+        assert np.all(np.diff(scores) <= 1e-6)
