@@ -153,7 +153,8 @@ def _sample_locals(files: list[str], n: int, seed: int = 0) -> np.ndarray:
 def train_or_reuse_codebook(root: str, files: list[str], k: int, sample: int, reuse: bool,
                             seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
     """The run's visual-word codebook ``<root>/artefacts/asmk/codebook.npy``: reused when ``reuse`` and it was
-    trained with the same size on descriptors of the same local PCA, else k-means on a sample across shards."""
+    trained with the same size and sample on descriptors of the same local PCA, else k-means on a sample
+    across shards (the nightly re-index keeps its visual words; ``reindex.reuse_codebook``)."""
     import hashlib
     import time
 
@@ -165,7 +166,7 @@ def train_or_reuse_codebook(root: str, files: list[str], k: int, sample: int, re
     pca_digest = hashlib.sha256(read_bytes(pca_uri)).hexdigest()[:16] if exists(pca_uri) else None
     if reuse and exists(cb_uri) and exists(info_uri):
         info = load_json(info_uri)
-        if info.get("requested_k") == k and info.get("local_pca") == pca_digest:
+        if (info.get("requested_k"), info.get("requested_sample"), info.get("local_pca")) == (k, sample, pca_digest):
             return np.asarray(load_npy(cb_uri, mmap=False), np.float32), {**info, "reused": True}
     t0 = time.time()
     X = _sample_locals(files, sample, seed)
@@ -175,7 +176,7 @@ def train_or_reuse_codebook(root: str, files: list[str], k: int, sample: int, re
     from pipeline.codebook import train_codebook
 
     C = train_codebook(X, k_eff, seed=seed)
-    info = {"requested_k": int(k), "k": int(len(C)), "dim": int(C.shape[1]), "sample": int(len(X)),
+    info = {"requested_k": int(k), "requested_sample": int(sample), "k": int(len(C)), "dim": int(C.shape[1]), "sample": int(len(X)),
             "local_pca": pca_digest, "seconds": time.time() - t0, "reused": False}
     if k_eff < k:
         info["note"] = f"codebook reduced to {k_eff} words: only {len(X)} sampled descriptors"

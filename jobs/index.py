@@ -262,7 +262,7 @@ def stage_faiss(cfg: IndexConfig, manifest: pa.Table) -> dict[str, Any]:
 def stage_asmk(cfg: IndexConfig, manifest: pa.Table) -> dict[str, Any]:
     from actors.asmk import run_asmk
 
-    return run_asmk(cfg.out, cfg.asmk)
+    return run_asmk(cfg.out, cfg.asmk, reuse_codebook=cfg.reindex.reuse_codebook)
 
 
 STAGE_FUNCS: dict[str, Callable[[IndexConfig, pa.Table], dict[str, Any]]] = {
