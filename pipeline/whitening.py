@@ -58,8 +58,9 @@ class Whitening:
     def _torch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = (like.device, like.dtype)
         if key not in self._cache:
-            self._cache[key] = (torch.as_tensor(self.mean).to(like.device, like.dtype),
-                                torch.as_tensor(self.projection).to(like.device, like.dtype))
+            # copies: the arrays may be read-only (memory-mapped or from Ray's object store)
+            self._cache[key] = (torch.tensor(np.array(self.mean)).to(like.device, like.dtype),
+                                torch.tensor(np.array(self.projection)).to(like.device, like.dtype))
         return self._cache[key]
 
     def project(self, x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
