@@ -69,12 +69,14 @@ class ObjectSaliencyComputer:
         return object_saliency_map(A, fhat, self.f, self.g, search=self.search, whiten=self.white,
                                    side=p.patch_side, k=p.k, beta=p.beta, Theta=p.Theta, theta=p.theta)
 
-    def features(self, A: torch.Tensor, image_hw: tuple[int, int]) -> ImageFeatures:
-        """OS map → OS.EGM regions with descriptors, and the two OS global sums."""
+    def features(self, A: torch.Tensor, image_hw: tuple[int, int], saliency: np.ndarray | None = None
+                 ) -> ImageFeatures:
+        """OS map (``saliency`` when the caller already has it) → OS.EGM regions with descriptors, and the
+        two OS global sums."""
         p = self.params
         A = A.float()
         C, H, W = A.shape
-        S = self.saliency(A)
+        S = self.saliency(A) if saliency is None else saliency
         boxes, scores = egm_mod.detect_regions(S, tau=p.tau, rho=p.rho, sigma=p.sigma)
         out = ImageFeatures(feat_hw=(H, W), proc_hw=(0, 0), sparsity=np.zeros(C, np.float32),
                             act_mean=float(A.mean()), act_max=float(A.max()))

@@ -113,8 +113,8 @@ class QueryEncoder:
         region_rows = [("extract", feats)]
         globals_raw = dict(feats.globals)
         if self.os is not None:
-            osf = self.os.features(acts[0], hw)
             q.os_map = self.os.saliency(acts[0].float())
+            osf = self.os.features(acts[0], hw, saliency=q.os_map)
             region_rows.append(("object_saliency", osf))
             globals_raw.update(osf.globals)
         # regional descriptors per source, whitened like the database's
