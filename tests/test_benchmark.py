@@ -1,0 +1,304 @@
+"""jobs.benchmark: method parsing, exact search helpers, synthetic distractors, and a tiny end-to-end run.
+
+The end-to-end test indexes 20 real museum-landmarks images (max side 256), runs two methods (GeM and
+regional:fs_egm) on 4 queries and checks report.json against rankings recomputed here independently (plain
+numpy / Python loops over the index's tables and freshly encoded queries) and a direct compute_map.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from jobs import benchmark as bm
+from pipeline.evaluation import compute_map, protocol_gnd
+from storage.datasets import Dataset
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks"
+
+
+def _l2n(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------- method names
+def test_parse_method_names():
+    assert bm.parse_method("gem") == bm.MethodSpec("gem", "global", "gem")
+    assert bm.parse_method("os_egm+aqe").rerank == "aqe"
+    assert bm.parse_method("gem+diffusion").rerank == "diffusion"
+    r = bm.parse_method("regional:fs_egm@full")
+    assert (r.family, r.base, r.query_regions) == ("regional", "fs_egm", False)
+    assert bm.parse_method("regional:grid").query_regions
+    assert bm.parse_method("r_asmk_star").family == "asmk"
+    for bad in ("gem+foo", "regional:cam", "vlad", "regional:fs_egm@x"):
+        with pytest.raises(ValueError):
+            bm.parse_method(bad)
+
+
+def test_default_methods_follow_what_the_index_has():
+    m = bm.default_methods({"gem", "mac", "fs_egm"}, {"full", "grid", "fs_egm"}, has_locals=False)
+    assert m == ["mac", "gem", "fs_egm", "gem+aqe", "gem+diffusion", "regional:fs_egm", "regional:fs_egm@full",
+                 "regional:grid", "regional:grid@full"]
+    m = bm.default_methods(bm.GLOBAL_METHODS, {"full", "fs_egm", "os_egm"}, has_locals=True)
+    assert "os_egm+diffusion" in m and "gem+diffusion" not in m
+    assert m[-3:] == list(bm.ASMK_METHODS)
+
+
+# ------------------------------------------------------------------------------------------- search helpers
+def test_rank_scores_ties_by_id_and_missing_last():
+    S = np.array([[0.5, 0.9, 0.5, -np.inf, 0.1]], np.float32)
+    D, I = bm.rank_scores(S, 5)
+    assert I.tolist() == [[1, 0, 2, 4, -1]]
+    assert D[0, :4].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.1])
+    _, I = bm.rank_scores(S, 2, ids=np.array([10, 11, 12, 13, 14]))
+    assert I.tolist() == [[11, 10]]
+
+
+def test_regional_image_scores_equal_a_loop():
+    rng = np.random.default_rng(0)
+    d, n_img = 8, 7
+    img = rng.integers(0, n_img - 1, size=40)          # image 6 has no region
+    X = _l2n(rng.normal(size=(40, d))).astype(np.float32)
+    items = [_l2n(rng.normal(size=(m, d))).astype(np.float32) for m in (1, 3, 0, 5)]
+    rs = bm.RegionSet.build(X, img, boxes=np.c_[np.arange(40), np.zeros(40), np.arange(40) + 1, np.ones(40)])
+    for budget in (1 << 25, 64):                       # one block, and many tiny blocks / batches
+        S = bm.regional_image_scores(items, rs, n_img, budget=budget)
+        for q, it in enumerate(items):
+            for i in range(n_img):
+                rows = np.flatnonzero(img == i)
+                expect = -np.inf if len(rows) == 0 or len(it) == 0 else max(
+                    float(a @ X[r]) for a in it for r in rows)
+                assert S[q, i] == pytest.approx(expect, abs=1e-6)
+    # the best region's box is the one of the arg-max row
+    q, i = 1, int(img[0])
+    rows = np.flatnonzero(img == i)
+    r_best = rows[np.argmax((items[q] @ X[rows].T).max(axis=0))]
+    assert bm.best_region(items[q], rs, i)[0] == pytest.approx(r_best)
+    assert bm.best_region(items[q], rs, 6) is None
+
+
+def test_trim_width_drops_padding_consistently():
+    X = np.zeros((3, 6), np.float32)
+    X[:, :3] = 1
+    Q = np.zeros((2, 6), np.float32)
+    Q[:, :2] = 1
+    Xt, Qt = bm.trim_width(X, Q)
+    assert Xt.shape == (3, 3) and Qt.shape == (2, 3)
+    assert np.allclose(Xt @ Qt.T, X @ Q.T)
+
+
+def test_negative_pool_and_labels():
+    gnd = [{"easy": np.array([0]), "hard": np.array([2]), "junk": np.array([3])},
+           {"easy": np.array([5]), "hard": np.empty(0, np.int64), "junk": np.empty(0, np.int64)}]
+    assert bm.negative_pool(gnd, 7).tolist() == [1, 4, 6]
+    assert [bm.label_of(gnd[0], i) for i in (0, 2, 3, 1)] == ["pos", "pos", "junk", "neg"]
+
+
+# ------------------------------------------------------------------------------------------- synthetic distractors
+def test_synthetic_globals_are_nested_unit_vectors_matching_the_statistics():
+    rng = np.random.default_rng(1)
+    centre = _l2n(rng.normal(size=32))
+    pool = _l2n(centre + 0.6 * rng.normal(size=(300, 32))).astype(np.float32)
+    noise, target, got = bm.calibrate_noise(pool, pool, seed=0)
+    sim = pool @ pool.T
+    np.fill_diagonal(sim, -np.inf)
+    assert target == pytest.approx(sim.max(axis=1).mean(), abs=1e-5)   # all 300 rows sampled: exact
+    assert noise > 0 and got == pytest.approx(target, abs=0.01)
+    big = bm.synthetic_globals(pool, bm.SYNTH_CHUNK + 50, noise, seed=3)
+    small = bm.synthetic_globals(pool, 70, noise, seed=3)
+    assert np.array_equal(big[:70], small)
+    assert np.allclose(np.linalg.norm(big, axis=1), 1, atol=1e-5)
+    # a fresh sample of synthetic rows is as close to its nearest real row as real rows are to each other
+    assert float((big[:3000] @ pool.T).max(axis=1).mean()) == pytest.approx(target, abs=0.02)
+    # with groups, rows of the same image are not neighbours of each other
+    g = np.repeat(np.arange(150), 2)
+    _, target_g, _ = bm.calibrate_noise(pool, pool, g, g, seed=0)
+    sim_g = pool @ pool.T
+    sim_g[g[:, None] == g[None, :]] = -np.inf
+    assert target_g == pytest.approx(sim_g.max(axis=1).mean(), abs=1e-5)
+
+
+def test_synthetic_regions_copy_a_negative_layout():
+    rng = np.random.default_rng(2)
+    img = np.repeat(np.arange(5), [1, 2, 3, 4, 5])
+    X = _l2n(rng.normal(size=(15, 16))).astype(np.float32)
+    rs = bm.RegionSet.build(X, img)
+    Xs, simg = bm.synthetic_regions_chunk(rs, np.array([2, 4]), chunk=0, size=40, noise=0.1, seed=0)
+    counts = np.bincount(simg, minlength=40)
+    assert set(counts.tolist()) <= {3, 5}                  # layouts of the negatives 2 (3 regions) and 4 (5)
+    assert np.allclose(np.linalg.norm(Xs, axis=1), 1, atol=1e-5)
+    Xs2, simg2 = bm.synthetic_regions_chunk(rs, np.array([2, 4]), chunk=0, size=10, noise=0.1, seed=0)
+    n10 = int(np.searchsorted(simg, 10))
+    assert np.array_equal(simg2, simg[:n10]) and np.allclose(Xs2, Xs[:n10])
+
+
+# ------------------------------------------------------------------------------------------- Benchmark.run_global
+class _FakeEncoder:
+    def __init__(self, ids, X):
+        self.ids, self.X = ids, X
+
+    def database_globals(self, method, image_ids=None):
+        return list(self.ids), self.X
+
+
+def _fake_bench(n_db=12, d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    X = _l2n(rng.normal(size=(n_db, d))).astype(np.float32)
+    Xpad = np.pad(X, ((0, 0), (0, 2)))                    # the table pads narrow methods with zero columns
+    ids = [f"im{i:02d}" for i in range(n_db)]
+    order = rng.permutation(n_db)                          # table order differs from database order
+    enc = _FakeEncoder([ids[i] for i in order[1:]], Xpad[order[1:]])  # image order[0] failed extraction
+    ds = Dataset(name="fake", root="/nonexistent", images=ids, queries=["q0", "q1"],
+                 gnd=[{"easy": np.array([1]), "hard": np.array([2]), "junk": np.empty(0, np.int64), "bbx": None},
+                      {"easy": np.array([3]), "hard": np.empty(0, np.int64), "junk": np.empty(0, np.int64),
+                       "bbx": None}])
+    t = bm.Track("fake", ds, np.arange(2), db_union=np.arange(n_db))
+    Q = _l2n(rng.normal(size=(2, d))).astype(np.float32)
+    qdesc = {"k0": SimpleNamespace(globals={"gem": np.pad(Q[0], (0, 2))}),
+             "k1": SimpleNamespace(globals={"gem": np.pad(Q[1], (0, 2))})}
+    b = bm.Benchmark(enc, [t], ids, qdesc, {"fake": ["k0", "k1"]})
+    return b, t, X, Q, int(order[0])
+
+
+def test_run_global_matches_numpy_search_and_aqe():
+    b, t, X, Q, missing = _fake_bench()
+    r = b.run_global(t, bm.parse_method("gem"))
+    S = Q @ X.T
+    S[:, missing] = -np.inf
+    expect = np.argsort(-S, axis=1, kind="stable")[:, : len(X) - 1]
+    assert np.array_equal(r.ids[:, : len(X) - 1], expect)
+    assert missing not in r.ids
+    assert r.index_bytes == (len(X) - 1) * X.shape[1] * 4      # padding columns are not counted
+    # AQE: q' = L2(q + sum of the top 10 descriptors), then a second exact search
+    ra = b.run_global(t, bm.parse_method("gem+aqe"))
+    Q2 = _l2n(Q + X[expect[:, :10]].sum(axis=1))
+    S2 = Q2 @ X.T
+    S2[:, missing] = -np.inf
+    assert np.array_equal(ra.ids, np.argsort(-S2, axis=1, kind="stable")[:, : len(X) - 1])
+
+
+def test_run_global_with_synthetic_rows_appends_negative_ids():
+    b, t, X, Q, missing = _fake_bench()
+    synth = _l2n(np.random.default_rng(5).normal(size=(4, X.shape[1]))).astype(np.float32)
+    synth[0] = Q[0]                                          # a distractor identical to query 0: ranked first
+    r = b.run_global(t, bm.parse_method("gem"), synth)
+    assert r.ids[0, 0] == t.n_db + 0
+    assert set(r.ids.ravel()) == (set(range(t.n_db)) - {missing}) | set(range(t.n_db, t.n_db + 4))
+    S = Q @ np.concatenate([X, synth]).T
+    S[:, missing] = -np.inf
+    assert np.array_equal(r.ids, np.argsort(-S, axis=1, kind="stable")[:, : S.shape[1] - 1])
+
+
+def test_run_global_diffusion_keeps_the_result_set():
+    b, t, X, Q, missing = _fake_bench(n_db=30, seed=4)
+    r0 = b.run_global(t, bm.parse_method("gem"))
+    rd = b.run_global(t, bm.parse_method("gem+diffusion"))
+    for a, c in zip(r0.ids, rd.ids):
+        assert sorted(a.tolist()) == sorted(c.tolist())
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def _mini_dataset(tmp: Path) -> Path:
+    """gnd.json over 20 museum images: 4 queries (two paintings, one with a box, two landmarks)."""
+    src = json.loads((DATA / "gnd.json").read_text())
+    imlist = src["imlist"]
+    want = {"qsd1_w1_00003": None, "qsd2_w3_00002": None, "lund_0000": 5, "sceaux_castle_0000": 4}
+    qidx = [src["qimlist"].index(q) for q in want]
+    keep: list[int] = []
+    for q, qi in zip(want, qidx):
+        g = src["gnd"][qi]
+        pos = list(g["easy"]) + list(g["hard"])
+        keep += pos[: want[q] or len(pos)] + list(g["junk"])
+    extra = [i for i, n in enumerate(imlist) if n.startswith("distractor_")][:4]
+    extra += [i for i, n in enumerate(imlist) if n.startswith("painting_") and i not in keep][:2]
+    keep = list(dict.fromkeys(keep + extra))
+    assert len(keep) == 20
+    new = {old: j for j, old in enumerate(keep)}
+    gnd = []
+    for qi in qidx:
+        g = dict(src["gnd"][qi])
+        for k in ("easy", "hard", "junk"):
+            g[k] = [new[i] for i in g[k] if i in new]
+        gnd.append(g)
+    root = tmp / "mini"
+    root.mkdir()
+    os.symlink(DATA / "jpg", root / "jpg")
+    (root / "gnd.json").write_text(json.dumps({"imlist": [imlist[i] for i in keep],
+                                               "qimlist": [src["qimlist"][i] for i in qidx], "gnd": gnd}))
+    return root / "gnd.json"
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end(tmp_path, ray_local):
+    if not (DATA / "gnd.json").exists():
+        pytest.skip("museum-landmarks data not available")
+    import torch
+
+    torch.set_num_threads(1)
+    gnd_path = _mini_dataset(tmp_path)
+    out = tmp_path / "bench"
+    rc = bm.main(["--dataset", str(gnd_path), "--out", str(out), "--max-side", "256",
+                  "--methods", "gem,regional:fs_egm", "--examples", "2",
+                  "--index-set", "extract.local_features=0", "--index-set", "extract.shard_size=32",
+                  "--index-set", "whiten.dim=64", "--index-set", "graph.k=10", "--index-set", "object_saliency.k=10"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    tr = report["tracks"]["mini"]
+    assert tr["n_queries"] == 4 and tr["n_db"] == 20 and tr["missing_db_images"] == 0
+    assert set(tr["methods"]) == {"gem", "regional:fs_egm"}
+
+    # ---- independent rankings from the index's tables and freshly encoded queries
+    from actors.query import QueryEncoder
+    from storage.datasets import load_gnd_json
+    from storage.images import decode_image
+    from storage.schemas import descriptors_to_numpy
+
+    ds = load_gnd_json(str(gnd_path))
+    enc = QueryEncoder(str(out / "index"))
+    pos = {name: i for i, name in enumerate(ds.images)}       # index ids are file stems = imlist names
+    qs = [enc.encode(decode_image(open(ds.query_path(i), "rb").read()), ds.query_bbox(i)) for i in range(4)]
+
+    ids, X = enc.database_globals("gem")
+    Xdb = np.zeros((20, X.shape[1]), np.float32)
+    Xdb[[pos[i] for i in ids]] = X
+    rank_gem = [np.argsort(-(Xdb @ q.globals["gem"]), kind="stable") for q in qs]
+
+    t = enc.store.read("regions", ["extract"])
+    src = np.asarray(t.column("source").to_pylist())
+    rimg = np.asarray([pos[i] for i in t.column("image_id").to_pylist()])
+    R = enc.whitenings["regions"].apply(descriptors_to_numpy(t.column("descriptor")))
+    sel = np.isin(src, ["full", "fs_egm"])
+    rank_reg = []
+    for q in qs:
+        items = np.concatenate([q.regions["full"], q.regions.get("fs_egm", np.zeros((0, R.shape[1])))])
+        score = np.array([max(float(a @ r) for a in items for r in R[sel & (rimg == i)]) for i in range(20)])
+        rank_reg.append(np.argsort(-score, kind="stable"))
+
+    saved = np.load(out / "rankings" / "mini.npz", allow_pickle=False)
+    for name, ranks in (("gem", rank_gem), ("regional:fs_egm", rank_reg)):
+        assert np.array_equal(saved[bm.slug(name)], np.stack(ranks)), name
+        for proto in ("easy", "medium", "hard"):
+            m, aps, mpr, _ = compute_map(ranks, protocol_gnd(ds.gnd, proto))
+            got = tr["methods"][name][proto]
+            if np.isnan(m):
+                assert got["map"] is None
+                continue
+            assert got["map"] == pytest.approx(m, abs=1e-12)
+            assert [got["mp@1"], got["mp@5"], got["mp@10"]] == pytest.approx(mpr.tolist(), abs=1e-12)
+            assert got["aps"] == pytest.approx([None if np.isnan(a) else a for a in aps])
+        assert tr["methods"][name]["index_bytes"] > 0 and tr["methods"][name]["seconds"] >= 0
+
+    # ---- HTML report with thumbnails, PR plot, examples and saliency overlays
+    html = (out / "report.html").read_text()
+    srcs = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    thumbs = [s for s in srcs if s.startswith("thumbs/")]
+    assert len(thumbs) >= 1 + 2 * 2 and all((out / s).is_file() for s in srcs)
+    assert "plots/pr_mini.png" in srcs
+    assert len(tr["examples"]) == 2 * 2 and {e["method"] for e in tr["examples"]} == {"gem", "regional:fs_egm"}
+    assert any(e["results"] and "boxes" in e["results"][0] for e in tr["examples"] if e["method"] != "gem")
+    assert len(tr["saliency"]) == 2 * 2   # FS and OS map of each example query
