@@ -357,7 +357,7 @@ def encode_queries(enc: Any, items: dict[str, tuple[str, Any]], cache_dir: str, 
 
     out: dict[str, Any] = {}
     todo = []
-    for key, (path, bbox) in items.items():
+    for key in items:
         uri = join(cache_dir, f"{key}.npz")
         if reuse and exists(uri):
             out[key] = qd_from_arrays(load_arrays(uri))
