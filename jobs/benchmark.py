@@ -267,7 +267,10 @@ def run_index(list_uri: str, index_root: str, config: str, max_side: int, sets: 
 
     was_up = ray.is_initialized()
     argv = ["--config", config, "--images", list_uri, "--out", index_root, "--full",
-            "--stages", ",".join(INDEX_STAGES), "--set", f"extract.max_side={int(max_side)}"]
+            "--stages", ",".join(INDEX_STAGES), "--set", f"extract.max_side={int(max_side)}",
+            # the list is exactly what to index: no demo subset patterns from the config (they would drop
+            # e.g. the in-photos track's qsd* database photos)
+            "--set", "include=[]", "--set", "exclude=[]"]
     for s in sets:
         argv += ["--set", s]
     if num_cpus:
