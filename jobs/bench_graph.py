@@ -17,7 +17,8 @@ each offline step with its peak resident memory:
 The same steps are first run on a smaller collection (``--growth-from``, default n/10) and the script prints
 the measured growth law per step, ``cost ~ n^p`` with ``p = log(t_n / t_small) / log(n / n_small)``, and the
 speed-up of the IVF search over exact search (exact time measured on the recall sample, extrapolated
-linearly in the number of queries). ``--ray`` runs search and Katz through ``actors.graph`` on a local Ray.
+linearly in the number of queries), and (``--nprobe-sweep``) the recall and extrapolated search time of other
+``nprobe`` values, measured on the recall sample with the same index. ``--ray`` runs search and Katz through ``actors.graph`` on a local Ray.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import psutil
 
 from pipeline.katz import katz_centrality
 from pipeline.knn_graph import (DEFAULT_EXACT_THRESHOLD, build_knn_index, choose_index_factory, default_nlist, knn_search,
-                                mutual_knn_graph, normalize_graph)
+                                mutual_knn_graph, normalize_graph, set_nprobe)
 
 
 class PeakRSS:
@@ -74,6 +75,7 @@ def step(name: str, results: dict, mem: PeakRSS):
     peak = max(mem.peak, mem.proc.memory_info().rss)
     results[name] = dt
     results.setdefault("cpu", {})[name] = cpu
+    results.setdefault("peak", {})[name] = peak
     print(f"  {name:<10s} {dt:9.2f} s wall  {cpu:9.2f} s CPU   peak RSS {peak / GB:6.2f} GB   "
           f"(process max {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:6.2f} GB)", flush=True)
 
@@ -130,7 +132,7 @@ def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, rows: np.ndarray,
 
 def run(n: int, dim: int, k: int, beta: float, alpha: float, nprobe: int, nlist: int | None,
         clusters: int | None, noise_frac: float, recall_queries: int, use_ray: bool, seed: int,
-        exact_threshold: int) -> dict:
+        exact_threshold: int, sweep: tuple[int, ...] = ()) -> dict:
     mem = PeakRSS()
     res: dict = {"n": n}
     n_clusters = clusters or max(1, n // 50)
@@ -174,6 +176,21 @@ def run(n: int, dim: int, k: int, beta: float, alpha: float, nprobe: int, nlist:
     res["recall_noise"] = recall_at_k(ids[rows][~clustered], exact_ids[~clustered], rows[~clustered], k)
     res["recall_weighted"] = recall_at_k(ids[rows], exact_ids, rows, k, exact_sims, beta)
     res["exact_search_extrapolated"] = t_exact_sample * n / len(rows)
+    if index is not None and sweep and choose_index_factory(n, exact_threshold, nlist=nl) != "Flat":
+        # recall / time trade-off of nprobe, measured on the recall sample (time extrapolated to all n queries)
+        res["sweep"] = []
+        for p in sweep:
+            set_nprobe(index, p)
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            s_p, i_p = index.search(X[rows], k + 1)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            i_p = i_p.astype(np.int64)
+            res["sweep"].append((p, recall_at_k(i_p, exact_ids, rows, k),
+                                 recall_at_k(i_p[clustered], exact_ids[clustered], rows[clustered], k),
+                                 recall_at_k(i_p, exact_ids, rows, k, exact_sims, beta),
+                                 dt * n / len(rows), dc * n / len(rows)))
+        set_nprobe(index, nprobe)
     del sims, ids, index
 
     with step("normalize", res, mem):
@@ -195,6 +212,9 @@ def run(n: int, dim: int, k: int, beta: float, alpha: float, nprobe: int, nlist:
           f"{res['recall_clustered']:.4f}, noise queries {res['recall_noise']:.4f}; weighted by edge weight "
           f"s^beta {res['recall_weighted']:.4f});  exact search of all {n:,} queries would take "
           f"~{res['exact_search_extrapolated']:.0f} s")
+    for p, r, rc, rw, t, c in res.get("sweep", []):
+        print(f"  nprobe {p:4d}: recall@{k} {r:.4f} (clustered {rc:.4f}, weighted {rw:.4f});  search of all "
+              f"{n:,} queries extrapolated from the sample: ~{t:.0f} s wall, ~{c:.0f} s CPU")
     print(f"  graph: nnz = {res['nnz']:,} (mean degree {res['mean_degree']:.1f}, isolated "
           f"{res['isolated']:.1%});  CG: {info['iterations']} iterations, relative residual "
           f"{info['residual']:.2e}, converged = {info['converged']}")
@@ -215,6 +235,8 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=None, help="synthetic clusters (default n/50)")
     ap.add_argument("--noise-frac", type=float, default=0.2)
     ap.add_argument("--recall-queries", type=int, default=1000)
+    ap.add_argument("--nprobe-sweep", type=int, nargs="*", default=[16, 32, 64, 128],
+                    help="nprobe values whose recall and (extrapolated) search time are measured on the recall sample")
     ap.add_argument("--growth-from", type=int, default=None, help="smaller n for the growth law (default n/10; 0 = skip)")
     ap.add_argument("--exact-threshold", type=int, default=None,
                     help="largest n searched exactly (default: below the growth-law run, so both runs use IVF)")
@@ -231,7 +253,7 @@ def main() -> None:
         exact_threshold = min(DEFAULT_EXACT_THRESHOLD, small_n - 1) if small_n else DEFAULT_EXACT_THRESHOLD
     common = dict(dim=args.dim, k=args.k, beta=args.beta, alpha=args.alpha, nprobe=args.nprobe,
                   noise_frac=args.noise_frac, recall_queries=args.recall_queries, use_ray=args.ray, seed=args.seed,
-                  exact_threshold=exact_threshold)
+                  exact_threshold=exact_threshold, sweep=tuple(args.nprobe_sweep))
     small = None
     if small_n:
         small = run(small_n, nlist=None, clusters=None if args.clusters is None else
@@ -258,6 +280,24 @@ def main() -> None:
                 print(f"     {s:<26s} wall {small[s]:8.2f} s -> {big[s]:8.2f} s (p = {p_wall:.2f});  "
                       f"CPU {c_small:8.2f} s -> {c_big:8.2f} s (x{c_big / c_small:6.1f}, p = {p:.2f})")
         print(f"     CG iterations {small['cg_iterations']} -> {big['cg_iterations']}")
+
+    # README-ready table (markdown)
+    print(f"\n| step | wall n={small['n'] if small else 0:,} | wall n={args.n:,} | CPU n={args.n:,} | "
+          f"peak RSS n={args.n:,} | growth p (CPU) |\n|---|---|---|---|---|---|")
+    for s in steps:
+        p = ""
+        if small and small.get(s, 0) > 0 and small["cpu"].get(s, 0) > 0 and big["cpu"].get(s, 0) > 0:
+            p = f"{np.log(big['cpu'][s] / small['cpu'][s]) / np.log(args.n / small['n']):.2f}"
+        w_small = f"{small[s]:.2f} s" if small and s in small else ""
+        print(f"| {s} | {w_small} | {big[s]:.2f} s | {big['cpu'][s]:.2f} s | {big['peak'][s] / GB:.2f} GB | {p} |")
+    print(f"\nrecall@{args.k} = {big['recall']:.3f} (weighted {big['recall_weighted']:.3f}); CG "
+          f"{big['cg_iterations']} iterations, relative residual {big['cg_residual']:.2e}; process peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GB", flush=True)
+    if big.get("sweep"):
+        print(f"\n| nprobe | recall@{args.k} | clustered queries | weighted by s^beta | search CPU (extrapolated) |"
+              f"\n|---|---|---|---|---|")
+        for p, r, rc, rw, _t, c in big["sweep"]:
+            print(f"| {p} | {r:.3f} | {rc:.3f} | {rw:.3f} | {c:.0f} s |")
 
 
 if __name__ == "__main__":
