@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -33,7 +34,7 @@ from jobs.index import (STAGE_FUNCS, MemoryWatch, RunManifest, StageFailed, conf
 from storage.arrays import load_json
 from storage.corpus import MANIFEST_SCHEMA, assign_shards, list_corpus
 from storage.tables import StageManifest, read_parquet, write_parquet
-from storage.uri import StorageError, check_access, exists, join, redact
+from storage.uri import StorageError, check_access, exists, get_fs, join, redact
 
 log = logging.getLogger("indexer")
 SHARD_STAGES = ("extract", "object_saliency", "descriptors")
@@ -68,11 +69,37 @@ def drop_images(root: str, stage: str, image_ids: set[str], shards: set[str]) ->
                   for t in tables.values())
         if not hit:
             continue
+        kept_tables, dropped_ok = {}, set()
         for name, t in tables.items():
-            kept = t.filter(pc.invert(pc.is_in(t.column("image_id"), value_set=value_set)))
-            write_parquet(files[name], kept)
-        info = {k: v for k, v in marker.items() if k not in ("files", "shard", "committed_at")}
-        manifest.commit(label, files, **info, rewritten_at=time.time())
+            gone = pc.is_in(t.column("image_id"), value_set=value_set)
+            if name != "errors":
+                dropped_ok.update(t.filter(gone).column("image_id").to_pylist())
+            kept_tables[name] = kept = t.filter(pc.invert(gone))
+        # new file names, then the marker switch: a reader holding the old marker still finds the old files,
+        # one with the new marker finds only new files (never a new regions file next to an old globals file)
+        stamp = f"r{time.time_ns()}"
+        new_files = {}
+        for name, kept in kept_tables.items():
+            base = re.sub(r"(\.r\d+)?\.parquet$", "", files[name])
+            new_files[name] = f"{base}.{stamp}.parquet"
+            write_parquet(new_files[name], kept)
+        info = {k: v for k, v in marker.items() if k not in ("files", "shard", "committed_at", "rewritten_at")}
+        # the old marker's counts include the dropped rows: count what the rewritten shard holds
+        if "images" in info:
+            info["images"] = (kept_tables["images"].num_rows if "images" in kept_tables
+                              else max(0, int(info["images"]) - len(dropped_ok)))
+        if "errors" in info and "errors" in kept_tables:
+            info["errors"] = kept_tables["errors"].num_rows
+        if "rows" in info and "globals" in kept_tables:
+            info["rows"] = kept_tables["globals"].num_rows
+        manifest.commit(label, new_files, **info, rewritten_at=time.time())
+        for old_uri in files.values():
+            if old_uri not in new_files.values():
+                fs, path = get_fs(old_uri)
+                try:
+                    fs.rm(path)
+                except FileNotFoundError:
+                    pass
         rewritten.append(label)
     return rewritten
 
@@ -119,11 +146,16 @@ def reindex(cfg: IndexConfig) -> dict[str, Any]:
     for stage in cfg.stages:
         if stage == "whiten" and cfg.reindex.reuse_whitening and run.stage("whiten"):
             continue
-        if stage == "graph" and not rebuild_graph and run.stage("graph"):
+        if stage == "graph" and not rebuild_graph and (run.stage("graph") or {}).get("status") == "done":
             continue
+        if stage == "graph" and (run.stage("graph") or {}).get("status") == "stale":
+            rebuild_graph = True
         plan.append(stage)
     if rebuild_graph and "graph" in plan:
-        # every image's object saliency depends on the graph: redo them all
+        # every image's object saliency depends on the graph: redo them all. Mark the graph stale first, so
+        # that a rerun after a crash between here and the rebuild still rebuilds it (the corpus diff is empty
+        # then, but the reset shards must not be redone with the old graph)
+        run.record("graph", {**(run.stage("graph") or {}), "status": "stale"})
         StageManifest(out, "object_saliency").reset()
         StageManifest(out, "descriptors").reset()
     summary["graph_rebuilt"] = bool(rebuild_graph and "graph" in plan)
