@@ -5,8 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 want_test=${1:-}
-stamp_input="$(cat pyproject.toml scripts/setup_env.sh)${want_test}"
-stamp="$VENV/.installed-$(printf '%s' "$stamp_input" | sha1sum | cut -c1-12)"
+# one stamp per (pyproject, this script) version; the "test" install is a superset of the plain one
+digest="$(cat pyproject.toml scripts/setup_env.sh | sha1sum | cut -c1-12)"
+stamp="$VENV/.installed-$digest${want_test:+-test}"
+if [ -z "$want_test" ] && [ -f "$VENV/.installed-$digest-test" ]; then
+  stamp="$VENV/.installed-$digest-test"
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
