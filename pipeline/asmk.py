@@ -126,15 +126,31 @@ def segment_sum(R: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.asarray(S @ R)
 
 
+def _gamma(n: np.ndarray) -> np.ndarray:
+    """Higham's ``gamma_n = n u / (1 - n u)`` for float32 (``u = 2**-24``): the relative error bound of a sum
+    of ``n`` terms added one by one."""
+    nu = np.asarray(n, dtype=np.float64) * 2.0 ** -24
+    return nu / (1.0 - nu)
+
+
 def _residual_chunks(des: np.ndarray, words: np.ndarray, centroids: np.ndarray, groups: np.ndarray,
-                     rows: np.ndarray | None = None, weights: np.ndarray | None = None, chunk: int = 1 << 18):
+                     rows: np.ndarray | None = None, weights: np.ndarray | None = None, chunk: int = 1 << 13):
     """Yield ``(keys, V)`` blocks of residual sums per (group, word) pair, in increasing ``key = group*K + word``.
 
-    One argsort of the pair keys, then segment sums (:func:`segment_sum`) over blocks of about ``chunk``
-    residuals, so the residual matrix never exists whole. See :func:`residual_sums` for the arguments.
+    One argsort of the pair keys, then blocks of about ``chunk`` entries (small enough to stay in cache):
+
+    * fast path: ``V = sum_x w_x x - (sum_x w_x) c``, the descriptor sums from a sparse (pairs x descriptors)
+      0/1 (or weight) matrix times ``des`` (rows read in place: no gathered copy, no residual matrix) and
+      the centroid subtracted in float64;
+    * exact signs: a component whose magnitude is within the float32 rounding bounds of that sum and of the
+      ``asmk`` package's way (float32 residuals ``x - c`` added one by one in row order) could get another
+      sign than the package's; the pairs with such a component (a small share) are recomputed the package's
+      way, so ASMK* codes agree with it bit for bit and the fast path costs no accuracy.
+
+    See :func:`residual_sums` for the arguments.
     """
-    des = np.asarray(des, dtype=np.float32)
-    cents = np.asarray(centroids, dtype=np.float32)
+    des = np.ascontiguousarray(des, dtype=np.float32)
+    cents = np.ascontiguousarray(centroids, dtype=np.float32)
     K = len(cents)
     words = np.asarray(words, dtype=np.int64).reshape(len(des), -1)
     m = words.shape[1]
@@ -153,19 +169,42 @@ def _residual_chunks(des: np.ndarray, words: np.ndarray, centroids: np.ndarray, 
     starts = np.flatnonzero(np.r_[True, key_s[1:] != key_s[:-1]])
     seg_cut = np.unique(np.r_[np.searchsorted(starts, np.arange(0, len(key_s), chunk), side="right") - 1,
                               len(starts)])
+    cmax = np.abs(cents).max(axis=1).astype(np.float64)  # per word
     for i0, i1 in zip(seg_cut[:-1], seg_cut[1:]):
         r0 = starts[i0]
         r1 = starts[i1] if i1 < len(starts) else len(key_s)
         idx = order[r0:r1]
-        R = np.take(des, ent_rows[idx], axis=0)
-        R -= np.take(cents, ent_words[idx], axis=0)
-        if ent_w is not None:
-            R *= ent_w[idx][:, None]
-        yield key_s[starts[i0:i1]], segment_sum(R, starts[i0:i1] - r0)
+        er = ent_rows[idx]
+        indptr = np.r_[starts[i0:i1] - r0, r1 - r0]
+        w = np.ones(r1 - r0, dtype=np.float32) if ent_w is None else ent_w[idx]
+        pw = ent_words[idx[indptr[:-1]]]  # word of each pair
+        V = np.asarray(sp.csr_matrix((w, er, indptr), shape=(i1 - i0, len(des))) @ des)  # sum of w x, float32
+        mass = np.add.reduceat(w, indptr[:-1], dtype=np.float64)
+        amass = mass if ent_w is None else np.add.reduceat(np.abs(w), indptr[:-1], dtype=np.float64)
+        C = cents[pw]
+        C *= mass.astype(np.float32)[:, None]
+        V -= C
+        # rounding bounds per pair: our float32 sum of w x, the product and the subtraction, and the package's
+        # float32 sum of (x - c) (|x| <= xmax over the block's rows, |c| <= cmax of the word), with margin 2
+        lo, hi = int(er.min()), int(er.max()) + 1
+        X = des[lo:hi] if hi - lo <= 4 * len(er) + 4096 else des[np.unique(er)]  # in cache after the product
+        xmax = max(float(X.max()), -float(X.min()))
+        cw = cmax[pw]
+        bound = 2.0 * (_gamma(np.diff(indptr) + 3) * amass * (2.0 * xmax + cw))
+        fragile = np.flatnonzero(np.abs(V).min(axis=1) <= bound)
+        if len(fragile):
+            fs, fe = indptr[fragile], indptr[fragile + 1]
+            fl = fe - fs
+            pos = np.repeat(fs - np.cumsum(fl) + fl, fl) + np.arange(int(fl.sum()))  # entries of those pairs
+            R = des[er[pos]] - cents[ent_words[idx[pos]]]
+            if ent_w is not None:
+                R *= w[pos][:, None]
+            V[fragile] = segment_sum(R, np.r_[0, np.cumsum(fl)[:-1]])
+        yield key_s[starts[i0:i1]], V
 
 
 def residual_sums(des: np.ndarray, words: np.ndarray, centroids: np.ndarray, groups: np.ndarray,
-                  rows: np.ndarray | None = None, weights: np.ndarray | None = None, chunk: int = 1 << 18
+                  rows: np.ndarray | None = None, weights: np.ndarray | None = None, chunk: int = 1 << 13
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``V`` = sum of residuals ``x - c_w`` per (group, word) pair: the unnormalised VLAD block of each word.
 
@@ -185,7 +224,7 @@ def residual_sums(des: np.ndarray, words: np.ndarray, centroids: np.ndarray, gro
     return keys // K, keys % K, V
 
 
-def _aggregate_phi(des, words, centroids, groups, rows, kernel, chunk=1 << 18):
+def _aggregate_phi(des, words, centroids, groups, rows, kernel, chunk=1 << 13):
     """Residual sums turned into ``Phi`` block by block (so ASMK* never holds all float residuals)."""
     K = len(centroids)
     keys, vecs, selfs = [], [], []
@@ -207,18 +246,21 @@ def _phi(V: np.ndarray, kernel: str) -> tuple[np.ndarray, np.ndarray]:
     """Per-word representation and its self-similarity ``sigma(Phi . Phi)`` for ``kernel``."""
     if kernel == "vlad":
         return V, np.einsum("ij,ij->i", V, V, dtype=np.float64)
-    norms = np.linalg.norm(V, axis=1)
-    ones = (norms > 0).astype(np.float64) if kernel == "asmk" else np.ones(len(V))
+    if kernel == "asmk_star":  # the signs need no normalisation; every non-empty word counts 1 in gamma
+        return binarize(V), np.ones(len(V))
     if kernel == "asmk":
-        return (V / np.maximum(norms, EPS)[:, None]).astype(np.float32), ones
-    if kernel == "asmk_star":
-        return binarize(V), ones
+        norms = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64))
+        return (V / np.maximum(norms, EPS)[:, None]).astype(np.float32), (norms > 0).astype(np.float64)
     raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
 
 
 def _compact_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted unique ids and the index of each element in them."""
-    uniq, inv = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    if len(ids) and np.all(ids[1:] >= ids[:-1]):  # already sorted (the usual layout): no sort needed
+        new = np.r_[True, ids[1:] != ids[:-1]]
+        return ids[new], np.cumsum(new) - 1
+    uniq, inv = np.unique(ids, return_inverse=True)
     return uniq, inv.ravel()
 
 
@@ -320,7 +362,7 @@ def aggregate_regions(des: np.ndarray, words: np.ndarray, image_ids: np.ndarray,
 def aggregate_regional(des: np.ndarray, words: np.ndarray, image_ids: np.ndarray, xy: np.ndarray,
                        boxes: np.ndarray | None, box_image: np.ndarray | None, centroids: np.ndarray,
                        method: str = "rasmk", binary: bool = False, include_full: bool = True,
-                       chunk: int = 1 << 18) -> Aggregated:
+                       chunk: int = 1 << 13) -> Aggregated:
     """Regionally aggregated image representations (one vector per (image, word), seed 002 §4.3).
 
     ``method``: ``'rvlad'`` (eq. 8, ``V_R``), ``'naive_rasmk'`` (eq. 8 with ``V_hat`` and the regions' ASMK
@@ -529,10 +571,14 @@ class InvertedFile:
         norm = np.bincount(query.items, weights=idf[query.words] * s, minlength=query.n_items)
         return np.where(norm > 0, 1.0 / np.sqrt(np.maximum(norm, EPS)), 0.0)
 
-    def _binary_table(self, idf_w: float) -> np.ndarray:
-        """``idf_w * sigma((D - 2h) / D)`` for every Hamming distance ``h = 0..D`` (ASMK* lookup table)."""
-        u = (self.dim - 2.0 * np.arange(self.dim + 1)) / self.dim
-        return idf_w * self._sigma(u)
+    def _binary_table(self, idf_w: float = 1.0) -> np.ndarray:
+        """``idf_w * sigma((D - 2h) / D)`` for every Hamming distance ``h = 0..D`` (ASMK* lookup table; the
+        ``idf_w = 1`` table is computed once per index)."""
+        if "binary_table" not in self._cache:
+            u = (self.dim - 2.0 * np.arange(self.dim + 1)) / self.dim
+            self._cache["binary_table"] = self._sigma(u)
+        table = self._cache["binary_table"]
+        return table if idf_w == 1.0 else idf_w * table
 
     def _sigma_block(self, u: np.ndarray) -> np.ndarray:
         """Selectivity on a float32 block with few passes (fast path for ``tau >= 0``, integer ``alpha``)."""
@@ -567,7 +613,6 @@ class InvertedFile:
         q_words = np.asarray(query.words, dtype=np.int64)
         bounds = np.searchsorted(q_items, np.arange(0, nq + step, step))  # query pairs sorted by item
         ptr, ids, vecs = self.word_ptr, self.item_ids, self.vecs
-        nbytes = vecs.shape[1]
         hammings = _faiss_hammings() if self.binary else None
         for c, (p0, p1) in enumerate(zip(bounds[:-1], bounds[1:])):
             if p0 == p1:
@@ -582,11 +627,11 @@ class InvertedFile:
             if not self.binary:
                 qv = qv.astype(np.float32, copy=False)
             cuts = np.flatnonzero(np.r_[True, ws[1:] != ws[:-1], True])
-            for s, e in zip(cuts[:-1], cuts[1:]):
-                word = ws[s]
-                a, b = int(ptr[word]), int(ptr[word + 1])
-                if a == b or idf[word] == 0:
-                    continue
+            cw = ws[cuts[:-1]]  # the chunk's words; loop bounds as Python ints (no per-word numpy scalars)
+            wa, wb, widf = ptr[cw], ptr[cw + 1], idf[cw]
+            live = np.flatnonzero((wb > wa) & (widf != 0))
+            for s, e, a, b, iw in zip(cuts[:-1][live].tolist(), cuts[1:][live].tolist(), wa[live].tolist(),
+                                      wb[live].tolist(), widf[live].tolist()):
                 P = vecs[a:b]
                 if self.binary:
                     if hammings is not None:
@@ -594,13 +639,13 @@ class InvertedFile:
                         hammings(np.ascontiguousarray(P), qv[s:e], h)
                     else:
                         h = np.bitwise_count(P[:, None, :] ^ qv[None, s:e, :]).sum(axis=-1, dtype=np.int32)
-                    val = np.take(self._binary_table(idf[word]), h)
+                    val = self._binary_table(iw).take(h)
                 else:
                     val = self._sigma_block(np.asarray(P, dtype=np.float32) @ qv[s:e].T)
-                    if idf[word] != 1.0:
-                        val = val * idf[word]
-                its = np.asarray(ids[a:b], dtype=np.int64)
-                np.add.at(flat, (its[:, None] + qoff[None, s:e]).ravel(), val.ravel())
+                    if iw != 1.0:
+                        val = val * iw
+                # item ids (int32 or int64) + int64 row offsets: int64 flat indices
+                np.add.at(flat, (ids[a:b][:, None] + qoff[None, s:e]).ravel(), val.ravel())
         out *= self.item_scale()[None, :]
         out *= self.query_scale(query)[:, None]
         return out

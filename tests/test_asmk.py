@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.asmk import (ASMKConfig, InvertedFile, aggregate_images, aggregate_queries, binarize,
+from pipeline.asmk import (ASMKConfig, InvertedFile, aggregate_queries, binarize,
                            build_index, hamming_similarity, merge_inverted_files, region_membership,
                            selectivity)
 from pipeline.codebook import assign, train_codebook
@@ -183,6 +183,64 @@ def test_inverted_file_equals_brute_force(kernel, use_idf):
         np.testing.assert_array_equal(ids[r], images[top])
         np.testing.assert_allclose(scores[r], S[r][top], rtol=1e-5)  # float32 matmul blocking differs
 
+
+@pytest.mark.parametrize("multiple", [1, 3])
+def test_asmk_star_codes_equal_float32_residual_sums_near_zero(multiple):
+    """ASMK* bits are those of float32 residuals ``x - c`` added one by one in row order (the ``asmk``
+    package's arithmetic), also where the sum is within rounding of zero: pairs of descriptors mirrored
+    around centroids far from the origin, so the fast ``sum x - n c`` path cannot tell the sign and the
+    exact recomputation has to."""
+    rng = np.random.default_rng(11)
+    D, K, n = 16, 4, 400
+    C = (rng.normal(size=(K, D)) * 50).astype(np.float32)
+    w = np.repeat(rng.integers(0, K, n // 2), 2)
+    r = (rng.normal(size=(n // 2, D)) * 1e-2).astype(np.float32)
+    des = np.empty((n, D), np.float32)
+    des[0::2] = C[w[0::2]] + r
+    des[1::2] = C[w[1::2]] - r
+    des[::7] += np.float32(1e-3)  # and some clear signs
+    img = np.repeat(np.arange(20), 20)
+    words = w[:, None]
+    if multiple > 1:  # further words of each descriptor: other centroids (large residuals, clear signs)
+        words = np.c_[w, (w + 1) % K, (w + 2) % K][:, :multiple]
+    idx = build_index(des, words, img, C, ASMKConfig("asmk_star"))
+    got = {}
+    for word in range(K):
+        for i, code in zip(idx.item_ids[idx.word_ptr[word]:idx.word_ptr[word + 1]],
+                           idx.vecs[idx.word_ptr[word]:idx.word_ptr[word + 1]]):
+            got[(int(i), word)] = code.tobytes()
+    want = {}
+    for i in range(20):
+        V = {}
+        for row in np.flatnonzero(img == i):
+            for word in words[row]:
+                V[int(word)] = V.get(int(word), np.zeros(D, np.float32)) + (des[row] - C[word])  # float32
+        for word, v in V.items():
+            want[(i, word)] = np.packbits(v > 0).tobytes()
+    assert got == want
+
+
+@pytest.mark.parametrize("kernel", ["asmk", "asmk_star"])
+def test_sorted_image_ids_give_the_same_index_and_scores(kernel):
+    """Descriptors grouped by image with sorted ids (the fast path that skips the sort) index as the shuffled
+    layout does, and many queries sharing words score as one query at a time (the scatter of item_scores)."""
+    C, des, img, *_ = toy(7, n_img=8, per=20)
+    w = assign(des, C)[0]
+    o = np.argsort(img, kind="stable")
+    cfg = ASMKConfig(kernel, dtype="float32")
+    shuffled, grouped = build_index(des, w, img, C, cfg), build_index(des[o], w[o], img[o], C, cfg)
+    for k, v in shuffled.to_arrays().items():
+        if k == "vecs":  # residual sums in another order: float rounding only
+            np.testing.assert_allclose(np.asarray(grouped.vecs, float), np.asarray(v, float), atol=1e-6)
+        else:
+            np.testing.assert_array_equal(grouped.to_arrays()[k], v, err_msg=k)
+    qw = assign(des, C, multiple=2)[0]
+    q_all = aggregate_queries(des[o], qw[o], img[o], C, grouped)  # 8 queries, sorted ids
+    S = grouped.image_scores(q_all)
+    for r, i in enumerate(np.unique(img)):
+        m = img == i
+        np.testing.assert_allclose(S[r], grouped.image_scores(aggregate_queries(des[m], qw[m], img[m], C,
+                                                                                grouped))[0], rtol=1e-5, atol=1e-9)
 
 def test_shard_merge_equals_single_build_and_roundtrip(tmp_path):
     C, des, img, xy, boxes, bimg = toy(5, n_img=7)
