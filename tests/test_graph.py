@@ -1,7 +1,6 @@
 """Region k-NN graph, Katz centrality, object saliency (seed 001 §3.6-3.8) and their Ray versions."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -223,14 +222,9 @@ def test_object_saliency_equals_loop():
 # ----------------------------------------------------------------------------------------------- Ray versions
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}})
-    yield ray
-    ray.shutdown()
+def local_ray(ray_local):
+    """The session's local Ray (tests/conftest.py): one Ray per pytest run, shared with the other modules."""
+    return ray_local
 
 
 def test_ray_knn_graph_and_katz_equal_single_process(local_ray):
