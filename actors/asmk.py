@@ -16,6 +16,7 @@ import ray
 
 from pipeline.asmk import ASMKConfig, InvertedFile, aggregate_queries, build_index, merge_inverted_files
 from pipeline.codebook import assign
+from storage.arrays import npy_bytes, npy_from_bytes
 
 
 def build_shard_arrays(shard: dict[str, np.ndarray], centroids: np.ndarray, config: dict[str, Any]
@@ -129,14 +130,6 @@ def _shard_indexes_task(locals_uri: str, regions_uri: str | None, source: str, i
     return out
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
 def _sample_locals(files: list[str], n: int, seed: int = 0) -> np.ndarray:
     """Up to ``n`` local descriptors sampled uniformly across the shards' ``locals`` files."""
     rng = np.random.default_rng(seed)
@@ -242,9 +235,9 @@ def run_asmk(root: str, cfg: Any, reuse_codebook: bool = True) -> dict[str, Any]
                                         "index_bytes": nbytes, "bytes_per_image": nbytes / max(1, len(all_ids))}
                             ) as w:
             for key, a in arrays.items():
-                w.write_bytes(f"{key}.npy", _npy_bytes(a))
-            w.write_bytes("codebook.npy", _npy_bytes(C))
-            w.write_bytes("image_ids.npy", _npy_bytes(np.asarray(all_ids, dtype=str)))
+                w.write_bytes(f"{key}.npy", npy_bytes(a))
+            w.write_bytes("codebook.npy", npy_bytes(C))
+            w.write_bytes("image_ids.npy", npy_bytes(np.asarray(all_ids, dtype=str)))
         out[f"asmk_{name}"] = {"version": w.version, "items": inv.n_items, "postings": inv.nnz,
                                "index_bytes": nbytes, "bytes_per_image": nbytes / max(1, len(all_ids))}
         log.info("[asmk] %s: %d items, %d postings, %.1f KB/image", name, inv.n_items, inv.nnz,
@@ -277,14 +270,12 @@ class LoadedASMK:
 
 def open_asmk(root: str, kernel: str) -> LoadedASMK:
     """Open the ``LATEST`` snapshot ``asmk_<kernel>`` (``.npy`` files read without pickle)."""
-    import io
-
     from storage.snapshot import open_latest
 
     snap = open_latest(root, f"asmk_{kernel}")
 
     def load(rel: str) -> np.ndarray:
-        return np.load(io.BytesIO(snap.read_bytes(rel)), allow_pickle=False)
+        return npy_from_bytes(snap.read_bytes(rel))
 
     arrays = {f[:-4]: load(f) for f in snap.files if f.endswith(".npy") and f not in ("codebook.npy",
                                                                                       "image_ids.npy")}

@@ -10,7 +10,6 @@ manifest with method, factory, counts, bytes per vector, search parameters and c
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline import faiss_index as fi
+from storage.arrays import npy_bytes, npy_from_bytes
 from storage.schemas import descriptors_to_numpy
 from storage.snapshot import Snapshot, SnapshotWriter, open_latest
 from storage.tables import StageManifest, read_parquet
@@ -29,14 +29,8 @@ log = logging.getLogger("indexer")
 MERGE_MAX_VECTORS = 20_000_000  # above this, keep shards (a searcher merges per-shard top-k exactly)
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, a, allow_pickle=False)
-    return buf.getvalue()
-
-
 def _read_npy(snap: Snapshot, rel: str) -> np.ndarray:
-    return np.load(io.BytesIO(snap.read_bytes(rel)), allow_pickle=False)
+    return npy_from_bytes(snap.read_bytes(rel))
 
 
 def _effective_dim(X: np.ndarray) -> int:
@@ -106,13 +100,13 @@ def _publish(root: str, name: str, kind: str, method: str, shards: list[np.ndarr
                         parameters={"kind": kind, "dim": dim, "search": params,
                                     "bytes_per_vector": nbytes / max(n_vectors, 1)}) as w:
         if len(shards) == 1:
-            w.write_bytes("index.npy", _npy_bytes(shards[0]))
+            w.write_bytes("index.npy", npy_bytes(shards[0]))
         else:
             for i, s in enumerate(shards):
-                w.write_bytes(f"shard-{i:05d}.npy", _npy_bytes(s))
-        w.write_bytes("image_ids.npy", _npy_bytes(np.asarray(image_ids, dtype=str)))
+                w.write_bytes(f"shard-{i:05d}.npy", npy_bytes(s))
+        w.write_bytes("image_ids.npy", npy_bytes(np.asarray(image_ids, dtype=str)))
         if region_image is not None:
-            w.write_bytes("region_image.npy", _npy_bytes(region_image.astype(np.int64)))
+            w.write_bytes("region_image.npy", npy_bytes(region_image.astype(np.int64)))
     return {"version": w.version, "factory": factory, "vectors": n_vectors, "index_bytes": nbytes,
             "bytes_per_vector": nbytes / max(n_vectors, 1)}
 

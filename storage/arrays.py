@@ -23,11 +23,21 @@ def load_arrays(uri: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def save_npy(uri: str, array: np.ndarray) -> None:
-    """Save one array as ``.npy`` (memory-mappable when local)."""
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Serialise one array as ``.npy`` bytes (no pickle: object arrays are refused)."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(array), allow_pickle=False)
-    write_bytes_atomic(uri, buf.getvalue())
+    return buf.getvalue()
+
+
+def npy_from_bytes(data: bytes) -> np.ndarray:
+    """Parse ``.npy`` bytes written by :func:`npy_bytes` (``allow_pickle=False``)."""
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def save_npy(uri: str, array: np.ndarray) -> None:
+    """Save one array as ``.npy`` (memory-mappable when local)."""
+    write_bytes_atomic(uri, npy_bytes(array))
 
 
 def load_npy(uri: str, mmap: bool = True) -> np.ndarray:
@@ -35,7 +45,7 @@ def load_npy(uri: str, mmap: bool = True) -> np.ndarray:
     if mmap and is_local(uri):
         _, path = get_fs(uri)
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    return np.load(io.BytesIO(read_bytes(uri)), allow_pickle=False)
+    return npy_from_bytes(read_bytes(uri))
 
 
 def save_json(uri: str, obj: Any) -> None:

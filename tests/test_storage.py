@@ -115,6 +115,14 @@ def test_arrays_refuse_pickled_objects(tmp_path) -> None:
     (tmp_path / "evil.npz").write_bytes(buf.getvalue())
     with pytest.raises(ValueError):
         arrays.load_arrays(str(tmp_path / "evil.npz"))
+    ids = np.asarray(["b", "a"], dtype=str)
+    np.testing.assert_array_equal(arrays.npy_from_bytes(arrays.npy_bytes(ids)), ids)
+    evil_npy = io.BytesIO()
+    np.save(evil_npy, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        arrays.npy_from_bytes(evil_npy.getvalue())
+    with pytest.raises(ValueError):
+        arrays.npy_bytes(np.array([{"evil": 1}], dtype=object))
     arrays.save_json(str(tmp_path / "m.json"), {"n": np.int64(3), "v": np.arange(2)})
     assert arrays.load_json(str(tmp_path / "m.json")) == {"n": 3, "v": [0, 1]}
 
