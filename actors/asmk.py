@@ -231,6 +231,7 @@ def run_asmk(root: str, cfg: Any, reuse_codebook: bool = True) -> dict[str, Any]
                             counts={"images": len(all_ids), "items": inv.n_items, "postings": inv.nnz,
                                     "words": inv.n_words},
                             parameters={"kind": "asmk", "config": configs[name], "region_source": source,
+                                        "query_multiple": int(cfg.query_multiple_assignment),
                                         "codebook": {k: cb_info[k] for k in ("k", "dim", "sample")},
                                         "index_bytes": nbytes, "bytes_per_image": nbytes / max(1, len(all_ids))}
                             ) as w:
@@ -254,13 +255,15 @@ class LoadedASMK:
     codebook: np.ndarray
     image_ids: np.ndarray
     multiple: int = 1
+    query_multiple: int = 1
 
     def search(self, local_desc: np.ndarray, top_k: int = 100) -> tuple[np.ndarray, list[str]]:
-        """Scores and image ids of the top ``top_k`` database images for one query's local descriptors."""
+        """Scores and image ids of the top ``top_k`` database images for one query's local descriptors, each
+        descriptor aggregated into its ``query_multiple`` nearest words."""
         des = np.asarray(local_desc, np.float32)
         if len(des) == 0:
             return np.zeros(0, np.float32), []
-        words = assign(des, self.codebook, multiple=1)[0]
+        words = assign(des, self.codebook, multiple=min(self.query_multiple, len(self.codebook)))[0]
         agg = aggregate_queries(des, words, np.zeros(len(des), np.int64), self.codebook, self.index)
         if agg.n_items == 0:
             return np.zeros(0, np.float32), []
@@ -279,6 +282,7 @@ def open_asmk(root: str, kernel: str) -> LoadedASMK:
 
     arrays = {f[:-4]: load(f) for f in snap.files if f.endswith(".npy") and f not in ("codebook.npy",
                                                                                       "image_ids.npy")}
-    cfg = snap.manifest.get("parameters", {}).get("config", {})
+    params = snap.manifest.get("parameters", {})
     return LoadedASMK(InvertedFile.from_arrays(arrays), load("codebook.npy").astype(np.float32),
-                      load("image_ids.npy"), int(cfg.get("multiple", 1)))
+                      load("image_ids.npy"), int(params.get("config", {}).get("multiple", 1)),
+                      int(params.get("query_multiple", 1)))

@@ -74,6 +74,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from jobs.config import AsmkSection
 from pipeline.evaluation import PROTOCOLS, evaluate_all, mean_pr_curve, protocol_gnd
 from pipeline.faiss_index import brute_force_knn
 from pipeline.query_expansion import average_qe, diffusion_rerank, gather
@@ -845,10 +846,13 @@ class Benchmark:
         C, cb_uri, _ = load_codebook(index_root, out, des, int(acfg.get("codebook_size", 1024)),
                                      int(acfg.get("codebook_sample", 200_000)), reuse, self.seed)
         multiple = int(acfg.get("multiple_assignment", 1))
+        query_multiple = min(len(C), int(acfg.get("query_multiple_assignment",
+                                                  AsmkSection.query_multiple_assignment)))
         words = assign(des, C, multiple=multiple)[0]
         prep = time.time() - t0
         self.notes.append(f"ASMK: {len(C)} visual words ({cb_uri}), {len(des):,} database local descriptors of "
-                          f"dimension {des.shape[1]}, {multiple}-assignment; the index covers the union of the "
+                          f"dimension {des.shape[1]}, database {multiple}-assignment, query {query_multiple}-"
+                          "assignment; the index covers the union of the "
                           "tracks' databases (sizes and build times are the union's; rankings are filtered per "
                           "track).")
         src = acfg.get("region_source", "fs_egm")
@@ -864,7 +868,7 @@ class Benchmark:
                 q_ids.append(np.full(len(d), j, np.int64))
         qd = np.concatenate(q_des) if q_des else np.zeros((0, des.shape[1]), np.float32)
         qi = np.concatenate(q_ids) if q_ids else np.zeros(0, np.int64)
-        qw = assign(qd, C, multiple=1)[0] if len(qd) else np.zeros((0, 1), np.int64)
+        qw = assign(qd, C, multiple=query_multiple)[0] if len(qd) else np.zeros((0, query_multiple), np.int64)
         results: dict[str, dict[str, Result]] = {t.name: {} for t in self.tracks}
         for name in names:
             cfg = asmk_config(name)

@@ -103,7 +103,8 @@ class AsmkSection:
     codebook_sample: int = 200_000
     kernels: list[str] = field(default_factory=lambda: ["asmk_star", "r_asmk_star"])
     region_source: str = "fs_egm"
-    multiple_assignment: int = 1
+    multiple_assignment: int = 1        # database side: nearest words each local descriptor is added to
+    query_multiple_assignment: int = 5  # query side (the asmk package's and the ASMK paper's default)
 
 
 @dataclass

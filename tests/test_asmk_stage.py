@@ -78,3 +78,25 @@ def test_search_finds_the_database_image_itself(asmk_run):
         scores, hits = loaded.search(des[ids == target], top_k=5)
         assert hits[0] == target
         assert np.all(np.diff(scores) <= 1e-6)
+
+
+def test_query_multiple_assignment_reaches_the_second_nearest_word():
+    """Hand-made case: the query descriptor's nearest word holds image "b", its second nearest image "a"; both
+    residual sign patterns differ from the query's in one of four bits, so ASMK* similarity is (1 - 2/4)^3 in
+    each word. Single assignment finds only "b"; two-word assignment finds both, with equal scores."""
+    from actors.asmk import LoadedASMK
+
+    C = np.eye(4, dtype=np.float32)[:2]                              # word 0 = e0, word 1 = e1
+    db = np.array([[1.1, .1, .1, .1], [.1, 1.1, .1, .1]], np.float32)  # residual (+,+,+,+) in its own word
+    inv = build_index(db, assign(db, C)[0], np.array([0, 1]), C, kernel_config("asmk_star"))
+    q = np.array([[.55, .6, .3, .3]], np.float32)  # |q-e1|^2 = .6425 < |q-e0|^2 = .7425; signs (+,-,+,+) / (-,+,+,+)
+    single = dict(zip(*reversed(LoadedASMK(inv, C, np.array(["a", "b"]), query_multiple=1).search(q, 2)), strict=True))
+    double = dict(zip(*reversed(LoadedASMK(inv, C, np.array(["a", "b"]), query_multiple=2).search(q, 2)), strict=True))
+    assert single.get("b", 0) > 0 and single.get("a", 0) == 0
+    assert double["a"] > 0 and double["a"] == pytest.approx(double["b"])
+
+
+def test_snapshot_records_the_query_assignment(asmk_run):
+    snap = open_latest(str(asmk_run), "asmk_asmk_star")
+    assert snap.manifest["parameters"]["query_multiple"] == 5  # the config default (asmk's query-side default)
+    assert open_asmk(str(asmk_run), "asmk_star").query_multiple == 5
