@@ -96,7 +96,7 @@ class ExtractWorker:
             return d
         d.n_bytes, d.sha1 = len(data), hashlib.sha1(data).hexdigest()
         try:
-            img = decode_image(data, max_pixels=self.job.max_pixels, max_side=self.job.config.max_side)
+            img = decode_image(data, max_pixels=self.job.max_pixels, max_side=self.job.config.decode_side)
         except ImageError as exc:
             d.error = (exc.reason, exc.detail)
             return d

@@ -73,11 +73,7 @@ class QueryEncoder:
         self.classifier = None
         if self.backbone.classifier_weight is not None:
             self.classifier = (self.backbone.classifier_weight, self.backbone.classifier_bias)
-        self.config = ExtractConfig(max_side=e["max_side"], scales=tuple(e["scales"]),
-                                    region_sources=tuple(e["regions"]), global_methods=tuple(e["globals"]),
-                                    rmac_levels=e["rmac_levels"], fs_rho=e["fs_rho"], fs_tau=e["fs_tau"],
-                                    fs_sigma=e["fs_sigma"], cam_classes=e["cam_classes"],
-                                    local_features=e.get("local_features", 0))
+        self.config = ExtractConfig.from_section(e)
         self.store = TableStore(root)
         self.whitenings = {"regions": load_whitening(root, "regions")}
         for m in OWN_WHITENING:

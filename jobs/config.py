@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+DEFAULT_LOCAL_FEATURES = 1000  # top-N locals per image when ASMK is on and the config does not say (issue 5)
 STAGES = ("extract", "whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk")
 
 
@@ -44,7 +45,9 @@ class ExtractSection:
     fs_tau: float = 0.4
     fs_sigma: float = 2.5
     cam_classes: int = 64
-    local_features: int = 0             # top-N local descriptors per image for ASMK (0: no locals table)
+    local_features: int | None = None   # top-N local descriptors per image (0: no locals table; None: 1000
+                                        # when the asmk stage runs, else 0)
+    local_scales: list[float] = field(default_factory=lambda: [1.0])  # scales of the locals; > 1 upscales
     local_dim: int = 128                # PCA dimension of local descriptors
     local_pca_images: int = 200         # images sampled to learn the local PCA
     descriptor_dtype: str = "float16"
@@ -150,6 +153,8 @@ class IndexConfig:
             raise ConfigError("graph.k and object_saliency.k must be >= 1")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1 or null")
+        if self.extract.local_features is None:
+            self.extract.local_features = DEFAULT_LOCAL_FEATURES if "asmk" in self.stages else 0
         if "asmk" in self.stages and self.extract.local_features <= 0:
             raise ConfigError("stage asmk needs extract.local_features > 0")
         return self

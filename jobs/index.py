@@ -12,6 +12,7 @@ with every stage after it. A failed stage exits non-zero with its message; rerun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -165,10 +166,9 @@ def extract_job(cfg: IndexConfig, stage: str = "extract") -> ExtractJob:
     weights = e.weights
     if weights is None and e.backbone in ("mobilenet_v2", "efficientnet_lite0"):
         weights = f"builtin:{e.backbone}"
-    config = ExtractConfig(max_side=e.max_side, scales=tuple(e.scales), region_sources=tuple(e.regions),
-                           global_methods=tuple(e.globals), rmac_levels=e.rmac_levels, fs_rho=e.fs_rho,
-                           fs_tau=e.fs_tau, fs_sigma=e.fs_sigma, cam_classes=e.cam_classes,
-                           local_features=e.local_features)
+    config = ExtractConfig.from_section(dataclasses.asdict(e))
+    if stage == "object_saliency":  # that pass needs the scale-1 map only
+        config = dataclasses.replace(config, scales=config.scales[:1], local_features=0)
     return ExtractJob(out_root=cfg.out, config=config, backbone=e.backbone, weights=weights, layer=e.layer,
                       descriptor_dtype=e.descriptor_dtype, batch_size=e.batch_size, stage=stage)
 

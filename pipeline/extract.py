@@ -6,7 +6,9 @@ global methods are selected by name, so users pick them in the config.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from pipeline.regions import cells_to_pixels, to_cells
 
 GLOBAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
 REGION_SOURCES = ("full", "grid", "fs_egm", "cam")
+MAX_LOCAL_SCALE = 2.0  # local-only scales may upscale (finer cells give more, more distinct locals), up to 2x
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class ExtractConfig:
     cam_classes: int = 64
     cam_thresholds: tuple[float, ...] = (0.01, 0.1, 0.2, 0.3, 0.4)
     local_features: int = 0  # top-N local descriptors per image; 0 disables the locals table
+    # scales the locals are taken from; one not in ``scales`` costs an extra forward pass used by the locals
+    # only (values above 1 upscale beyond ``max_side``, as multi-scale local features usually do)
     local_scales: tuple[float, ...] = (1.0,)
 
     def __post_init__(self) -> None:
@@ -47,6 +52,30 @@ class ExtractConfig:
             raise ValueError("max_side must be at least 32 pixels")
         if not self.scales or any(s <= 0 or s > 1 for s in self.scales):
             raise ValueError("scales must be in (0, 1]")
+        if not self.local_scales or any(s <= 0 or s > MAX_LOCAL_SCALE for s in self.local_scales):
+            raise ValueError(f"local_scales must be in (0, {MAX_LOCAL_SCALE:g}]")
+
+    @property
+    def forward_scales(self) -> tuple[float, ...]:
+        """Scales the backbone runs at, in this order: ``scales``, then the local-only scales (when locals are
+        on). :func:`extract_features` expects one activation map per entry."""
+        if self.local_features <= 0:
+            return tuple(self.scales)
+        return tuple(self.scales) + tuple(s for s in dict.fromkeys(self.local_scales) if s not in self.scales)
+
+    @property
+    def decode_side(self) -> int:
+        """Longest side an image must be decoded at for the largest forward scale."""
+        return int(math.ceil(self.max_side * max(self.forward_scales)))
+
+    @classmethod
+    def from_section(cls, e: Mapping[str, Any]) -> "ExtractConfig":
+        """Build from an index config's ``extract`` section (as a mapping: the job's typed config or the
+        ``config.json`` stored with a run, so queries are extracted exactly like the database)."""
+        return cls(max_side=e["max_side"], scales=tuple(e["scales"]), region_sources=tuple(e["regions"]),
+                   global_methods=tuple(e["globals"]), rmac_levels=e["rmac_levels"], fs_rho=e["fs_rho"],
+                   fs_tau=e["fs_tau"], fs_sigma=e["fs_sigma"], cam_classes=e["cam_classes"],
+                   local_features=e.get("local_features") or 0, local_scales=tuple(e.get("local_scales") or (1.0,)))
 
 
 @dataclass
@@ -84,10 +113,11 @@ def _grid_levels(height: int, width: int, levels: int) -> tuple[np.ndarray, np.n
 
 def extract_features(activations: list[torch.Tensor], config: ExtractConfig, image_hw: tuple[int, int],
                      classifier: tuple[torch.Tensor, torch.Tensor] | None = None) -> ImageFeatures:
-    """Compute one image's descriptors from its activation maps at each scale of ``config.scales``.
+    """Compute one image's descriptors from its activation maps at each scale of ``config.forward_scales``.
 
-    ``activations[0]`` (scale 1) drives regions, saliency and locals; global descriptors sum the
-    L2-normalised descriptor of every scale (multi-scale, ALGORITHMS.md §1) and L2-normalise.
+    ``activations[0]`` (scale 1) drives regions and saliency; global descriptors sum the L2-normalised
+    descriptor of every scale of ``config.scales`` (multi-scale, ALGORITHMS.md §1) and L2-normalise; locals
+    are pooled over the maps of ``config.local_scales`` (strongest first).
     ``image_hw`` is the original (oriented) image size, used for pixel boxes.
     """
     from pipeline import cam as cam_mod
@@ -103,8 +133,13 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
     fhat = sal_mod.feature_saliency(A)
 
     # ---- global descriptors (multi-scale where more than one activation map is given)
+    if len(activations) != len(config.forward_scales):
+        raise ValueError(f"expected {len(config.forward_scales)} activation maps (scales "
+                         f"{config.forward_scales}), got {len(activations)}")
+    global_acts = activations[:len(config.scales)]
+
     def multi(fn) -> np.ndarray:
-        acc = sum(pooling.l2n(fn(a.float())) for a in activations)
+        acc = sum(pooling.l2n(fn(a.float())) for a in global_acts)
         return pooling.l2n(acc).cpu().numpy().astype(np.float32)
 
     gm = config.global_methods
@@ -167,24 +202,21 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
     if config.local_features > 0:
         from pipeline import local_features as lf
 
-        xy, strength, scale, desc = [], [], [], []
-        for s, a in zip(config.scales, activations):
-            if s not in config.local_scales:
-                continue
-            p, st, d = lf.select_local_features(a.float(), n=config.local_features, image_hw=image_hw)
-            xy.append(p), strength.append(st), desc.append(d), scale.append(np.full(len(st), s, np.float32))
-        order = np.argsort(-np.concatenate(strength), kind="stable")[: config.local_features]
-        out.local_xy = np.concatenate(xy)[order].astype(np.float32)
-        out.local_strength = np.concatenate(strength)[order].astype(np.float32)
-        out.local_scale = np.concatenate(scale)[order]
-        out.local_desc = np.concatenate(desc)[order].astype(np.float32)
+        maps = [(a.float(), s) for s, a in zip(config.forward_scales, activations) if s in config.local_scales]
+        xy, scale, strength, desc = lf.select_local_features_multiscale(maps, n=config.local_features,
+                                                                        image_hw=image_hw)
+        out.local_xy = xy.astype(np.float32)
+        out.local_strength = strength.astype(np.float32)
+        out.local_scale = scale.astype(np.float32)
+        out.local_desc = desc.astype(np.float32)
     return out
 
 
 def scaled_sizes(width: int, height: int, config: ExtractConfig) -> list[tuple[int, int]]:
-    """Network input sizes (w, h) for each scale of ``config`` (longest side = scale * max_side)."""
+    """Network input sizes (w, h) for each of ``config.forward_scales`` (longest side = scale * max_side, or
+    scale * the image's own side when it is smaller than ``max_side``)."""
     base = min(1.0, config.max_side / max(width, height))
-    return [(max(1, round(width * base * s)), max(1, round(height * base * s))) for s in config.scales]
+    return [(max(1, round(width * base * s)), max(1, round(height * base * s))) for s in config.forward_scales]
 
 
 __all__ = ["ExtractConfig", "ImageFeatures", "extract_features", "scaled_sizes", "GLOBAL_METHODS",

@@ -390,6 +390,31 @@ def test_select_local_features_positions_and_order():
     np.testing.assert_allclose(xy2[0], [5.5 * 16, 3.5 * 16])
 
 
+def test_extract_features_takes_locals_from_the_local_only_scale():
+    """An upscaled local-only scale costs one more activation map: globals ignore it, locals pool over both maps
+    (strongest first, positions in original pixels), and the decode side grows with it."""
+    from pipeline.extract import ExtractConfig, extract_features, scaled_sizes
+
+    cfg = ExtractConfig(max_side=96, global_methods=("mac",), region_sources=("full",), local_features=2,
+                        local_scales=(1.0, 2.0))
+    assert cfg.forward_scales == (1.0, 2.0) and cfg.decode_side == 192
+    assert scaled_sizes(300, 200, cfg) == [(96, 64), (192, 128)]
+    assert ExtractConfig(max_side=96, local_scales=(1.0, 2.0)).forward_scales == (1.0,)  # locals off: no extra
+    A = torch.zeros(2, 2, 3)
+    A[:, 1, 2] = torch.tensor([3.0, 4.0])  # strength 5 at cell (1, 2) of the 2x3 map
+    B = torch.zeros(2, 4, 6)
+    B[1, 3, 5] = 9.0                        # strength 9 at cell (3, 5) of the 4x6 map
+    f = extract_features([A, B], cfg, image_hw=(64, 96))
+    np.testing.assert_allclose(f.globals["mac"], [0.6, 0.8], rtol=1e-6)  # MAC of A alone, L2-normalised
+    np.testing.assert_allclose(f.local_strength, [9.0, 5.0])
+    np.testing.assert_allclose(f.local_scale, [2.0, 1.0])
+    np.testing.assert_allclose(f.local_xy, [[5.5 * 16, 3.5 * 16], [2.5 * 32, 1.5 * 32]])
+    with pytest.raises(ValueError, match="expected 2 activation maps"):
+        extract_features([A], cfg, image_hw=(64, 96))
+    with pytest.raises(ValueError, match="local_scales"):
+        ExtractConfig(local_scales=(3.0,))
+
+
 def test_pca_matches_svd_and_recovers_subspace():
     rng = np.random.default_rng(13)
     basis = np.linalg.qr(rng.normal(size=(10, 3)))[0]
