@@ -86,7 +86,7 @@ from storage.uri import exists, get_fs, is_local, join, listdir, read_bytes
 log = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "benchmark.yaml"
 INDEX_STAGES = ("extract", "whiten", "graph", "object_saliency", "descriptors")
 
 GLOBAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "rmac", "fs_egm", "os_egm", "os_egm4")
@@ -1010,7 +1010,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-queries", type=int, default=None, help="first N queries of each track")
     p.add_argument("--examples", type=int, default=4, help="example queries per track in the HTML report")
     p.add_argument("--reuse", action="store_true", help="reuse a complete index and cached query encodings")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="index config (YAML, see configs/demo.yaml)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="index config (YAML; default configs/benchmark.yaml)")
     p.add_argument("--index-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override an index config key (passed to jobs.index --set)")
     p.add_argument("--topk", type=int, default=0, help=f"ranking depth (0: whole database up to {FULL_RANK_MAX:,})")

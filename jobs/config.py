@@ -1,7 +1,7 @@
 """The index job's typed configuration: one YAML file drives the whole DAG.
 
 Unknown keys and wrong types are errors (a typo must not silently fall back to a default). Every section
-has defaults, so a config needs only ``images`` and ``out``. See ``configs/demo.yaml`` and ``configs/full.yaml``.
+has defaults, so a config needs only ``images`` and ``out``. See ``configs/demo.yaml`` and ``configs/benchmark.yaml``.
 """
 from __future__ import annotations
 
