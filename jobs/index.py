@@ -281,13 +281,17 @@ def stage_params(cfg: IndexConfig, stage: str) -> dict[str, Any]:
     return {"stage": stage, "params": own}
 
 
+def corpus_version(manifest: pa.Table) -> str:
+    """Version of the corpus a run indexes: a hash of its sorted (image id, image version) pairs; the first link of
+    the chain of stage hashes (stage ``i`` hashes its parameters with stage ``i - 1``'s output version)."""
+    return params_hash(sorted(zip(manifest.column("image_id").to_pylist(), manifest.column("version").to_pylist())))
+
+
 def run_pipeline(cfg: IndexConfig, manifest: pa.Table) -> dict[str, Any]:
     """Run the configured stages in DAG order; finished stages with unchanged parameters are skipped."""
     run = RunManifest(cfg.out)
     summary: dict[str, Any] = {"images_in_corpus": manifest.num_rows, "stages": {}}
-    corpus_version = params_hash(list(zip(manifest.column("image_id").to_pylist(),
-                                          manifest.column("version").to_pylist())))
-    previous_output = corpus_version
+    previous_output = corpus_version(manifest)
     for stage in STAGES:
         if stage not in cfg.stages:
             continue

@@ -27,10 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.common import init_ray
-from jobs.config import ConfigError, IndexConfig
-from jobs.index import (STAGE_FUNCS, MemoryWatch, RunManifest, StageFailed, config_from_args, params_hash,
-                        select_subset,
-                        print_summary, setup_logging, stage_params, write_manifest)
+from jobs.config import STAGES, ConfigError, IndexConfig
+from jobs.index import (STAGE_FUNCS, MemoryWatch, RunManifest, StageFailed, config_from_args, corpus_version,
+                        params_hash, print_summary, select_subset, setup_logging, stage_params, write_manifest)
 from storage.arrays import load_json
 from storage.corpus import MANIFEST_SCHEMA, assign_shards, list_corpus
 from storage.tables import StageManifest, read_parquet, write_parquet
@@ -168,14 +167,30 @@ def reindex(cfg: IndexConfig) -> dict[str, Any]:
                 raise
             except Exception as exc:
                 raise StageFailed(f"stage {stage} failed: {type(exc).__name__}: {redact(str(exc))}") from exc
-        run.record(stage, {"status": "done", "params_hash": params_hash([stage_params(cfg, stage), "reindex",
-                                                                        time.time()]),
-                           "parameters": stage_params(cfg, stage)["params"], "result": result, "reindex": True,
-                           "seconds": time.time() - t0, "peak_rss_bytes": mem.peak,
+        run.record(stage, {"status": "done", "parameters": stage_params(cfg, stage)["params"], "result": result,
+                           "reindex": True, "seconds": time.time() - t0, "peak_rss_bytes": mem.peak,
                            "output_version": params_hash([stage, time.time()])})
         summary["stages"][stage] = {**result, "seconds": time.time() - t0}
+    restamp_chain(run, cfg, manifest)
     prune_snapshots(cfg, summary)
     return summary
+
+
+def restamp_chain(run: RunManifest, cfg: IndexConfig, manifest: pa.Table) -> None:
+    """Record every finished stage's hash as ``jobs.index`` computes it for the current corpus, so that
+    ``jobs.index`` with the same config on this output finds the stages up to date instead of redoing them
+    all: the reused whitening, graph and codebook are accepted for the new corpus, which is what reindexing
+    means. A stage that is not done (and every stage after it) keeps no valid hash and is redone."""
+    previous = corpus_version(manifest)
+    for stage in STAGES:
+        if stage not in cfg.stages:
+            continue
+        entry = run.stage(stage)
+        if not entry or entry.get("status") != "done" or "output_version" not in entry:
+            break
+        run.record(stage, {**entry, "params_hash": params_hash([stage_params(cfg, stage), previous]),
+                           "input_version": previous})
+        previous = entry["output_version"]
 
 
 def prune_snapshots(cfg: IndexConfig, summary: dict[str, Any]) -> None:

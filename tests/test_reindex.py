@@ -204,6 +204,15 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
             assert len(r1) == len(unchanged), key  # exact (Flat) index: the whole corpus is ranked
     assert sum(i in set(added) for i, _ in search1[("painting_query", "gem")]) == 20
 
+    # -- `jobs.index` with the same config after the reindex finds every stage up to date: nothing is redone
+    stages_before = json.loads((out / "run.json").read_text())["stages"]
+    published = {name: J.snapshot_ids(out, name)[0] for name in index_names}
+    assert J.run_in_process("jobs.index", argv) == 0
+    stages_after = json.loads((out / "run.json").read_text())["stages"]
+    assert {k: e["output_version"] for k, e in stages_after.items()} == \
+        {k: e["output_version"] for k, e in stages_before.items()}
+    assert {name: J.snapshot_ids(out, name)[0] for name in index_names} == published  # no new snapshot
+
     # -- a second night: 12 more deletions, 22 % of the corpus, above the default threshold: with the default
     # settings the region graph is rebuilt and every image gets a new object-saliency pass; shards rewritten
     # the first night are rewritten again
