@@ -12,6 +12,10 @@ import ray
 log = logging.getLogger("indexer")
 
 
+class StageFailed(RuntimeError):
+    """A stage cannot go on; the message says why and what to change."""
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a running cluster (``address``, or ``RAY_ADDRESS`` under ``ray job submit``) or start a local one.
 
@@ -61,6 +65,13 @@ def plan_resources(requested_workers: int | None = None, use_gpu: bool | None = 
     n = requested_workers or max(1, cpus // 4)
     per = cpus_per_worker or round(max(0.25, (cpus - 0.5) / n), 2)
     return ActorResources(num_cpus=per, num_gpus=0.0, num_workers=n, torch_threads=max(1, cpus // n))
+
+
+def light_resources(per_worker: float = 0.5) -> ActorResources:
+    """CPU-only workers for table-to-table stages (descriptors): ``per_worker`` CPUs each, as many as fit."""
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return ActorResources(num_cpus=per_worker, num_gpus=0.0, num_workers=max(1, int(cpus / per_worker)),
+                          torch_threads=1)
 
 
 @dataclass

@@ -1,59 +1,74 @@
-"""Extraction stage: a pool of Ray actors turns shards of images into rows of the five tables.
+"""The image stages' mapper: read → decode → forward → per-image features → table rows, one shard at a time.
 
-Each actor loads the backbone once (on its GPU when it has one), then for every shard it is given:
-reads and decodes images in background threads while the network runs, batches images of equal input
-size, extracts descriptors and regions, writes one Parquet file per table and finally commits the shard.
-Actors are restartable (``max_restarts``) and their calls retried (``max_task_retries``): a SIGKILLed worker
-is replaced and its shard redone from scratch, overwriting the same file names, so no row is duplicated.
+An :class:`ImageShardMapper` lives inside a runner actor (``actors.runner``). It loads the backbone once (on
+its GPU when it has one); for each shard it reads and decodes images in background threads while the network
+runs, batches images of equal input size, computes each image's features with its *compute* function (a
+``pipeline`` function: :func:`pipeline.extract.extract_features` for extraction,
+:meth:`pipeline.object_saliency.ObjectSaliencyComputer.features` for object saliency), and writes the rows
+with :class:`storage.shard_writer.ShardTables`. A bad image becomes an ``errors`` row with its reason and the
+shard goes on. The ``extract`` stage itself (local PCA first, then every shard) is :func:`run_extract_stage`.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
-from ray.util import ActorPool
 
-from actors.common import ActorResources, Progress
+from actors.common import ActorResources, Progress, StageFailed
+from actors.runner import ShardResult, run_on_one, run_shards
 from pipeline.backbone import build_backbone
 from pipeline.extract import ExtractConfig, ImageFeatures, extract_features, scaled_sizes
+from pipeline.local_features import apply_pca, learn_pca
 from pipeline.preprocess import to_network_input
+from storage.arrays import load_arrays, save_arrays
+from storage.corpus import rows_by_shard, subset_ids
 from storage.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from storage.schemas import (ERRORS_SCHEMA, descriptor_array, globals_schema, images_schema, locals_schema,
-                             regions_schema)
-from storage.tables import StageManifest, TableStore
-from storage.uri import read_bytes, redact
+from storage.layout import RunLayout
+from storage.shard_writer import IMAGE_TABLES, ShardTables
+from storage.tables import TableStore
+from storage.uri import exists, read_bytes, redact
 from storage.weights import load_state_dict
 
 log = logging.getLogger("indexer")
 
+# (activation maps per forward scale, original image (h, w)) -> features; a pipeline function
+ComputeFn = Callable[[list[torch.Tensor], tuple[int, int]], ImageFeatures]
+
+
+@dataclass(frozen=True)
+class LocalPCA:
+    """PCA of local descriptors learned on a sample of images before they are written reduced."""
+
+    mean: np.ndarray
+    projection: np.ndarray
+
+    def apply(self, X: np.ndarray) -> np.ndarray:
+        return apply_pca(X, self.mean, self.projection)
+
+    @property
+    def dim(self) -> int:
+        return int(self.projection.shape[1])
+
 
 @dataclass
-class ExtractJob:
-    """Everything an extraction worker needs (plain data, shipped to every actor)."""
+class ImageStageSpec:
+    """Plain data every actor of an image stage needs."""
 
-    out_root: str
-    config: ExtractConfig = field(default_factory=ExtractConfig)
-    backbone: str = "mobilenet_v2"
-    weights: str | None = "builtin:mobilenet_v2"
-    layer: str | None = None
-    stage: str = "extract"
-    descriptor_dtype: str = "float16"
-    batch_size: int = 8
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    root: str
+    stage: str
+    extract: ExtractConfig
+    tables: tuple[str, ...] = IMAGE_TABLES
+    local_pca: LocalPCA | None = None
     torch_threads: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
     prefetch: int = 6
-    local_pca_mean: np.ndarray | None = None
-    local_pca_projection: np.ndarray | None = None
-    tables: tuple[str, ...] = ("images", "regions", "globals", "locals", "errors")
 
 
 @dataclass
@@ -66,24 +81,27 @@ class _Decoded:
     error: tuple[str, str] | None = None
 
 
-class ExtractWorker:
-    """One extraction worker: holds the backbone, processes whole shards (wrapped as a Ray actor)."""
+class ImageShardMapper:
+    """Maps one shard of image rows (``image_id``, ``uri``, ``shard``) to the stage's tables."""
 
-    def __init__(self, job: ExtractJob) -> None:
-        self.job = job
-        if job.torch_threads:
-            torch.set_num_threads(job.torch_threads)
+    def __init__(self, spec: ImageStageSpec, compute: ComputeFn | None = None) -> None:
+        self.spec = spec
+        self.config = spec.extract
+        if spec.torch_threads:
+            torch.set_num_threads(spec.torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        state = load_state_dict(job.weights) if job.weights else None
-        self.backbone = build_backbone(job.backbone, state, job.layer, device=self.device)
+        weights = self.config.weights_spec
+        self.backbone = build_backbone(self.config.backbone, load_state_dict(weights) if weights else None,
+                                       self.config.layer, device=self.device)
         self.classifier = None
         if self.backbone.classifier_weight is not None:
             self.classifier = (self.backbone.classifier_weight, self.backbone.classifier_bias)
-        self.store = TableStore(job.out_root)
-        self.manifest = StageManifest(job.out_root, job.stage)
+        self.compute: ComputeFn = compute or (
+            lambda acts, hw: extract_features(acts, self.config, hw, self.classifier))
+        self.store = TableStore(spec.root)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
 
-    # ---------------------------------------------------------------- decoding (background threads)
+    # ---------------------------------------------------------------- reader (background threads)
     def _decode(self, row: dict[str, Any]) -> _Decoded:
         d = _Decoded(row=row)
         try:
@@ -91,12 +109,12 @@ class ExtractWorker:
         except FileNotFoundError:
             d.error = ("missing", f"no such file or object: {redact(row['uri'])}")
             return d
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - recorded as the image's error, the shard goes on
             d.error = ("missing", redact(f"{type(exc).__name__}: {exc}"))
             return d
         d.n_bytes, d.sha1 = len(data), hashlib.sha1(data).hexdigest()
         try:
-            img = decode_image(data, max_pixels=self.job.max_pixels, max_side=self.job.config.decode_side)
+            img = decode_image(data, max_pixels=self.spec.max_pixels, max_side=self.config.decode_side)
         except ImageError as exc:
             d.error = (exc.reason, exc.detail)
             return d
@@ -108,13 +126,13 @@ class ExtractWorker:
         if min(img.width, img.height) < 16:
             d.error = ("unsupported", f"image too small: {img.width}x{img.height} pixels")
             return d
-        for w, h in scaled_sizes(img.width, img.height, self.job.config):
+        for w, h in scaled_sizes(img.width, img.height, self.config):
             d.inputs.append(to_network_input(img, max(w, h)))
         return d
 
     def _decoded_stream(self, rows: list[dict[str, Any]]) -> Iterator[_Decoded]:
         """Decode ahead of the network by ``prefetch`` images, preserving order."""
-        window = max(1, self.job.prefetch)
+        window = max(1, self.spec.prefetch)
         futures = [self.pool.submit(self._decode, r) for r in rows[:window]]
         for i in range(len(rows)):
             if i + window < len(rows):
@@ -122,7 +140,24 @@ class ExtractWorker:
             yield futures[i].result()
             futures[i] = None  # type: ignore[call-overload]  # free decoded tensors early
 
-    # ---------------------------------------------------------------- forward + extraction
+    def _batches(self, rows: list[dict[str, Any]]) -> Iterator[tuple[list[_Decoded], list[_Decoded]]]:
+        """Yield (good images of equal input size, failed images) groups in corpus order."""
+        pending: list[_Decoded] = []
+        for d in self._decoded_stream(rows):
+            if d.error is not None:
+                yield [], [d]
+                continue
+            key = [tuple(t.shape) for t in d.inputs]
+            if pending and ([tuple(t.shape) for t in pending[0].inputs] != key
+                            or len(pending) >= self.config.batch_size):
+                yield pending, []
+                pending = []
+            pending.append(d)
+        if pending:
+            yield pending, []
+
+    # ---------------------------------------------------------------- forward
+    @torch.inference_mode()
     def _forward(self, batch: list[_Decoded]) -> list[list[torch.Tensor]]:
         """Activations per image per scale; one forward per scale for a batch of equal-size inputs."""
         per_image: list[list[torch.Tensor]] = [[] for _ in batch]
@@ -133,24 +168,53 @@ class ExtractWorker:
                 per_image[i].append(acts[i])
         return per_image
 
-    def _batches(self, rows: list[dict[str, Any]]) -> Iterator[tuple[list[_Decoded], list[_Decoded]]]:
-        """Yield (good images of equal input size, failed images) groups in corpus order."""
-        pending: list[_Decoded] = []
-        for d in self._decoded_stream(rows):
-            if d.error is not None:
-                yield [], [d]
-                continue
-            key = [tuple(t.shape) for t in d.inputs]
-            if pending and ([tuple(t.shape) for t in pending[0].inputs] != key or len(pending) >= self.job.batch_size):
-                yield pending, []
-                pending = []
-            pending.append(d)
-        if pending:
-            yield pending, []
+    # ---------------------------------------------------------------- writer
+    def _add(self, rows: ShardTables, d: _Decoded, f: ImageFeatures) -> None:
+        iid = d.row["image_id"]
+        ph, pw = tuple(d.inputs[0].shape[1:])
+        rows.add_image({"image_id": iid, "uri": redact(d.row["uri"]), "shard": int(d.row["shard"]),
+                        "width": d.image_hw[1], "height": d.image_hw[0], "proc_width": pw, "proc_height": ph,
+                        "feat_width": f.feat_hw[1], "feat_height": f.feat_hw[0], "bytes": d.n_bytes,
+                        "sha1": d.sha1, "backbone": getattr(self.backbone, "name", ""),
+                        "layer": getattr(self.backbone, "layer", ""), "act_mean": f.act_mean,
+                        "act_max": f.act_max}, f.sparsity)
+        rows.add_regions(iid, f.region_source, f.region_level, f.region_boxes, f.region_score, f.region_saliency,
+                         f.region_desc)
+        rows.add_globals(iid, f.globals)
+        if f.local_desc is not None and len(f.local_desc):
+            desc = self.spec.local_pca.apply(f.local_desc) if self.spec.local_pca is not None else f.local_desc
+            rows.add_locals(iid, f.local_xy, f.local_scale, f.local_strength, desc)
 
-    def compute(self, activations: list[torch.Tensor], decoded: _Decoded) -> ImageFeatures:
-        """Per-image features from its activations (subclasses compute other region sources)."""
-        return extract_features(activations, self.job.config, decoded.image_hw, self.classifier)
+    def __call__(self, shard: int | str, rows_in: list[dict[str, Any]]) -> ShardResult:
+        """Extract one shard and write its tables (the runner commits it)."""
+        stage = self.spec.stage
+        local_dim = None
+        if self.config.n_locals > 0 and "locals" in self.spec.tables:
+            local_dim = self.spec.local_pca.dim if self.spec.local_pca is not None else self.backbone.channels
+        rows = ShardTables(self.spec.tables, self.backbone.channels, self.config.descriptor_dtype, local_dim)
+        for good, bad in self._batches(rows_in):
+            for d in bad:
+                rows.add_error(d.row["image_id"], d.row["uri"], stage, *d.error)  # type: ignore[misc]
+            if not good:
+                continue
+            try:
+                acts = self._forward(good)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one odd-sized batch
+                for d in good:
+                    rows.add_error(d.row["image_id"], d.row["uri"], stage, "internal",
+                                   f"forward failed: {type(exc).__name__}: {exc}")
+                continue
+            for d, a in zip(good, acts):
+                try:
+                    feats = self.compute(a, d.image_hw)
+                except Exception as exc:  # noqa: BLE001 - recorded, the shard goes on
+                    rows.add_error(d.row["image_id"], d.row["uri"], stage, "internal",
+                                   f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}")
+                    continue
+                self._add(rows, d, feats)
+        files = rows.write(self.store, stage, shard)
+        return ShardResult(files, {"images": rows.n_images, "errors": len(rows.errors)},
+                           [e["reason"] for e in rows.errors])
 
     def sample_local_descriptors(self, rows: list[dict[str, Any]], per_image: int) -> np.ndarray:
         """Raw local descriptors of a few images (no writes): the sample the local PCA is learned on."""
@@ -160,188 +224,68 @@ class ExtractWorker:
             if not good:
                 continue
             for d, a in zip(good, self._forward(good)):
-                f = self.compute(a, d)
+                f = self.compute(a, d.image_hw)
                 if f.local_desc is not None and len(f.local_desc):
                     take = rng.choice(len(f.local_desc), min(per_image, len(f.local_desc)), replace=False)
                     parts.append(f.local_desc[take])
         return np.concatenate(parts) if parts else np.zeros((0, self.backbone.channels), np.float32)
 
-    def process_shard(self, shard: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Extract and commit one shard; a committed shard is skipped (idempotent)."""
-        if self.manifest.is_committed(shard):
-            # a retried call whose first attempt committed before its worker died: report what it wrote
-            from storage.arrays import load_json
 
-            m = load_json(self.manifest.marker_uri(shard))
-            return {"shard": shard, "skipped": True, "images": m.get("images", 0), "errors": m.get("errors", 0),
-                    "seconds": 0.0}
-        t0 = time.time()
-        acc = _ShardRows(self.job, self.backbone)
-        for good, bad in self._batches(rows):
-            for d in bad:
-                acc.add_error(d.row, "extract", *d.error)  # type: ignore[misc]
-            if not good:
-                continue
-            try:
-                acts = self._forward(good)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one odd-sized batch
-                for d in good:
-                    acc.add_error(d.row, "extract", "internal", f"forward failed: {type(exc).__name__}: {exc}")
-                continue
-            for d, a in zip(good, acts):
-                try:
-                    feats = self.compute(a, d)
-                except Exception as exc:  # noqa: BLE001 - recorded, the shard goes on
-                    acc.add_error(d.row, "extract", "internal",
-                                  f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}")
-                    continue
-                feats.proc_hw = tuple(d.inputs[0].shape[1:])  # type: ignore[assignment]
-                acc.add(d, feats)
-        files = acc.write(self.store, shard)
-        seconds = time.time() - t0
-        self.manifest.commit(shard, files, images=acc.n_images, errors=len(acc.errors), seconds=seconds)
-        return {"shard": shard, "skipped": False, "images": acc.n_images, "errors": len(acc.errors),
-                "seconds": seconds, "error_reasons": [e["reason"] for e in acc.errors]}
+@dataclass
+class ExtractMapperFactory:
+    """Builds an extraction mapper inside an actor (picklable)."""
+
+    spec: ImageStageSpec
+
+    def __call__(self) -> ImageShardMapper:
+        return ImageShardMapper(self.spec)
 
 
-class _ShardRows:
-    """Column buffers of one shard for the five tables."""
-
-    def __init__(self, job: ExtractJob, backbone: torch.nn.Module) -> None:
-        self.job = job
-        self.backbone_name = getattr(backbone, "name", "")
-        self.layer = getattr(backbone, "layer", "")
-        self.channels = int(getattr(backbone, "channels", 0))
-        self.images: list[dict[str, Any]] = []
-        self.sparsity: list[np.ndarray] = []
-        self.regions: list[dict[str, Any]] = []
-        self.region_desc: list[np.ndarray] = []
-        self.globals: list[tuple[str, str]] = []
-        self.global_desc: list[np.ndarray] = []
-        self.locals: list[dict[str, Any]] = []
-        self.local_desc: list[np.ndarray] = []
-        self.errors: list[dict[str, Any]] = []
-        self.n_images = 0
-
-    def add_error(self, row: dict[str, Any], stage: str, reason: str, detail: str) -> None:
-        self.errors.append({"image_id": row["image_id"], "uri": redact(row["uri"]), "stage": stage,
-                            "reason": reason, "detail": redact(detail)[:2000]})
-
-    def add(self, d: _Decoded, f: ImageFeatures) -> None:
-        iid = d.row["image_id"]
-        self.n_images += 1
-        ph, pw = f.proc_hw
-        self.images.append({"image_id": iid, "uri": redact(d.row["uri"]), "shard": int(d.row["shard"]),
-                            "width": d.image_hw[1], "height": d.image_hw[0], "proc_width": pw, "proc_height": ph,
-                            "feat_width": f.feat_hw[1], "feat_height": f.feat_hw[0], "bytes": d.n_bytes,
-                            "sha1": d.sha1, "backbone": self.backbone_name, "layer": self.layer,
-                            "act_mean": f.act_mean, "act_max": f.act_max})
-        self.sparsity.append(f.sparsity.astype(np.float16))
-        for i in range(len(f.region_source)):
-            b = f.region_boxes[i]
-            self.regions.append({"image_id": iid, "region_id": i, "source": f.region_source[i],
-                                 "level": int(f.region_level[i]), "x0": float(b[0]), "y0": float(b[1]),
-                                 "x1": float(b[2]), "y1": float(b[3]), "score": float(f.region_score[i]),
-                                 "saliency": float(f.region_saliency[i])})
-        self.region_desc.append(f.region_desc)
-        for method, vec in f.globals.items():
-            self.globals.append((iid, method))
-            self.global_desc.append(vec)
-        if f.local_desc is not None and len(f.local_desc):
-            desc = f.local_desc
-            if self.job.local_pca_projection is not None:
-                from pipeline.pooling import l2n_np
-
-                desc = l2n_np((l2n_np(desc) - self.job.local_pca_mean) @ self.job.local_pca_projection)
-            for j in range(len(desc)):
-                self.locals.append({"image_id": iid, "local_id": j, "x": float(f.local_xy[j, 0]),
-                                    "y": float(f.local_xy[j, 1]), "scale": float(f.local_scale[j]),
-                                    "strength": float(f.local_strength[j])})
-            self.local_desc.append(desc.astype(np.float32))
-
-    def _table(self, rows: list[dict[str, Any]], schema: pa.Schema, desc: np.ndarray | None) -> pa.Table:
-        cols: dict[str, Any] = {}
-        for name in schema.names:
-            if name == "descriptor":
-                cols[name] = descriptor_array(desc, self.job.descriptor_dtype)  # type: ignore[arg-type]
-            elif name == "act_sparsity":
-                sp = np.stack(self.sparsity) if self.sparsity else np.zeros((0, self.channels), np.float16)
-                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(sp.reshape(-1)), self.channels)
-            else:
-                cols[name] = pa.array([r[name] for r in rows], schema.field(name).type)
-        return pa.table(cols, schema=schema)
-
-    def write(self, store: TableStore, shard: int) -> dict[str, str]:
-        """Write this shard's tables (even empty ones, so a rerun has nothing left to do)."""
-        job, stage, C = self.job, self.job.stage, self.channels
-        files = {}
-        if "images" in job.tables:
-            files["images"] = store.write("images", stage, shard, self._table(self.images, images_schema(C), None))
-        rdesc = np.concatenate(self.region_desc) if self.region_desc else np.zeros((0, C), np.float32)
-        files["regions"] = store.write("regions", stage, shard, self._table(
-            self.regions, regions_schema(rdesc.shape[1], job.descriptor_dtype), rdesc))
-        gdesc = np.stack(self.global_desc) if self.global_desc else np.zeros((0, C), np.float32)
-        grows = [{"image_id": i, "method": m} for i, m in self.globals]
-        files["globals"] = store.write("globals", stage, shard, self._table(
-            grows, globals_schema(gdesc.shape[1], job.descriptor_dtype), gdesc))
-        if job.config.local_features > 0 and "locals" in job.tables:
-            dim = (job.local_pca_projection.shape[1] if job.local_pca_projection is not None else C)
-            ldesc = np.concatenate(self.local_desc) if self.local_desc else np.zeros((0, dim), np.float32)
-            files["locals"] = store.write("locals", stage, shard, self._table(
-                self.locals, locals_schema(dim, job.descriptor_dtype), ldesc))
-        files["errors"] = store.write("errors", stage, shard, self._table(self.errors, ERRORS_SCHEMA, None))
-        return files
+LOCAL_PCA_SAMPLE_PER_IMAGE = 200
 
 
-def run_extract(job: ExtractJob, manifest: pa.Table, resources: ActorResources,
-                progress: Progress | None = None, worker_cls: type = None,
-                worker_args: tuple = ()) -> dict[str, Any]:
-    """Run the extraction stage over every uncommitted shard of ``manifest`` with an actor pool.
-
-    Returns counts (images, errors, skipped shards), error reasons and the images/s of the run.
-    """
-    stage_manifest = StageManifest(job.out_root, job.stage)
-    committed = set(stage_manifest.committed())
-    rows = manifest.to_pylist()
-    by_shard: dict[int, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_shard.setdefault(int(r["shard"]), []).append(r)
-    todo = [s for s in sorted(by_shard) if f"{s:05d}" not in committed]
-    progress = progress or Progress(job.stage, total=len(rows))
-    if worker_cls is None:
-        worker_cls = ExtractWorker
-    skipped_images = sum(len(by_shard[s]) for s in by_shard if f"{s:05d}" in committed)
-    progress.skipped = skipped_images
-    progress.update(skipped_images, force=True)
-    result: dict[str, Any] = {"images": 0, "errors": 0, "skipped_shards": len(by_shard) - len(todo),
-                              "shards": len(by_shard), "error_reasons": {}}
-    if not todo:
-        return result
-    job.torch_threads = job.torch_threads or resources.torch_threads
-    actor_cls = ray.remote(worker_cls or ExtractWorker).options(
-        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, max_restarts=-1, max_task_retries=-1,
-        max_concurrency=1)
-    n_workers = max(1, min(resources.num_workers, len(todo)))
-    actors = [actor_cls.remote(job, *worker_args) for _ in range(n_workers)]
-    pool = ActorPool(actors)
-    t0 = time.time()
-    for out in pool.map_unordered(lambda a, s: a.process_shard.remote(s, by_shard[s]), todo):
-        result["images"] += out["images"]
-        result["errors"] += out["errors"]
-        for reason in out.get("error_reasons", []):
-            result["error_reasons"][reason] = result["error_reasons"].get(reason, 0) + 1
-        progress.update(out["images"] + out["errors"], errors=out["errors"])
-    progress.update(0, force=True)
-    result["seconds"] = time.time() - t0
-    result["images_per_second"] = result["images"] / max(result["seconds"], 1e-9)
-    for a in actors:
-        ray.kill(a)
-    return result
+def learn_local_pca(spec: ImageStageSpec, manifest: pa.Table, resources: ActorResources,
+                    reuse: bool = True) -> LocalPCA:
+    """The local PCA of the run: reused when stored, else learned on a stable sample of images."""
+    uri = RunLayout(spec.root).artefact("local_pca")
+    if not (reuse and exists(uri)):
+        cfg = spec.extract
+        ids = set(subset_ids(manifest.column("image_id").to_pylist(), cfg.local_pca_images, seed=1))
+        rows = [r for r in manifest.to_pylist() if r["image_id"] in ids]
+        X = run_on_one(spec.root, spec.stage, ExtractMapperFactory(spec), resources, "sample_local_descriptors",
+                       rows, LOCAL_PCA_SAMPLE_PER_IMAGE)
+        if len(X) < 2:
+            raise StageFailed("local PCA: no local descriptors in the sample (all sample images failed?)")
+        mean, projection = learn_pca(X, dim=min(cfg.local_dim, X.shape[1], len(X) - 1))
+        save_arrays(uri, mean=mean, projection=projection, sample=np.int64(len(X)))
+    arrays = load_arrays(uri)
+    return LocalPCA(arrays["mean"].astype(np.float32), arrays["projection"].astype(np.float32))
 
 
-def job_parameters(job: ExtractJob) -> dict[str, Any]:
-    """JSON-able parameters of an extraction job (recorded in the stage summary)."""
-    d = asdict(job)
-    d.pop("local_pca_mean", None), d.pop("local_pca_projection", None)
-    d["config"] = asdict(job.config)
-    return d
+def run_image_stage(spec: ImageStageSpec, manifest: pa.Table, resources: ActorResources,
+                    factory: Callable[[], ImageShardMapper], label: str | None = None) -> dict[str, Any]:
+    """Run an image stage over every uncommitted shard of ``manifest``; counts, error reasons and rate."""
+    shards = rows_by_shard(manifest)
+    progress = Progress(label or spec.stage, sum(len(r) for r in shards.values()))
+    out = run_shards(spec.root, spec.stage, shards, factory, resources, progress)
+    out.pop("rows", None)
+    out["images_per_second"] = out.pop("per_second", 0.0)
+    return out
+
+
+def run_extract_stage(root: str, config: ExtractConfig, manifest: pa.Table, resources: ActorResources
+                      ) -> dict[str, Any]:
+    """The ``extract`` stage: local PCA (when locals are on), then every shard of the corpus."""
+    spec = ImageStageSpec(root, "extract", config, torch_threads=resources.torch_threads)
+    extra: dict[str, Any] = {}
+    if config.n_locals > 0:
+        spec = replace(spec, local_pca=learn_local_pca(spec, manifest, resources))
+        extra["pca_dim"] = spec.local_pca.dim
+    out = run_image_stage(spec, manifest, resources, ExtractMapperFactory(spec))
+    if out["images"] == 0 and out["skipped_shards"] == 0:
+        raise StageFailed(f"extract: no image could be processed ({out['errors']} errors: {out['error_reasons']})")
+    return {**out, **extra}
+
+
+__all__ = ["ImageShardMapper", "ImageStageSpec", "LocalPCA", "ExtractMapperFactory", "run_extract_stage",
+           "run_image_stage", "learn_local_pca", "StageFailed"]

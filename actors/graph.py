@@ -31,17 +31,23 @@ tests start a local Ray.
 """
 from __future__ import annotations
 
+import time
 import uuid
-from typing import Sequence
+from typing import Any, Sequence
 
 import faiss
 import numpy as np
+import pyarrow.compute as pc
 import ray
 import scipy.sparse as sp
 
-from pipeline.katz import katz_centrality_operator
-from pipeline.knn_graph import (DEFAULT_EXACT_THRESHOLD, DEFAULT_NPROBE, build_knn_index, graph_from_arrays,
-                                graph_to_arrays, mutual_knn_graph, set_nprobe)
+from actors.whiten import load_whitenings
+from pipeline.katz import KatzConfig, KatzNotConverged, katz_centrality, katz_centrality_operator
+from pipeline.knn_graph import (DEFAULT_EXACT_THRESHOLD, DEFAULT_NPROBE, GraphConfig, build_knn_index,
+                                graph_from_arrays, graph_to_arrays, mutual_knn_graph, normalize_graph, set_nprobe)
+from storage.artefacts import save_graph_artefacts
+from storage.schemas import descriptors_to_numpy
+from storage.tables import TableStore, read_parquet
 
 # worker-side cache: the most recently deserialised index, keyed by a per-build token
 _INDEX_CACHE: dict[str, faiss.Index] = {}
@@ -187,3 +193,51 @@ def katz_centrality_ray(Wn: sp.spmatrix | Sequence[dict[str, np.ndarray]], alpha
         for a in actors:
             ray.kill(a)
     return g, info
+
+
+# ------------------------------------------------------------------------------------------ the graph stage
+def run_graph_stage(root: str, graph: GraphConfig, katz: KatzConfig, num_cpus: float = 1.0,
+                    num_workers: int = 2) -> dict[str, Any]:
+    """Region k-NN graph + Katz centrality over the whitened ``graph.source`` regions of the corpus; stores
+    ``V``, ``f``, ``g``, the graph and a serialised FAISS index over ``V`` (object saliency and queries use it).
+    Fails with a clear message when CG does not reach ``katz.tol`` within ``katz.maxiter`` iterations."""
+    t0 = time.time()
+    white = load_whitenings(root)["regions"]
+    V_parts, ids, rids, sal = [], [], [], []
+    for uri in TableStore(root).committed_files("regions", ["extract"]):
+        t = read_parquet(uri)
+        t = t.filter(pc.equal(t.column("source"), graph.source))
+        if t.num_rows == 0:
+            continue
+        V_parts.append(white.apply(descriptors_to_numpy(t.column("descriptor"))).astype(np.float32))
+        ids += t.column("image_id").to_pylist()
+        rids.append(t.column("region_id").to_numpy())
+        sal.append(t.column("saliency").to_numpy())
+    if not V_parts:
+        raise RuntimeError(f"graph: no '{graph.source}' regions found; enable that region source in extract")
+    V = np.concatenate(V_parts)
+    f = np.concatenate(sal).astype(np.float32)
+    n = len(V)
+    t_knn = time.time()
+    W = build_knn_graph_ray(V_parts, k=graph.k, beta=graph.beta, block_rows=graph.block_rows,
+                            num_workers=num_workers, num_cpus=num_cpus, exact_threshold=graph.exact_threshold)
+    t_knn = time.time() - t_knn
+    Wn = normalize_graph(W)
+    t_katz = time.time()
+    if n > katz.distributed_above:
+        g, info = katz_centrality_ray(Wn, alpha=katz.alpha, n_blocks=max(2, num_workers), tol=katz.tol,
+                                      maxiter=katz.maxiter)
+    else:
+        g, info = katz_centrality(Wn, alpha=katz.alpha, tol=katz.tol, maxiter=katz.maxiter)
+    if not info.get("converged", True):
+        raise KatzNotConverged(info)
+    t_katz = time.time() - t_katz
+    g = np.asarray(g, np.float32)
+    index = build_knn_index(V, exact_threshold=graph.exact_threshold, use_gpu=False)
+    summary = {"regions": n, "edges": int(W.nnz), "k": graph.k, "beta": graph.beta, "alpha": katz.alpha,
+               "cg_iterations": int(info.get("iterations", -1)), "cg_residual": float(info.get("residual", np.nan)),
+               "knn_seconds": t_knn, "katz_seconds": t_katz, "seconds": time.time() - t0,
+               "isolated_regions": int((np.diff(W.indptr) == 0).sum())}
+    save_graph_artefacts(root, V, f, g, faiss.serialize_index(index), graph_to_arrays(W), ids,
+                         np.concatenate(rids), summary)
+    return summary

@@ -1,4 +1,4 @@
-"""FAISS index stage: per global method and per regional source, a sharded FAISS index as a snapshot.
+"""The ``faiss`` stage: per global method and per regional source, a sharded FAISS index as a snapshot.
 
 Build: read the descriptors of every committed shard, choose the factory string from the corpus size and
 the memory budget (or take the user's), train once on a sample, add each table shard in parallel as a Ray
@@ -6,31 +6,27 @@ task (every task deserialises the trained empty index and returns its filled sha
 into one index (or keep them as shards for IVF-PQ-sized corpora) and publish a new snapshot version:
 ``index.npy`` or ``shard-NNNNN.npy`` (FAISS's own serialisation as uint8, no pickle), ``image_ids.npy``
 (int id -> image id), for regional indexes ``region_image.npy`` (region row -> int image id), and the
-manifest with method, factory, counts, bytes per vector, search parameters and checksums.
+manifest with method, factory, counts, bytes per vector, search parameters and checksums. Searching a
+published snapshot is the query side's job (``service.indexes``).
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import ray
 
+from actors.whiten import load_whitenings
 from pipeline import faiss_index as fi
-from storage.arrays import npy_bytes, npy_from_bytes
-from storage.schemas import descriptors_to_numpy
-from storage.snapshot import Snapshot, SnapshotWriter, open_latest
-from storage.tables import StageManifest, read_parquet
+from pipeline.faiss_index import FaissConfig
+from storage.arrays import npy_bytes
+from storage.readers import read_globals, read_regions
+from storage.snapshot import SnapshotWriter
 
 log = logging.getLogger("indexer")
 MERGE_MAX_VECTORS = 20_000_000  # above this, keep shards (a searcher merges per-shard top-k exactly)
-
-
-def _read_npy(snap: Snapshot, rel: str) -> np.ndarray:
-    return npy_from_bytes(snap.read_bytes(rel))
 
 
 def _effective_dim(X: np.ndarray) -> int:
@@ -39,33 +35,19 @@ def _effective_dim(X: np.ndarray) -> int:
     return int(nz[-1] + 1) if len(nz) else X.shape[1]
 
 
-def load_method(root: str, method: str) -> tuple[list[str], np.ndarray]:
-    """(image ids, descriptors) of a final global method, in shard order."""
-    ids, parts = [], []
-    for _, marker in sorted(StageManifest(root, "descriptors").committed().items()):
-        t = read_parquet(marker["files"]["globals"])
-        t = t.filter(pc.equal(t.column("method"), method))
-        ids += t.column("image_id").to_pylist()
-        parts.append(descriptors_to_numpy(t.column("descriptor")))
-    X = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return ids, X
-
-
 def load_regional(root: str, source: str) -> tuple[list[str], np.ndarray]:
-    """(image id per region, whitened regional descriptors) of one region source."""
-    from actors.descriptors import load_whitening
-
-    white = load_whitening(root, "regions")
-    stage = "object_saliency" if source.startswith("os_") else "extract"
-    ids, parts = [], []
-    for _, marker in sorted(StageManifest(root, stage).committed().items()):
-        t = read_parquet(marker["files"]["regions"])
-        t = t.filter(pc.equal(t.column("source"), source))
-        if t.num_rows:
-            ids += t.column("image_id").to_pylist()
-            parts.append(np.asarray(white.apply(descriptors_to_numpy(t.column("descriptor"))), np.float32))
-    X = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    return ids, X
+    """(image id per item, whitened regional descriptors) of a regional index: every image's full-image region
+    plus its ``source`` regions (seed 002 eq. 3: ``r = 1`` is the whole image), so an image is found by its
+    whole view as well as by its parts."""
+    white = load_whitenings(root)["regions"]
+    ids: list[str] = []
+    parts = []
+    for src in dict.fromkeys(("full", source)):
+        rid, _, X = read_regions(root, src)
+        if len(rid):
+            ids += rid
+            parts.append(np.asarray(white.apply(X), np.float32))
+    return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
 
 
 @ray.remote(num_cpus=0.5)
@@ -73,13 +55,13 @@ def _add_shard_task(trained: np.ndarray, X: np.ndarray, ids: np.ndarray) -> np.n
     return fi.serialize(fi.add_shard(trained, X, ids))
 
 
-def build_index(X: np.ndarray, factory: str | None, memory_budget_gb: float, train_sample: int,
-                shard_rows: int = 500_000) -> tuple[list[np.ndarray], str, dict[str, int]]:
+def build_index(X: np.ndarray, cfg: FaissConfig, shard_rows: int = 500_000
+                ) -> tuple[list[np.ndarray], str, dict[str, int]]:
     """Train once, add shards in parallel with Ray, merge when small enough. Returns serialised shards."""
     n, d = X.shape
-    factory = factory or fi.choose_factory(n, d, memory_budget_gb * 2**30)
+    factory = cfg.factory or fi.choose_factory(n, d, cfg.memory_budget_gb * 2**30, flat_max_n=cfg.flat_max_vectors)
     rng = np.random.default_rng(0)
-    sample = X if n <= train_sample else X[np.sort(rng.choice(n, train_sample, replace=False))]
+    sample = X if n <= cfg.train_sample else X[np.sort(rng.choice(n, cfg.train_sample, replace=False))]
     trained = fi.serialize(fi.train_index(factory, sample, d))
     trained_ref = ray.put(trained)
     refs = [_add_shard_task.remote(trained_ref, X[s:s + shard_rows], np.arange(s, min(n, s + shard_rows)))
@@ -111,18 +93,18 @@ def _publish(root: str, name: str, kind: str, method: str, shards: list[np.ndarr
             "bytes_per_vector": nbytes / max(n_vectors, 1)}
 
 
-def run_faiss(root: str, cfg: Any) -> dict[str, Any]:
+def run_faiss_stage(root: str, cfg: FaissConfig) -> dict[str, Any]:
     """Build and publish one snapshot per ``cfg.methods`` global method and per ``cfg.regional`` source."""
     out: dict[str, Any] = {}
     for method in cfg.methods:
         t0 = time.time()
-        ids, X = load_method(root, method)
+        ids, X = read_globals(root, method)
         if len(ids) == 0:
             log.warning("[faiss] no descriptors for method %s: skipped (is its stage enabled?)", method)
             continue
         d = _effective_dim(X)
         X = np.ascontiguousarray(X[:, :d])
-        shards, factory, params = build_index(X, cfg.factory, cfg.memory_budget_gb, cfg.train_sample)
+        shards, factory, params = build_index(X, cfg)
         out[f"global_{method}"] = {**_publish(root, f"global_{method}", "global", method, shards, factory, params,
                                               ids, d, len(ids)), "seconds": time.time() - t0}
     for source in cfg.regional:
@@ -132,46 +114,11 @@ def run_faiss(root: str, cfg: Any) -> dict[str, Any]:
             log.warning("[faiss] no regions of source %s: skipped", source)
             continue
         image_ids, region_image = np.unique(np.asarray(rid, dtype=str), return_inverse=True)
-        shards, factory, params = build_index(X, cfg.factory, cfg.memory_budget_gb, cfg.train_sample)
+        shards, factory, params = build_index(X, cfg)
         out[f"regional_{source}"] = {**_publish(root, f"regional_{source}", "regional", source, shards, factory,
                                                 params, list(image_ids), X.shape[1], len(rid), region_image),
                                      "seconds": time.time() - t0}
     return out
 
 
-@dataclass
-class LoadedIndex:
-    """A published snapshot opened for search."""
-
-    snapshot: Snapshot
-    searcher: fi.ShardedSearcher
-    image_ids: np.ndarray
-    region_image: np.ndarray | None
-    dim: int
-
-    @property
-    def kind(self) -> str:
-        return self.snapshot.manifest.get("parameters", {}).get("kind", "global")
-
-    def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
-        """Top-k images (scores, image ids) per query row; regional indexes max-pool regions per image."""
-        Q = np.ascontiguousarray(np.atleast_2d(Q)[:, : self.dim], dtype=np.float32)
-        if self.region_image is not None:
-            D, I = fi.regional_search(self.searcher, Q, k, self.region_image)
-        else:
-            D, I = self.searcher.search(Q, min(k, self.searcher.ntotal))
-        return D, [[str(self.image_ids[i]) for i in row if i >= 0] for row in I]
-
-
-def open_index(root: str, name: str) -> LoadedIndex:
-    """Open the ``LATEST`` complete snapshot of index ``name`` (e.g. ``global_rmac``, ``regional_fs_egm``)."""
-    snap = open_latest(root, name)
-    files = snap.files
-    shard_files = ["index.npy"] if "index.npy" in files else sorted(f for f in files if f.startswith("shard-"))
-    indexes = [fi.deserialize(_read_npy(snap, f)) for f in shard_files]
-    params = snap.manifest.get("parameters", {})
-    for idx in indexes:
-        fi.set_search_params(idx, **params.get("search", {}))
-    region_image = _read_npy(snap, "region_image.npy") if "region_image.npy" in files else None
-    return LoadedIndex(snap, fi.ShardedSearcher(indexes), _read_npy(snap, "image_ids.npy"), region_image,
-                       int(params.get("dim", indexes[0].d)))
+__all__ = ["run_faiss_stage", "build_index", "load_regional"]

@@ -802,3 +802,45 @@ def aggregate_queries(des: np.ndarray, words: np.ndarray, query_ids: np.ndarray,
                       index: InvertedFile) -> Aggregated:
     """Aggregate query descriptors with the kernel matching ``index`` (items = sorted unique query ids)."""
     return aggregate_images(des, words, query_ids, centroids, index.query_kernel())
+
+
+# ----------------------------------------------------------------------------------------------- named kernels
+# Kernel names users select (``asmk.kernels`` in the index config, ``--method`` at query time) -> what to build.
+KERNEL_CONFIGS: dict[str, dict[str, str]] = {
+    "asmk": {"kernel": "asmk"},
+    "asmk_star": {"kernel": "asmk_star"},
+    "vlad": {"kernel": "vlad"},
+    "d2r_asmk": {"kernel": "asmk", "regional": "d2r"},
+    "d2r_asmk_star": {"kernel": "asmk_star", "regional": "d2r"},
+    "d2r_vlad": {"kernel": "vlad", "regional": "d2r"},
+    "r_vlad": {"kernel": "vlad", "regional": "rvlad"},
+    "naive_r_asmk": {"kernel": "asmk", "regional": "naive_rasmk"},
+    "r_asmk": {"kernel": "asmk", "regional": "rasmk"},
+    "r_asmk_star": {"kernel": "asmk_star", "regional": "rasmk"},
+}
+
+
+def kernel_config(name: str, multiple: int = 1) -> ASMKConfig:
+    """The :class:`ASMKConfig` of a kernel name (``asmk_star``, ``r_asmk_star``, ``d2r_asmk_star``, ...)."""
+    if name not in KERNEL_CONFIGS:
+        raise ValueError(f"unknown ASMK kernel {name!r}; known: {sorted(KERNEL_CONFIGS)}")
+    return ASMKConfig(**KERNEL_CONFIGS[name], multiple=int(multiple))
+
+
+@dataclass(frozen=True)
+class AsmkIndexConfig:
+    """The ``asmk`` stage: codebook, which kernels get an inverted file, regions of the regional kernels."""
+
+    codebook_size: int = 1024
+    codebook_sample: int = 200_000
+    kernels: tuple[str, ...] = ("asmk_star", "r_asmk_star")
+    region_source: str = "fs_egm"
+    multiple_assignment: int = 1        # database side: nearest words each local descriptor is added to
+    query_multiple_assignment: int = 5  # query side (the asmk package's and the ASMK paper's default)
+
+    def __post_init__(self) -> None:
+        bad = [k for k in self.kernels if k not in KERNEL_CONFIGS]
+        if bad:
+            raise ValueError(f"kernels: unknown {bad}; known: {sorted(KERNEL_CONFIGS)}")
+        if self.codebook_size < 2 or self.multiple_assignment < 1 or self.query_multiple_assignment < 1:
+            raise ValueError("codebook_size >= 2 and multiple assignments >= 1")

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 from pipeline.saliency import sharpen
@@ -56,9 +58,30 @@ BOX_SCALE = math.sqrt(3.0)
 MAX_ITER = 50
 MIN_WEIGHT = 1e-3
 
+
+
+@dataclass(frozen=True)
+class EGMParams:
+    """Sharpening of a saliency map before EGM (``tau``: zero below ``tau * max``; ``rho``: power) and the
+    samples' ``sigma`` (feature cells). One place for the presets of both maps."""
+
+    rho: float = 5.0
+    tau: float = 0.4
+    sigma: float = 2.5
+
+    def __post_init__(self) -> None:
+        if self.rho <= 0 or self.sigma <= 0 or not 0 <= self.tau < 1:
+            raise ValueError(f"EGM parameters need rho > 0, sigma > 0, 0 <= tau < 1 (got {self})")
+
+    def as_kwargs(self) -> dict[str, float]:
+        return asdict(self)
+
+
 # presets of seed 001 §4.2 (tuned on Oxford5k): FS map and OS map
-FS = {"rho": 5.0, "tau": 0.4, "sigma": 2.5}
-OS = {"rho": 2.0, "tau": 0.0, "sigma": 2.0}
+FS_EGM = EGMParams(rho=5.0, tau=0.4, sigma=2.5)
+OS_EGM = EGMParams(rho=2.0, tau=0.0, sigma=2.0)
+FS = FS_EGM.as_kwargs()  # ``detect_regions(S, **FS)``
+OS = OS_EGM.as_kwargs()
 
 
 def _log_gauss_diag(p: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -168,6 +191,11 @@ def egm(S: np.ndarray, sigma: float, max_iter: int = MAX_ITER,
     if return_components:
         return boxes, pi, (mu, var, n_iter)
     return boxes, pi
+
+
+def detect_regions_with(S: np.ndarray, params: EGMParams, **egm_kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`detect_regions` with a preset (:data:`FS_EGM`, :data:`OS_EGM` or a config's own)."""
+    return detect_regions(S, tau=params.tau, rho=params.rho, sigma=params.sigma, **egm_kwargs)
 
 
 def detect_regions(S: np.ndarray, tau: float, rho: float, sigma: float, **egm_kwargs) -> tuple[np.ndarray, np.ndarray]:

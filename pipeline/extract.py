@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from pipeline import cam as cam_mod
+from pipeline import crow as crow_mod
+from pipeline import egm as egm_mod
+from pipeline import local_features as lf
 from pipeline import pooling
+from pipeline import saliency as sal_mod
+from pipeline.egm import FS_EGM, EGMParams
 from pipeline.regions import cells_to_pixels, to_cells
 
 GLOBAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
@@ -23,43 +28,70 @@ MAX_LOCAL_SCALE = 2.0  # local-only scales may upscale (finer cells give more, m
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """What to compute per image. Defaults follow ALGORITHMS.md (R-MAC L=3, FS rho=5 tau=0.4 sigma=2.5, N_C=64)."""
+    """What the extraction stage computes per image (the ``extract`` section of the index config).
 
-    max_side: int = 1024
-    scales: tuple[float, ...] = (1.0,)
-    global_methods: tuple[str, ...] = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
-    region_sources: tuple[str, ...] = ("full", "grid", "fs_egm", "cam")
+    Defaults follow ALGORITHMS.md (R-MAC L=3, FS.EGM preset rho=5 tau=0.4 sigma=2.5, N_C=64). The backbone,
+    batching and storage fields are how the stage runs; the rest is what :func:`extract_features` computes.
+    """
+
+    backbone: str = "mobilenet_v2"
+    weights: str | None = None          # None: the backbone's offline weights (``builtin:<name>``) when it has some
+    layer: str | None = None
+    max_side: int = 1024                # longest side of the network input (images are never upscaled at scale 1)
+    scales: tuple[float, ...] = (1.0,)  # multi-scale globals (each <= 1)
+    regions: tuple[str, ...] = ("full", "grid", "fs_egm", "cam")
+    globals: tuple[str, ...] = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
     gem_p: float = 3.0
     rmac_levels: int = 3
-    fs_rho: float = 5.0
-    fs_tau: float = 0.4
-    fs_sigma: float = 2.5
+    fs: EGMParams = FS_EGM              # FS map sharpening + EGM (seed 001 §4.2)
     cam_classes: int = 64
     cam_thresholds: tuple[float, ...] = (0.01, 0.1, 0.2, 0.3, 0.4)
-    local_features: int = 0  # top-N local descriptors per image; 0 disables the locals table
+    local_features: int | None = None   # top-N local descriptors per image (0: no locals table; None: 1000 when
+                                        # the asmk stage runs, else 0 -- resolved by IndexConfig.validated)
     # scales the locals are taken from; one not in ``scales`` costs an extra forward pass used by the locals
     # only (values above 1 upscale beyond ``max_side``, as multi-scale local features usually do)
     local_scales: tuple[float, ...] = (1.0,)
+    local_dim: int = 128                # PCA dimension of local descriptors
+    local_pca_images: int = 200         # images sampled to learn the local PCA
+    descriptor_dtype: str = "float16"
+    shard_size: int = 64
+    batch_size: int = 8
 
     def __post_init__(self) -> None:
-        bad = set(self.global_methods) - set(GLOBAL_METHODS)
+        bad = set(self.globals) - set(GLOBAL_METHODS)
         if bad:
-            raise ValueError(f"unknown global methods {sorted(bad)}; known: {GLOBAL_METHODS}")
-        bad = set(self.region_sources) - set(REGION_SOURCES)
+            raise ValueError(f"globals: unknown methods {sorted(bad)}; known: {GLOBAL_METHODS}")
+        bad = set(self.regions) - set(REGION_SOURCES)
         if bad:
-            raise ValueError(f"unknown region sources {sorted(bad)}; known: {REGION_SOURCES}")
+            raise ValueError(f"regions: unknown sources {sorted(bad)}; known: {REGION_SOURCES}")
         if self.max_side < 32:
             raise ValueError("max_side must be at least 32 pixels")
         if not self.scales or any(s <= 0 or s > 1 for s in self.scales):
             raise ValueError("scales must be in (0, 1]")
         if not self.local_scales or any(s <= 0 or s > MAX_LOCAL_SCALE for s in self.local_scales):
             raise ValueError(f"local_scales must be in (0, {MAX_LOCAL_SCALE:g}]")
+        if self.descriptor_dtype not in ("float16", "float32"):
+            raise ValueError("descriptor_dtype: float16 or float32")
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise ValueError("shard_size and batch_size must be >= 1")
+
+    @property
+    def n_locals(self) -> int:
+        """Top-N locals per image (0 when the locals table is off)."""
+        return int(self.local_features or 0)
+
+    @property
+    def weights_spec(self) -> str | None:
+        """Where the backbone's weights come from: the configured file/URI, else the offline builtin ones."""
+        if self.weights is None and self.backbone in ("mobilenet_v2", "efficientnet_lite0"):
+            return f"builtin:{self.backbone}"
+        return self.weights
 
     @property
     def forward_scales(self) -> tuple[float, ...]:
         """Scales the backbone runs at, in this order: ``scales``, then the local-only scales (when locals are
         on). :func:`extract_features` expects one activation map per entry."""
-        if self.local_features <= 0:
+        if self.n_locals <= 0:
             return tuple(self.scales)
         return tuple(self.scales) + tuple(s for s in dict.fromkeys(self.local_scales) if s not in self.scales)
 
@@ -67,15 +99,6 @@ class ExtractConfig:
     def decode_side(self) -> int:
         """Longest side an image must be decoded at for the largest forward scale."""
         return int(math.ceil(self.max_side * max(self.forward_scales)))
-
-    @classmethod
-    def from_section(cls, e: Mapping[str, Any]) -> "ExtractConfig":
-        """Build from an index config's ``extract`` section (as a mapping: the job's typed config or the
-        ``config.json`` stored with a run, so queries are extracted exactly like the database)."""
-        return cls(max_side=e["max_side"], scales=tuple(e["scales"]), region_sources=tuple(e["regions"]),
-                   global_methods=tuple(e["globals"]), rmac_levels=e["rmac_levels"], fs_rho=e["fs_rho"],
-                   fs_tau=e["fs_tau"], fs_sigma=e["fs_sigma"], cam_classes=e["cam_classes"],
-                   local_features=e.get("local_features") or 0, local_scales=tuple(e.get("local_scales") or (1.0,)))
 
 
 @dataclass
@@ -120,11 +143,6 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
     are pooled over the maps of ``config.local_scales`` (strongest first).
     ``image_hw`` is the original (oriented) image size, used for pixel boxes.
     """
-    from pipeline import cam as cam_mod
-    from pipeline import crow as crow_mod
-    from pipeline import egm as egm_mod
-    from pipeline import saliency as sal_mod
-
     A = activations[0].float()
     C, H, W = A.shape
     nonzero = (A > 0).float().mean(dim=(1, 2))
@@ -142,7 +160,7 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
         acc = sum(pooling.l2n(fn(a.float())) for a in global_acts)
         return pooling.l2n(acc).cpu().numpy().astype(np.float32)
 
-    gm = config.global_methods
+    gm = config.globals
     if "mac" in gm:
         out.globals["mac"] = multi(pooling.mac)
     if "gem" in gm:
@@ -157,20 +175,19 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
 
     # ---- region proposals on the scale-1 map: (source, level, cell boxes, scores)
     proposals: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
-    if "full" in config.region_sources:
+    if "full" in config.regions:
         proposals.append(("full", np.array([[0, 0, W, H]], np.int64), np.zeros(1, np.int16), np.ones(1, np.float32)))
-    if "grid" in config.region_sources:
+    if "grid" in config.regions:
         g, lv = _grid_levels(H, W, config.rmac_levels)
         proposals.append(("grid", g, lv, np.ones(len(g), np.float32)))
-    need_fs = "fs_egm" in config.region_sources or "fs_egm_sum" in gm
+    need_fs = "fs_egm" in config.regions or "fs_egm_sum" in gm
     if need_fs:
-        boxes, scores = egm_mod.detect_regions(fhat.cpu().numpy(), tau=config.fs_tau, rho=config.fs_rho,
-                                               sigma=config.fs_sigma)
+        boxes, scores = egm_mod.detect_regions_with(fhat.cpu().numpy(), config.fs)
         cells = to_cells(boxes, H, W) if len(boxes) else np.zeros((0, 4), np.int64)
         fs_cells = cells
-        if "fs_egm" in config.region_sources:
+        if "fs_egm" in config.regions:
             proposals.append(("fs_egm", cells, np.zeros(len(cells), np.int16), np.asarray(scores, np.float32)))
-    if "cam" in config.region_sources and classifier is not None:
+    if "cam" in config.regions and classifier is not None:
         weight, bias = classifier
         top = cam_mod.top_classes(A, weight, bias, 2)
         cams = cam_mod.class_activation_maps(A, weight, top).mean(dim=0)
@@ -199,11 +216,9 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
         else:
             out.globals["fs_egm_sum"] = pooling.mac(A).cpu().numpy().astype(np.float32)
 
-    if config.local_features > 0:
-        from pipeline import local_features as lf
-
+    if config.n_locals > 0:
         maps = [(a.float(), s) for s, a in zip(config.forward_scales, activations) if s in config.local_scales]
-        xy, scale, strength, desc = lf.select_local_features_multiscale(maps, n=config.local_features,
+        xy, scale, strength, desc = lf.select_local_features_multiscale(maps, n=config.n_locals,
                                                                         image_hw=image_hw)
         out.local_xy = xy.astype(np.float32)
         out.local_strength = strength.astype(np.float32)

@@ -22,6 +22,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import faiss
@@ -38,6 +39,22 @@ IVF_ID_BYTES = 8           # IVF inverted lists store one int64 id per vector
 HNSW_LINK_BYTES_PER_M = 8  # level 0 keeps 2*M int32 links; upper levels add ~4 B; levels/offsets ~12 B
 DEFAULT_HNSW_M = 32
 DEFAULT_EF_SEARCH = 128
+
+
+@dataclass(frozen=True)
+class FaissConfig:
+    """The ``faiss`` stage: which global methods and region sources get an index, and how it is chosen."""
+
+    methods: tuple[str, ...] = ("gem", "rmac", "fs_egm", "os_egm")
+    regional: tuple[str, ...] = ("fs_egm",)   # region sources indexed for regional search
+    factory: str | None = None          # None: chosen from corpus size and memory budget (choose_factory)
+    memory_budget_gb: float = 16.0
+    train_sample: int = 200_000
+    flat_max_vectors: int = 50_000      # exact (IDMap2,Flat) indexes up to this many vectors (choose_factory)
+
+    def __post_init__(self) -> None:
+        if self.memory_budget_gb <= 0 or self.train_sample < 1 or self.flat_max_vectors < 0:
+            raise ValueError("memory_budget_gb must be > 0, train_sample >= 1, flat_max_vectors >= 0")
 
 
 class Searchable(Protocol):

@@ -13,11 +13,41 @@ comparable across graphs; hubs of large dense clusters score above 1.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import LinearOperator, cg
+
+
+@dataclass(frozen=True)
+class KatzConfig:
+    """Katz centrality by CG (seed 001 §3.7): ``alpha`` and CG's relative-residual target and budget."""
+
+    alpha: float = 0.99
+    tol: float = 1e-6
+    maxiter: int = 1000
+    distributed_above: int = 2_000_000  # regions above which the matvec runs over Ray row blocks
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha < 1:
+            raise ValueError("alpha must be in [0, 1)")
+        if self.tol <= 0 or self.maxiter < 1:
+            raise ValueError("tol must be > 0 and maxiter >= 1")
+
+
+class KatzNotConverged(RuntimeError):
+    """CG stopped above its tolerance: the centralities would be wrong, so the stage fails and says what to
+    change (seed 001's ranking signal is only as good as this solve)."""
+
+    def __init__(self, info: dict) -> None:
+        self.info = info
+        super().__init__(
+            f"Katz centrality did not converge: CG stopped after {info.get('iterations')} iterations with relative "
+            f"residual {info.get('residual', float('nan')):.3g} > tolerance {info.get('tol')} (alpha "
+            f"{info.get('alpha')}); raise katz.maxiter (e.g. --set katz.maxiter=5000), loosen katz.tol, or lower "
+            "katz.alpha")
 
 
 def katz_centrality_operator(matvec: Callable[[np.ndarray], np.ndarray], n: int, alpha: float = 0.99,

@@ -17,6 +17,7 @@ Graphs are (de)serialised as plain CSR arrays (no pickle): :func:`graph_to_array
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import faiss
@@ -28,6 +29,23 @@ DEFAULT_NPROBE = 16
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39 training points per centroid
 
 SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class GraphConfig:
+    """The region k-NN graph (seed 001 §3.6): which regions, ``k``, ``beta`` of ``s = max(v.u, 0)^beta``."""
+
+    source: str = "fs_egm"              # regions that form the k-NN graph
+    k: int = 50
+    beta: float = 3.0
+    exact_threshold: int = 200_000      # exact k-NN below this many regions, IVF above
+    block_rows: int = 50_000            # query rows per Ray search task
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError("k must be >= 1")
+        if self.beta <= 0:
+            raise ValueError("beta must be > 0")
 
 
 def _as_f32(x: np.ndarray) -> np.ndarray:

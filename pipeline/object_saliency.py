@@ -23,20 +23,43 @@ crosses the border pools only the cells inside the map, i.e. the patch is clippe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.knn_graph import SearchFn, exact_search_fn
+from pipeline import egm as egm_mod
+from pipeline import pooling
+from pipeline.egm import OS_EGM, EGMParams
+from pipeline.extract import ImageFeatures
+from pipeline.knn_graph import SearchFn, exact_search_fn, index_search_fn
 from pipeline.pooling import l2n
+from pipeline.regions import cells_to_pixels, to_cells
+from pipeline.saliency import box_saliency, feature_saliency
 
 DEFAULT_PATCH_SIDE = 3
 DEFAULT_K = 50
 DEFAULT_BETA = 3.0
 DEFAULT_THETA_MAP = 2.0  # Theta: exponent of the image's own F_hat
 DEFAULT_THETA_REGION = 3.0  # theta: exponent of the neighbours' feature saliency f_i
+
+
+@dataclass(frozen=True)
+class ObjectSaliencyConfig:
+    """The ``object_saliency`` stage (eq. 14 and OS.EGM; ALGORITHMS.md §5 defaults). ``beta`` is the graph's."""
+
+    k: int = DEFAULT_K                  # neighbours of each patch descriptor among the graph's regions
+    patch_side: int = DEFAULT_PATCH_SIDE  # side (feature cells) of the square patch R_p around each position
+    Theta: float = DEFAULT_THETA_MAP
+    theta: float = DEFAULT_THETA_REGION
+    egm: EGMParams = OS_EGM             # OS map sharpening + EGM (seed 001 §4.2)
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.patch_side < 1:
+            raise ValueError("k and patch_side must be >= 1")
 
 
 def apply_whitening(x: torch.Tensor, whiten: Any | None) -> torch.Tensor:
@@ -120,3 +143,61 @@ def object_saliency_map(A: torch.Tensor, F_hat: torch.Tensor | np.ndarray, f: np
     """Convenience: :func:`patch_descriptors` then :func:`object_saliency` for one activation map ``A``."""
     u = patch_descriptors(A, side=side, whiten=whiten)
     return object_saliency(F_hat, u, f, g, V=V, search=search, **kwargs)
+
+
+def subgrid_cells(cells: np.ndarray) -> np.ndarray:
+    """OS.EGM-4's 2-scale grid inside each region: the region itself plus its 2 x 2 sub-regions."""
+    out = []
+    for x0, y0, x1, y1 in np.asarray(cells, np.int64).reshape(-1, 4):
+        out.append((x0, y0, x1, y1))
+        xm, ym = (x0 + x1 + 1) // 2, (y0 + y1 + 1) // 2
+        for a, b in ((x0, xm), (xm, x1)):
+            for c, d in ((y0, ym), (ym, y1)):
+                if b > a and d > c:
+                    out.append((a, c, b, d))
+    return np.asarray(out, np.int64).reshape(-1, 4)
+
+
+class ObjectSaliencyComputer:
+    """Per-image OS computation (seed 001 §3.8-3.9), shared by the stage's actors and the query side.
+
+    Only the collection's region index (over ``V``), saliencies ``f`` and centralities ``g`` are needed, so an
+    image that is not in the graph (a new image, a query) is handled the same way as a database image.
+    """
+
+    def __init__(self, whitening: Any, f: np.ndarray, g: np.ndarray, index: faiss.Index,
+                 config: ObjectSaliencyConfig, beta: float) -> None:
+        self.white, self.f, self.g, self.config, self.beta = whitening, f, g, config, beta
+        self.search = index_search_fn(index)
+
+    def saliency(self, A: torch.Tensor) -> np.ndarray:
+        """Object-saliency map (H, W) of one activation map."""
+        c = self.config
+        fhat = feature_saliency(A)
+        return object_saliency_map(A, fhat, self.f, self.g, search=self.search, whiten=self.white,
+                                   side=c.patch_side, k=c.k, beta=self.beta, Theta=c.Theta, theta=c.theta)
+
+    def features(self, A: torch.Tensor, image_hw: tuple[int, int], saliency: np.ndarray | None = None
+                 ) -> ImageFeatures:
+        """OS map (``saliency`` when the caller already has it) -> OS.EGM regions with descriptors, and the
+        two OS global sums (``os_egm_sum``, ``os_egm4_sum``; whitened later by the descriptors stage)."""
+        A = A.float()
+        C, H, W = A.shape
+        S = self.saliency(A) if saliency is None else saliency
+        boxes, scores = egm_mod.detect_regions_with(S, self.config.egm)
+        out = ImageFeatures(feat_hw=(H, W), proc_hw=(0, 0), sparsity=np.zeros(C, np.float32),
+                            act_mean=float(A.mean()), act_max=float(A.max()))
+        if len(boxes) == 0:  # nothing salient: fall back to the whole image so every image gets a descriptor
+            boxes, scores = np.array([[0.0, 0.0, W, H]]), np.array([1.0])
+        cells = to_cells(boxes, H, W)
+        desc = pooling.regional_mac(A, cells)
+        out.region_desc = desc.cpu().numpy().astype(np.float32)
+        out.region_source = ["os_egm"] * len(cells)
+        out.region_level = np.zeros(len(cells), np.int16)
+        out.region_score = np.asarray(scores, np.float32)
+        out.region_saliency = box_saliency(torch.from_numpy(S), cells).numpy().astype(np.float32)
+        out.region_boxes = cells_to_pixels(cells, (H, W), image_hw)
+        out.globals["os_egm_sum"] = pooling.l2n(desc).sum(0).cpu().numpy().astype(np.float32)
+        sub = pooling.regional_mac(A, subgrid_cells(cells))
+        out.globals["os_egm4_sum"] = pooling.l2n(sub).sum(0).cpu().numpy().astype(np.float32)
+        return out

@@ -24,6 +24,20 @@ import torch
 _CHUNK = 16384
 
 
+@dataclass(frozen=True)
+class WhitenConfig:
+    """The ``whiten`` stage: PCA-whitening of regional MACs (supervised Lw when matching pairs are given)."""
+
+    dim: int = 512                      # output dimension of the learned whitening (<= channels)
+    sample: int = 100_000               # region descriptors sampled to learn it
+    sources: tuple[str, ...] = ("grid", "fs_egm")
+    pairs: str | None = None            # optional Parquet of matching (image_id, region_id) pairs -> Lw whitening
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.sample < 2:
+            raise ValueError("dim must be >= 1 and sample >= 2")
+
+
 def _l2n64(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -184,3 +198,8 @@ def learn_supervised_whitening(X: np.ndarray, pairs: np.ndarray, dim: int | None
     lam, V = _eigh_desc(Linv_T.T @ C @ Linv_T)  # covariance of the whitened samples
     projection = Linv_T @ V[:, :dim]
     return Whitening(mean=mean, projection=projection)
+
+
+def whitenings_from_arrays(arrays: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Whitening]:
+    """Stored whitenings by name (``regions``, ``global-<method>``) as :class:`Whitening` objects."""
+    return {name: Whitening.from_arrays(a) for name, a in arrays.items()}

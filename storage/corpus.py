@@ -6,11 +6,15 @@ line, or a Parquet manifest with a ``uri`` column (optional ``image_id``).
 """
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import io
 import posixpath
 from collections import Counter
+from typing import Any, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.uri import StorageError, _describe, get_fs, read_bytes
@@ -123,10 +127,48 @@ def subset_ids(ids: list[str], limit: int | None, seed: int = 0) -> list[str]:
     """A deterministic sample of ``limit`` ids (all when None): ids ordered by a stable hash."""
     if limit is None or limit >= len(ids):
         return list(ids)
-    import hashlib
-
     keyed = sorted(ids, key=lambda s: hashlib.sha1(f"{seed}:{s}".encode()).hexdigest())
     return sorted(keyed[:limit])
 
 
-__all__ = ["MANIFEST_SCHEMA", "list_corpus", "assign_shards", "num_shards", "subset_ids"]
+def filter_ids(corpus: pa.Table, keep: set[str] | Sequence[str], invert: bool = False) -> pa.Table:
+    """Rows of ``corpus`` whose ``image_id`` is in ``keep`` (not in it with ``invert``), order kept."""
+    mask = pc.is_in(corpus.column("image_id"), value_set=pa.array(sorted(keep), pa.string()))
+    return corpus.filter(pc.invert(mask) if invert else mask)
+
+
+def select_subset(corpus: pa.Table, limit: int | None, include: Sequence[str] = (),
+                  exclude: Sequence[str] = ()) -> pa.Table:
+    """Images to index: ids matching an ``exclude`` glob dropped; with ``limit``, every id matching an
+    ``include`` glob plus a stable sample of the others, ``limit`` in all."""
+    if exclude:
+        ids = corpus.column("image_id").to_pylist()
+        corpus = filter_ids(corpus, {i for i in ids if not any(fnmatch.fnmatchcase(i, p) for p in exclude)})
+    if limit is None:
+        return corpus
+    ids = corpus.column("image_id").to_pylist()
+    must = {i for i in ids if any(fnmatch.fnmatchcase(i, pat) for pat in include)}
+    rest = subset_ids([i for i in ids if i not in must], max(0, limit - len(must)))
+    return filter_ids(corpus, must | set(rest))
+
+
+def rows_by_shard(manifest: pa.Table) -> dict[int, list[dict[str, Any]]]:
+    """Manifest rows grouped by shard number, shards in increasing order, rows in manifest order."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for r in manifest.to_pylist():
+        out.setdefault(int(r["shard"]), []).append(r)
+    return dict(sorted(out.items()))
+
+
+def diff_corpus(previous: pa.Table, current: pa.Table) -> dict[str, set[str]]:
+    """Ids that are new, deleted, or changed (same id, different URI, size or version) between two listings."""
+    def key(t: pa.Table) -> dict[str, tuple]:
+        return {i: (u, s, v) for i, u, s, v in zip(*(t.column(c).to_pylist() for c in ("image_id", "uri", "size",
+                                                                                     "version")))}
+    prev, cur = key(previous), key(current)
+    return {"new": set(cur) - set(prev), "deleted": set(prev) - set(cur),
+            "changed": {i for i in set(prev) & set(cur) if prev[i] != cur[i]}}
+
+
+__all__ = ["diff_corpus", "MANIFEST_SCHEMA", "list_corpus", "assign_shards", "num_shards", "subset_ids", "filter_ids",
+           "select_subset", "rows_by_shard"]

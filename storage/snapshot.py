@@ -13,8 +13,8 @@ reader never sees a half-written build, and a failed build publishes nothing.
 
 Works with local paths, ``file://`` and ``s3://`` (any fsspec URL): the filesystem comes from
 ``fsspec.core.url_to_fs``; S3 endpoint and credentials come from the standard environment variables
-(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) picked up by s3fs. This module imports nothing else of
-the project.
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...) picked up by s3fs. It imports only the run layout
+(``storage.layout``).
 """
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ from typing import Any, BinaryIO, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.layout import RunLayout
+from storage.layout import LATEST_FILE as LATEST
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-LATEST = "LATEST"
 FORMAT_VERSION = 1
 _VERSION_RE = re.compile(r"^v(\d{8}T\d{12})Z-([0-9a-f]{8})$")
 _CHUNK = 8 << 20
@@ -54,7 +56,7 @@ def _fs(root_uri: str, storage_options: dict[str, Any] | None = None) -> tuple[f
 def _base(root: str, name: str) -> str:
     if not name or "/" in name or name in (".", ".."):
         raise ValueError(f"bad index name {name!r}")
-    return posixpath.join(root, "indexes", name)
+    return RunLayout(root).index_dir(name)
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -366,6 +368,18 @@ def open_latest(
     if v is None:
         raise FileNotFoundError(f"no published snapshot of {name} under {root_uri}")
     return open_version(root_uri, name, v, verify=verify, storage_options=storage_options)
+
+
+def list_names(root_uri: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Names of the indexes of a run that have a published version (a ``LATEST``), sorted."""
+    fs, root = _fs(root_uri, storage_options)
+    base = posixpath.dirname(_base(root, "x"))
+    try:
+        entries = fs.ls(base, detail=False)
+    except FileNotFoundError:
+        return []
+    names = [posixpath.basename(fs._strip_protocol(p).rstrip("/")) for p in entries]
+    return sorted(n for n in names if fs.exists(posixpath.join(base, n, LATEST)))
 
 
 def _scan(fs: fsspec.AbstractFileSystem, base: str) -> Iterator[tuple[str, bool]]:

@@ -12,16 +12,14 @@ import time
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.arrays import load_json, save_json
+from storage.layout import RunLayout
+from storage.layout import shard_label as shard_name
 from storage.schemas import check_schema_version
-from storage.uri import exists, join, listdir, read_bytes, remove, write_bytes_atomic
-
-
-def shard_name(shard: int | str) -> str:
-    """Canonical shard label (``00042``, or a string label such as ``d20261123-00001`` for deltas)."""
-    return f"{shard:05d}" if isinstance(shard, int) else str(shard)
+from storage.uri import exists, listdir, read_bytes, remove, write_bytes_atomic
 
 
 def write_parquet(uri: str, table: pa.Table, compression: str = "zstd") -> int:
@@ -46,15 +44,16 @@ class StageManifest:
     def __init__(self, root: str, stage: str) -> None:
         self.root = root
         self.stage = stage
-        self.dir = join(root, "stages", stage)
+        self.layout = RunLayout(root)
+        self.dir = self.layout.stage_dir(stage)
 
     def marker_uri(self, shard: int | str) -> str:
-        return join(self.dir, "shards", shard_name(shard) + ".json")
+        return self.layout.shard_marker(self.stage, shard)
 
     def committed(self) -> dict[str, dict[str, Any]]:
         """Committed shards: label → marker content (files written, counts, ...)."""
         out = {}
-        for uri in listdir(join(self.dir, "shards")):
+        for uri in listdir(self.layout.shard_markers_dir(self.stage)):
             if uri.endswith(".json"):
                 out[uri.rsplit("/", 1)[-1][:-5]] = load_json(uri)
         return out
@@ -72,10 +71,10 @@ class StageManifest:
         remove(self.marker_uri(shard))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        save_json(join(self.dir, "stage.json"), summary)
+        save_json(self.layout.stage_summary(self.stage), summary)
 
     def summary(self) -> dict[str, Any] | None:
-        uri = join(self.dir, "stage.json")
+        uri = self.layout.stage_summary(self.stage)
         return load_json(uri) if exists(uri) else None
 
     def reset(self) -> None:
@@ -88,9 +87,10 @@ class TableStore:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self.layout = RunLayout(root)
 
     def file_uri(self, table: str, stage: str, shard: int | str) -> str:
-        return join(self.root, "tables", table, f"{stage}-{shard_name(shard)}.parquet")
+        return self.layout.table_file(table, stage, shard)
 
     def write(self, table: str, stage: str, shard: int | str, data: pa.Table) -> str:
         """Write ``data`` as the shard's file of ``table`` (not visible until the shard is committed)."""
@@ -101,7 +101,7 @@ class TableStore:
     def committed_files(self, table: str, stages: Iterable[str] | None = None) -> list[str]:
         """URIs of ``table``'s files listed by committed markers (of the given stages, default: all)."""
         stage_names = list(stages) if stages is not None else [
-            u.rsplit("/", 1)[-1] for u in listdir(join(self.root, "stages"))]
+            u.rsplit("/", 1)[-1] for u in listdir(self.layout.stages_dir)]
         files = []
         for stage in stage_names:
             for _, marker in sorted(StageManifest(self.root, stage).committed().items()):
@@ -122,3 +122,52 @@ class TableStore:
         if not parts:
             return pa.table({}) if columns is None else pa.table({c: pa.array([]) for c in columns})
         return pa.concat_tables(parts, promote_options="permissive")
+
+
+def drop_images(root: str, stage: str, image_ids: set[str], shards: set[str]) -> list[str]:
+    """Rewrite the committed ``shards`` of ``stage`` (those the manifest says hold ``image_ids``) without them.
+
+    Returns the labels of the rewritten shards. Each table file is rewritten atomically, then the marker is
+    replaced, so readers see the old or the new shard, never a mix that duplicates or loses rows.
+    """
+    manifest = StageManifest(root, stage)
+    rewritten = []
+    value_set = pa.array(sorted(image_ids), pa.string())
+    for label in sorted(shards):
+        if not manifest.is_committed(label):
+            continue
+        marker = load_json(manifest.marker_uri(label))
+        files = marker.get("files", {})
+        tables = {name: read_parquet(uri) for name, uri in files.items()}
+        hit = any(t.num_rows and pc.any(pc.is_in(t.column("image_id"), value_set=value_set)).as_py()
+                  for t in tables.values())
+        if not hit:
+            continue
+        kept_tables, dropped_ok = {}, set()
+        for name, t in tables.items():
+            gone = pc.is_in(t.column("image_id"), value_set=value_set)
+            if name != "errors":
+                dropped_ok.update(t.filter(gone).column("image_id").to_pylist())
+            kept_tables[name] = kept = t.filter(pc.invert(gone))
+        # new file names, then the marker switch: a reader holding the old marker still finds the old files,
+        # one with the new marker finds only new files (never a new regions file next to an old globals file)
+        stamp = f"r{time.time_ns()}"
+        new_files = {}
+        for name, kept in kept_tables.items():
+            new_files[name] = TableStore(root).layout.table_file(name, stage, label, stamp)
+            write_parquet(new_files[name], kept)
+        info = {k: v for k, v in marker.items() if k not in ("files", "shard", "committed_at", "rewritten_at")}
+        # the old marker's counts include the dropped rows: count what the rewritten shard holds
+        if "images" in info:
+            info["images"] = (kept_tables["images"].num_rows if "images" in kept_tables
+                              else max(0, int(info["images"]) - len(dropped_ok)))
+        if "errors" in info and "errors" in kept_tables:
+            info["errors"] = kept_tables["errors"].num_rows
+        if "rows" in info and "globals" in kept_tables:
+            info["rows"] = kept_tables["globals"].num_rows
+        manifest.commit(label, new_files, **info, rewritten_at=time.time())
+        for old_uri in files.values():
+            if old_uri not in new_files.values():
+                remove(old_uri)
+        rewritten.append(label)
+    return rewritten

@@ -26,9 +26,9 @@ PIPELINE_STAGES = ["extract", "whiten", "graph", "object_saliency", "descriptors
 
 
 def asmk_available() -> bool:
-    """Whether the ASMK stage is implemented (``actors.asmk.run_asmk`` imports)."""
+    """Whether the ASMK stage imports (``actors.asmk.run_asmk_stage``)."""
     try:
-        from actors.asmk import run_asmk  # noqa: F401
+        from actors.asmk import run_asmk_stage  # noqa: F401
     except Exception:  # noqa: BLE001 - missing, half-written or failing to import: leave the stage out
         return False
     return True

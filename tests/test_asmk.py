@@ -395,7 +395,7 @@ def test_extract_features_takes_locals_from_the_local_only_scale():
     (strongest first, positions in original pixels), and the decode side grows with it."""
     from pipeline.extract import ExtractConfig, extract_features, scaled_sizes
 
-    cfg = ExtractConfig(max_side=96, global_methods=("mac",), region_sources=("full",), local_features=2,
+    cfg = ExtractConfig(max_side=96, globals=("mac",), regions=("full",), local_features=2,
                         local_scales=(1.0, 2.0))
     assert cfg.forward_scales == (1.0, 2.0) and cfg.decode_side == 192
     assert scaled_sizes(300, 200, cfg) == [(96, 64), (192, 128)]

@@ -4,10 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.asmk import KERNEL_CONFIGS, kernel_config, open_asmk
 from jobs import index as index_job
-from pipeline.asmk import build_index
+from pipeline.asmk import KERNEL_CONFIGS, build_index, kernel_config
 from pipeline.codebook import assign
+from service.indexes import LoadedASMK, open_asmk
+from storage.layout import RunLayout
+from storage.schemas import descriptors_to_numpy
 from storage.snapshot import open_latest
 from storage.tables import TableStore
 
@@ -37,18 +39,16 @@ def test_snapshots_cover_the_corpus_and_equal_one_build(asmk_run):
     store = TableStore(out)
     images = sorted(store.read("images", ["extract"]).column("image_id").to_pylist())
     loc = store.read("locals", ["extract"])
-    codebook = np.load(asmk_run / "artefacts" / "asmk" / "codebook.npy")
+    codebook = np.load(RunLayout(out).artefact("asmk_codebook"))
     assert codebook.shape == (32, loc.schema.field("descriptor").type.list_size)
     for name in ("asmk_star", "r_asmk_star", "d2r_asmk_star"):
         snap = open_latest(out, f"asmk_{name}")
-        ids = np.load(asmk_run / "indexes" / f"asmk_{name}" / snap.version / "image_ids.npy")
+        ids = np.load(snap.path("image_ids.npy"))
         assert sorted(ids.tolist()) == images  # every extracted image exactly once
         assert snap.manifest["parameters"]["bytes_per_image"] > 0
         loaded = open_asmk(out, name)
         # the sharded build merged in shard order equals one build over all descriptors (same int ids)
         pos = {i: k for k, i in enumerate(ids.tolist())}
-        from storage.schemas import descriptors_to_numpy
-
         des = np.asarray(descriptors_to_numpy(loc.column("descriptor")), np.float32)
         img = np.array([pos[i] for i in loc.column("image_id").to_pylist()])
         order = np.argsort(img, kind="stable")
@@ -69,14 +69,12 @@ def test_snapshots_cover_the_corpus_and_equal_one_build(asmk_run):
 def test_search_finds_the_database_image_itself(asmk_run):
     out = str(asmk_run)
     loc = TableStore(out).read("locals", ["extract"])
-    from storage.schemas import descriptors_to_numpy
-
     ids = np.asarray(loc.column("image_id").to_pylist())
     des = np.asarray(descriptors_to_numpy(loc.column("descriptor")), np.float32)
     loaded = open_asmk(out, "asmk_star")
     for target in np.unique(ids)[:4]:
-        scores, hits = loaded.search(des[ids == target], top_k=5)
-        assert hits[0] == target
+        scores, hits = loaded.search([des[ids == target]], top_k=5)[0]
+        assert loaded.image_ids[hits[0]] == target
         assert np.all(np.diff(scores) <= 1e-6)
 
 
@@ -84,14 +82,17 @@ def test_query_multiple_assignment_reaches_the_second_nearest_word():
     """Hand-made case: the query descriptor's nearest word holds image "b", its second nearest image "a"; both
     residual sign patterns differ from the query's in one of four bits, so ASMK* similarity is (1 - 2/4)^3 in
     each word. Single assignment finds only "b"; two-word assignment finds both, with equal scores."""
-    from actors.asmk import LoadedASMK
-
     C = np.eye(4, dtype=np.float32)[:2]                              # word 0 = e0, word 1 = e1
     db = np.array([[1.1, .1, .1, .1], [.1, 1.1, .1, .1]], np.float32)  # residual (+,+,+,+) in its own word
     inv = build_index(db, assign(db, C)[0], np.array([0, 1]), C, kernel_config("asmk_star"))
     q = np.array([[.55, .6, .3, .3]], np.float32)  # |q-e1|^2 = .6425 < |q-e0|^2 = .7425; signs (+,-,+,+) / (-,+,+,+)
-    single = dict(zip(*reversed(LoadedASMK(inv, C, np.array(["a", "b"]), query_multiple=1).search(q, 2)), strict=True))
-    double = dict(zip(*reversed(LoadedASMK(inv, C, np.array(["a", "b"]), query_multiple=2).search(q, 2)), strict=True))
+    names = np.array(["a", "b"])
+
+    def scores(multiple: int) -> dict[str, float]:
+        s, ids = LoadedASMK(inv, C, names, query_multiple=multiple).search([q], 2)[0]
+        return dict(zip(names[ids].tolist(), s.tolist(), strict=True))
+
+    single, double = scores(1), scores(2)
     assert single.get("b", 0) > 0 and single.get("a", 0) == 0
     assert double["a"] > 0 and double["a"] == pytest.approx(double["b"])
 

@@ -1,4 +1,5 @@
-"""jobs.benchmark: method parsing, exact search helpers, synthetic distractors, and a tiny end-to-end run.
+"""The benchmark: method parsing, ranking helpers, synthetic distractors, ranking through the search service,
+and a tiny end-to-end run.
 
 The end-to-end test indexes 20 real museum-landmarks images (max side 256), runs two methods (GeM and
 regional:fs_egm) on 4 queries and checks report.json against rankings recomputed here independently (plain
@@ -10,13 +11,21 @@ import json
 import os
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from jobs import benchmark as bm
+from pipeline.distractors import SYNTH_CHUNK, calibrate_noise, negative_pool, synthetic_globals, \
+    synthetic_regions_chunk
 from pipeline.evaluation import compute_map, protocol_gnd
+from pipeline.ranking import RegionSet, best_region, rank_scores, regional_image_scores, trim_width
+from service.benchmark import ASMK_ORDER, Benchmark, default_methods, slug
+from service.encoder import QueryDescriptors
+from service.indexes import LoadedIndex
+from service.search import MethodSpec, SearchService, parse_method
+from service.errors import UserError
+from service.tracks import Track, label_of
 from storage.datasets import Dataset
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks"
@@ -28,34 +37,34 @@ def _l2n(x):
 
 # ------------------------------------------------------------------------------------------- method names
 def test_parse_method_names():
-    assert bm.parse_method("gem") == bm.MethodSpec("gem", "global", "gem")
-    assert bm.parse_method("os_egm+aqe").rerank == "aqe"
-    assert bm.parse_method("gem+diffusion").rerank == "diffusion"
-    r = bm.parse_method("regional:fs_egm@full")
+    assert parse_method("gem") == MethodSpec("gem", "global", "gem")
+    assert parse_method("os_egm+aqe").reranks == ("aqe",)
+    assert parse_method("gem+aqe+diffusion").reranks == ("aqe", "diffusion")
+    r = parse_method("regional:fs_egm@full")
     assert (r.family, r.base, r.query_regions) == ("regional", "fs_egm", False)
-    assert bm.parse_method("regional:grid").query_regions
-    assert bm.parse_method("r_asmk_star").family == "asmk"
-    for bad in ("gem+foo", "regional:cam", "vlad", "regional:fs_egm@x"):
-        with pytest.raises(ValueError):
-            bm.parse_method(bad)
+    assert parse_method("regional:grid").query_regions
+    assert parse_method("r_asmk_star").family == "asmk" and parse_method("r_asmk_star").index_name == "asmk_r_asmk_star"
+    for bad in ("gem+foo", "regional:sift", "vlad2", "regional:fs_egm@x"):
+        with pytest.raises(UserError, match="unknown"):
+            parse_method(bad)
 
 
 def test_default_methods_follow_what_the_index_has():
-    m = bm.default_methods({"gem", "mac", "fs_egm"}, {"full", "grid", "fs_egm"}, has_locals=False)
+    m = default_methods({"gem", "mac", "fs_egm", "regional:fs_egm", "regional:grid"})
     assert m == ["mac", "gem", "fs_egm", "gem+aqe", "gem+diffusion", "regional:fs_egm", "regional:fs_egm@full",
                  "regional:grid", "regional:grid@full"]
-    m = bm.default_methods(bm.GLOBAL_METHODS, {"full", "fs_egm", "os_egm"}, has_locals=True)
+    m = default_methods({"gem", "os_egm", "regional:os_egm", *ASMK_ORDER})
     assert "os_egm+diffusion" in m and "gem+diffusion" not in m
-    assert m[-3:] == list(bm.ASMK_METHODS)
+    assert m[-3:] == list(ASMK_ORDER)
 
 
 # ------------------------------------------------------------------------------------------- search helpers
 def test_rank_scores_ties_by_id_and_missing_last():
     S = np.array([[0.5, 0.9, 0.5, -np.inf, 0.1]], np.float32)
-    D, I = bm.rank_scores(S, 5)
+    D, I = rank_scores(S, 5)
     assert I.tolist() == [[1, 0, 2, 4, -1]]
     assert D[0, :4].tolist() == pytest.approx([0.9, 0.5, 0.5, 0.1])
-    _, I = bm.rank_scores(S, 2, ids=np.array([10, 11, 12, 13, 14]))
+    _, I = rank_scores(S, 2, ids=np.array([10, 11, 12, 13, 14]))
     assert I.tolist() == [[11, 10]]
 
 
@@ -65,9 +74,9 @@ def test_regional_image_scores_equal_a_loop():
     img = rng.integers(0, n_img - 1, size=40)          # image 6 has no region
     X = _l2n(rng.normal(size=(40, d))).astype(np.float32)
     items = [_l2n(rng.normal(size=(m, d))).astype(np.float32) for m in (1, 3, 0, 5)]
-    rs = bm.RegionSet.build(X, img, boxes=np.c_[np.arange(40), np.zeros(40), np.arange(40) + 1, np.ones(40)])
+    rs = RegionSet.build(X, img, boxes=np.c_[np.arange(40), np.zeros(40), np.arange(40) + 1, np.ones(40)])
     for budget in (1 << 25, 64):                       # one block, and many tiny blocks / batches
-        S = bm.regional_image_scores(items, rs, n_img, budget=budget)
+        S = regional_image_scores(items, rs, n_img, budget=budget)
         for q, it in enumerate(items):
             for i in range(n_img):
                 rows = np.flatnonzero(img == i)
@@ -78,8 +87,8 @@ def test_regional_image_scores_equal_a_loop():
     q, i = 1, int(img[0])
     rows = np.flatnonzero(img == i)
     r_best = rows[np.argmax((items[q] @ X[rows].T).max(axis=0))]
-    assert bm.best_region(items[q], rs, i)[0] == pytest.approx(r_best)
-    assert bm.best_region(items[q], rs, 6) is None
+    assert best_region(items[q], rs, i)[0] == pytest.approx(r_best)
+    assert best_region(items[q], rs, 6) is None
 
 
 def test_trim_width_drops_padding_consistently():
@@ -87,7 +96,7 @@ def test_trim_width_drops_padding_consistently():
     X[:, :3] = 1
     Q = np.zeros((2, 6), np.float32)
     Q[:, :2] = 1
-    Xt, Qt = bm.trim_width(X, Q)
+    Xt, Qt = trim_width(X, Q)
     assert Xt.shape == (3, 3) and Qt.shape == (2, 3)
     assert np.allclose(Xt @ Qt.T, X @ Q.T)
 
@@ -95,8 +104,8 @@ def test_trim_width_drops_padding_consistently():
 def test_negative_pool_and_labels():
     gnd = [{"easy": np.array([0]), "hard": np.array([2]), "junk": np.array([3])},
            {"easy": np.array([5]), "hard": np.empty(0, np.int64), "junk": np.empty(0, np.int64)}]
-    assert bm.negative_pool(gnd, 7).tolist() == [1, 4, 6]
-    assert [bm.label_of(gnd[0], i) for i in (0, 2, 3, 1)] == ["pos", "pos", "junk", "neg"]
+    assert negative_pool(gnd, 7).tolist() == [1, 4, 6]
+    assert [label_of(gnd[0], i) for i in (0, 2, 3, 1)] == ["pos", "pos", "junk", "neg"]
 
 
 # ------------------------------------------------------------------------------------------- synthetic distractors
@@ -104,20 +113,20 @@ def test_synthetic_globals_are_nested_unit_vectors_matching_the_statistics():
     rng = np.random.default_rng(1)
     centre = _l2n(rng.normal(size=32))
     pool = _l2n(centre + 0.6 * rng.normal(size=(300, 32))).astype(np.float32)
-    noise, target, got = bm.calibrate_noise(pool, pool, seed=0)
+    noise, target, got = calibrate_noise(pool, pool, seed=0)
     sim = pool @ pool.T
     np.fill_diagonal(sim, -np.inf)
     assert target == pytest.approx(sim.max(axis=1).mean(), abs=1e-5)   # all 300 rows sampled: exact
     assert noise > 0 and got == pytest.approx(target, abs=0.01)
-    big = bm.synthetic_globals(pool, bm.SYNTH_CHUNK + 50, noise, seed=3)
-    small = bm.synthetic_globals(pool, 70, noise, seed=3)
+    big = synthetic_globals(pool, SYNTH_CHUNK + 50, noise, seed=3)
+    small = synthetic_globals(pool, 70, noise, seed=3)
     assert np.array_equal(big[:70], small)
     assert np.allclose(np.linalg.norm(big, axis=1), 1, atol=1e-5)
     # a fresh sample of synthetic rows is as close to its nearest real row as real rows are to each other
     assert float((big[:3000] @ pool.T).max(axis=1).mean()) == pytest.approx(target, abs=0.02)
     # with groups, rows of the same image are not neighbours of each other
     g = np.repeat(np.arange(150), 2)
-    _, target_g, _ = bm.calibrate_noise(pool, pool, g, g, seed=0)
+    _, target_g, _ = calibrate_noise(pool, pool, g, g, seed=0)
     sim_g = pool @ pool.T
     sim_g[g[:, None] == g[None, :]] = -np.inf
     assert target_g == pytest.approx(sim_g.max(axis=1).mean(), abs=1e-5)
@@ -127,77 +136,84 @@ def test_synthetic_regions_copy_a_negative_layout():
     rng = np.random.default_rng(2)
     img = np.repeat(np.arange(5), [1, 2, 3, 4, 5])
     X = _l2n(rng.normal(size=(15, 16))).astype(np.float32)
-    rs = bm.RegionSet.build(X, img)
-    Xs, simg = bm.synthetic_regions_chunk(rs, np.array([2, 4]), chunk=0, size=40, noise=0.1, seed=0)
+    rs = RegionSet.build(X, img)
+    Xs, simg = synthetic_regions_chunk(rs, np.array([2, 4]), chunk=0, size=40, noise=0.1, seed=0)
     counts = np.bincount(simg, minlength=40)
     assert set(counts.tolist()) <= {3, 5}                  # layouts of the negatives 2 (3 regions) and 4 (5)
     assert np.allclose(np.linalg.norm(Xs, axis=1), 1, atol=1e-5)
-    Xs2, simg2 = bm.synthetic_regions_chunk(rs, np.array([2, 4]), chunk=0, size=10, noise=0.1, seed=0)
+    Xs2, simg2 = synthetic_regions_chunk(rs, np.array([2, 4]), chunk=0, size=10, noise=0.1, seed=0)
     n10 = int(np.searchsorted(simg, 10))
     assert np.array_equal(simg2, simg[:n10]) and np.allclose(Xs2, Xs[:n10])
 
 
-# ------------------------------------------------------------------------------------------- Benchmark.run_global
-class _FakeEncoder:
-    def __init__(self, ids, X):
-        self.ids, self.X = ids, X
-
-    def database_globals(self, method, image_ids=None):
-        return list(self.ids), self.X
-
-
+# ------------------------------------------------------------------------------------------- through the service
 def _fake_bench(n_db=12, d=6, seed=0):
+    """A track of ``n_db`` images whose GeM descriptors are in an in-memory index (one image failed)."""
     rng = np.random.default_rng(seed)
     X = _l2n(rng.normal(size=(n_db, d))).astype(np.float32)
     Xpad = np.pad(X, ((0, 0), (0, 2)))                    # the table pads narrow methods with zero columns
     ids = [f"im{i:02d}" for i in range(n_db)]
-    order = rng.permutation(n_db)                          # table order differs from database order
-    enc = _FakeEncoder([ids[i] for i in order[1:]], Xpad[order[1:]])  # image order[0] failed extraction
+    order = rng.permutation(n_db)                          # index order differs from database order
+    index = LoadedIndex.from_vectors(Xpad[order[1:]], [ids[i] for i in order[1:]])  # order[0] failed extraction
+    service = SearchService("/nonexistent", encoder=object(), indexes={"global_gem": index})
     ds = Dataset(name="fake", root="/nonexistent", images=ids, queries=["q0", "q1"],
                  gnd=[{"easy": np.array([1]), "hard": np.array([2]), "junk": np.empty(0, np.int64), "bbx": None},
                       {"easy": np.array([3]), "hard": np.empty(0, np.int64), "junk": np.empty(0, np.int64),
                        "bbx": None}])
-    t = bm.Track("fake", ds, np.arange(2), db_union=np.arange(n_db))
+    t = Track("fake", ds, np.arange(2), db_union=np.arange(n_db))
     Q = _l2n(rng.normal(size=(2, d))).astype(np.float32)
-    qdesc = {"k0": SimpleNamespace(globals={"gem": np.pad(Q[0], (0, 2))}),
-             "k1": SimpleNamespace(globals={"gem": np.pad(Q[1], (0, 2))})}
-    b = bm.Benchmark(enc, [t], ids, qdesc, {"fake": ["k0", "k1"]})
+    qdesc = {"k0": QueryDescriptors(globals={"gem": np.pad(Q[0], (0, 2))}),
+             "k1": QueryDescriptors(globals={"gem": np.pad(Q[1], (0, 2))})}
+    b = Benchmark(service, [t], ids, qdesc, {"fake": ["k0", "k1"]})
     return b, t, X, Q, int(order[0])
 
 
-def test_run_global_matches_numpy_search_and_aqe():
+def test_ranking_through_the_service_matches_numpy_search_and_aqe():
     b, t, X, Q, missing = _fake_bench()
-    r = b.run_global(t, bm.parse_method("gem"))
+    r = b.run(t, parse_method("gem"))
     S = Q @ X.T
     S[:, missing] = -np.inf
     expect = np.argsort(-S, axis=1, kind="stable")[:, : len(X) - 1]
     assert np.array_equal(r.ids[:, : len(X) - 1], expect)
     assert missing not in r.ids
-    assert r.index_bytes == (len(X) - 1) * X.shape[1] * 4      # padding columns are not counted
+    assert r.index_bytes == (len(X) - 1) * X.shape[1] * 4      # padding columns are not stored
     # AQE: q' = L2(q + sum of the top 10 descriptors), then a second exact search
-    ra = b.run_global(t, bm.parse_method("gem+aqe"))
+    ra = b.run(t, parse_method("gem+aqe"))
     Q2 = _l2n(Q + X[expect[:, :10]].sum(axis=1))
     S2 = Q2 @ X.T
     S2[:, missing] = -np.inf
-    assert np.array_equal(ra.ids, np.argsort(-S2, axis=1, kind="stable")[:, : len(X) - 1])
+    assert np.array_equal(ra.ids[:, : len(X) - 1], np.argsort(-S2, axis=1, kind="stable")[:, : len(X) - 1])
 
 
-def test_run_global_with_synthetic_rows_appends_negative_ids():
+def test_restriction_to_a_track_database():
     b, t, X, Q, missing = _fake_bench()
+    allowed = [f"im{i:02d}" for i in (0, 3, 5, 7) if i != missing]
+    r = b.service.rank([b.qdesc["k0"]], "gem", allowed=allowed)[0]
+    assert set(r.image_ids) == set(allowed)
+    S = {i: float(Q[0] @ X[int(i[2:])]) for i in allowed}
+    assert r.image_ids == sorted(allowed, key=lambda i: -S[i])
+
+
+def test_synthetic_rows_are_appended_as_negative_ids():
+    b, t, X, Q, missing = _fake_bench()
+    idx = b.service.index(parse_method("gem"))
     synth = _l2n(np.random.default_rng(5).normal(size=(4, X.shape[1]))).astype(np.float32)
     synth[0] = Q[0]                                          # a distractor identical to query 0: ranked first
-    r = b.run_global(t, bm.parse_method("gem"), synth)
-    assert r.ids[0, 0] == t.n_db + 0
-    assert set(r.ids.ravel()) == (set(range(t.n_db)) - {missing}) | set(range(t.n_db, t.n_db + 4))
+    ext = idx.extended(synth)
+    rk = b.service.rank([b.qdesc["k0"], b.qdesc["k1"]], "gem", allowed=b.allowed(t) + [f"synthetic:{j}" for j in
+                                                                                        range(4)], index=ext)
+    I, _ = b.to_track(t, rk, t.n_db + 4)
+    assert I[0, 0] == t.n_db + 0
+    assert set(I.ravel()) == (set(range(t.n_db)) - {missing}) | set(range(t.n_db, t.n_db + 4)) | {-1}
     S = Q @ np.concatenate([X, synth]).T
     S[:, missing] = -np.inf
-    assert np.array_equal(r.ids, np.argsort(-S, axis=1, kind="stable")[:, : S.shape[1] - 1])
+    assert np.array_equal(I[:, : S.shape[1] - 1], np.argsort(-S, axis=1, kind="stable")[:, : S.shape[1] - 1])
 
 
-def test_run_global_diffusion_keeps_the_result_set():
+def test_diffusion_keeps_the_result_set():
     b, t, X, Q, missing = _fake_bench(n_db=30, seed=4)
-    r0 = b.run_global(t, bm.parse_method("gem"))
-    rd = b.run_global(t, bm.parse_method("gem+diffusion"))
+    r0 = b.run(t, parse_method("gem"))
+    rd = b.run(t, parse_method("gem+diffusion"))
     for a, c in zip(r0.ids, rd.ids):
         assert sorted(a.tolist()) == sorted(c.tolist())
 
@@ -253,22 +269,24 @@ def test_benchmark_end_to_end(tmp_path, ray_local):
     assert set(tr["methods"]) == {"gem", "regional:fs_egm"}
 
     # ---- independent rankings from the index's tables and freshly encoded queries
-    from actors.query import QueryEncoder
+    from service.encoder import QueryEncoder
     from storage.datasets import load_gnd_json
     from storage.images import decode_image
+    from storage.readers import read_globals
     from storage.schemas import descriptors_to_numpy
+    from storage.tables import TableStore
 
     ds = load_gnd_json(str(gnd_path))
     enc = QueryEncoder(str(out / "index"))
     pos = {name: i for i, name in enumerate(ds.images)}       # index ids are file stems = imlist names
     qs = [enc.encode(decode_image(open(ds.query_path(i), "rb").read()), ds.query_bbox(i)) for i in range(4)]
 
-    ids, X = enc.database_globals("gem")
+    ids, X = read_globals(str(out / "index"), "gem")
     Xdb = np.zeros((20, X.shape[1]), np.float32)
     Xdb[[pos[i] for i in ids]] = X
     rank_gem = [np.argsort(-(Xdb @ q.globals["gem"]), kind="stable") for q in qs]
 
-    t = enc.store.read("regions", ["extract"])
+    t = TableStore(str(out / "index")).read("regions", ["extract"])
     src = np.asarray(t.column("source").to_pylist())
     rimg = np.asarray([pos[i] for i in t.column("image_id").to_pylist()])
     R = enc.whitenings["regions"].apply(descriptors_to_numpy(t.column("descriptor")))
@@ -281,7 +299,7 @@ def test_benchmark_end_to_end(tmp_path, ray_local):
 
     saved = np.load(out / "rankings" / "mini.npz", allow_pickle=False)
     for name, ranks in (("gem", rank_gem), ("regional:fs_egm", rank_reg)):
-        assert np.array_equal(saved[bm.slug(name)], np.stack(ranks)), name
+        assert np.array_equal(saved[slug(name)], np.stack(ranks)), name
         for proto in ("easy", "medium", "hard"):
             m, aps, mpr, _ = compute_map(ranks, protocol_gnd(ds.gnd, proto))
             got = tr["methods"][name][proto]

@@ -160,16 +160,17 @@ def test_shard_level_skip_without_ray(mixed_run):
     import ray
 
     from actors.common import ActorResources
-    from actors.extract import ExtractJob, run_extract
-    from storage.tables import read_parquet
+    from actors.extract import run_extract_stage
+    from pipeline.extract import ExtractConfig
+    from storage.run import read_corpus_manifest
 
     out = mixed_run["out"]
     assert mixed_run["proc"].returncode == 0
     before = _snapshot(out)
-    manifest = read_parquet(str(out / "corpus" / "manifest.parquet"))
+    manifest = read_corpus_manifest(str(out))
     assert manifest.num_rows == 29
     ray_was_up = ray.is_initialized()
-    res = run_extract(ExtractJob(out_root=str(out)), manifest, ActorResources(1.0, 0.0, 1, 1))
+    res = run_extract_stage(str(out), ExtractConfig(local_features=0), manifest, ActorResources(1.0, 0.0, 1, 1))
     assert ray.is_initialized() == ray_was_up  # no actor pool was needed
     assert res["skipped_shards"] == res["shards"] == 8 and res["images"] == 0 and res["errors"] == 0
     assert _snapshot(out) == before
@@ -185,7 +186,7 @@ def _job_descendants(pid: int) -> list[psutil.Process]:
 def _find_extract_worker(pid: int) -> psutil.Process | None:
     for p in _job_descendants(pid):
         try:
-            if "ray::ExtractWorker" in " ".join(p.cmdline()):
+            if "ray::ShardWorker" in " ".join(p.cmdline()):
                 return p
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue

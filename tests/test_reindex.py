@@ -57,7 +57,7 @@ def _state(out: Path) -> dict:
 
 def _search(out: Path, queries: dict[str, Path]) -> dict[tuple[str, str], list[tuple[str, float]]]:
     """Every database image ranked for each query and method (each query encoded once, no QE)."""
-    from jobs.search import SearchService
+    from service.search import SearchService
     from storage.images import decode_image
 
     svc = SearchService(str(out))
@@ -65,8 +65,8 @@ def _search(out: Path, queries: dict[str, Path]) -> dict[tuple[str, str], list[t
     for q, path in queries.items():
         desc = svc.encoder.encode(decode_image(path.read_bytes()))
         for method in SEARCH_METHODS:
-            scores, ids = svc.index(method).search(svc.query_vector(desc, method), 200)
-            res[(q, method)] = list(zip(ids[0], scores[0].tolist()))
+            r = svc.rank([desc], method, depth=200)[0]
+            res[(q, method)] = list(zip(r.image_ids, r.scores.tolist()))
     hits, _ = svc.search(queries["painting_query"].read_bytes(), method="gem", top_k=200)  # the public API agrees
     assert [(h.image_id, h.score) for h in hits] == res[("painting_query", "gem")]
     return res

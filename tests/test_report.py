@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jobs.report import QUERY_BOX_COLOUR, render_report
+from service.report import QUERY_BOX_COLOUR, render_report
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -128,7 +128,7 @@ def test_report_cli_roundtrip(tmp_path, museum):
     rep = _fake_report(museum)
     rep["tracks"]["standard"]["examples"] = rep["tracks"]["standard"]["examples"][:0]  # keep the subprocess quick
     (tmp_path / "r.json").write_text(json.dumps(rep))
-    proc = subprocess.run([sys.executable, "-m", "jobs.report", "--input", str(tmp_path / "r.json"),
+    proc = subprocess.run([sys.executable, "-m", "jobs.benchmark", "--render", str(tmp_path / "r.json"),
                            "--out", str(tmp_path / "o")], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

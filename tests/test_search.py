@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobs import index as index_job
-from jobs.search import SearchService
+from service.search import SearchService
 
 REPO = Path(__file__).resolve().parents[1]
 PAINTINGS = ["painting_0010*", "painting_0011*", "painting_0012*"]
@@ -56,9 +56,9 @@ def test_query_expansion_and_diffusion_keep_the_painting(search_run):
     out, queries = search_run
     service = SearchService(str(out))
     path, target = queries[0]
-    for kwargs in ({"qe": "avg", "qe_n": 3}, {"qe": "alpha", "qe_n": 3}, {"diffusion": True}):
-        results, _ = service.search(path.read_bytes(), method="gem", top_k=5, **kwargs)
-        assert target in [r.image_id for r in results], kwargs
+    for method in ("gem+aqe:3", "gem+alphaqe:3", "gem+diffusion", "gem+aqe:3+diffusion:20"):
+        results, _ = service.search(path.read_bytes(), method=method, top_k=5)
+        assert target in [r.image_id for r in results], method
 
 
 def test_cli_prints_ranking_and_writes_html(search_run, tmp_path):

@@ -1,6 +1,6 @@
 """Static HTML report of a benchmark run: results table, precision-recall curves, ranked examples, saliency.
 
-    python -m jobs.report --input report.json --out DIR      (writes DIR/report.html, DIR/thumbs, DIR/plots)
+    python -m jobs.benchmark --render report.json --out DIR   (writes DIR/report.html, DIR/thumbs, DIR/plots)
 
 The page is self-contained: inline CSS, no JavaScript, no network; images are small JPEG / PNG files next to
 it, linked relatively, so the folder can be copied or served as is.
@@ -41,7 +41,6 @@ Labels map to thumbnail borders: green = positive, red = negative, grey = junk (
 """
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import html
@@ -50,7 +49,6 @@ import logging
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,7 +58,7 @@ from PIL import Image, ImageDraw
 from storage.images import ImageError, decode_image
 from storage.uri import StorageError, read_bytes
 
-log = logging.getLogger("jobs.report")
+log = logging.getLogger("service.report")
 
 PROTOCOL_ORDER = ("easy", "medium", "hard")
 LABEL_CLASS = {"pos": "pos", "neg": "neg", "junk": "junk"}
@@ -354,20 +352,4 @@ def render_report(
     return target
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: render a report JSON file."""
-    ap = argparse.ArgumentParser(prog="python -m jobs.report", description="Render a benchmark report as HTML.")
-    ap.add_argument("--input", required=True, help="report JSON (schema: python -m pydoc jobs.report)")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--thumb-size", type=int, default=160)
-    ap.add_argument("--max-results", type=int, default=10)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    report = json.loads(read_bytes(args.input).decode("utf-8"))
-    path = render_report(report, args.out, thumb_size=args.thumb_size, max_results=args.max_results)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = ["render_report", "QUERY_BOX_COLOUR", "RESULT_BOX_COLOUR"]

@@ -1,0 +1,92 @@
+"""The ``whiten`` stage: PCA-whitening of regional MACs (supervised Lw when matching pairs are given), and one
+whitening per GAP/sum-pooled global method, learned on samples of the extracted tables and stored as arrays."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.descriptors import OWN_WHITENING
+from pipeline.whitening import (WhitenConfig, Whitening, learn_pca_whitening, learn_supervised_whitening,
+                                whitenings_from_arrays)
+from storage.arrays import save_arrays, save_json
+from storage.artefacts import load_whitening_arrays
+from storage.layout import RunLayout
+from storage.schemas import descriptors_to_numpy
+from storage.tables import TableStore, read_parquet
+from storage.uri import exists
+
+
+def sample_regions(table_files: list[str], sources: tuple[str, ...], n: int, seed: int = 0
+                   ) -> tuple[np.ndarray, pa.Table]:
+    """Up to ``n`` regional descriptors of the given sources, sampled uniformly across shards."""
+    rng = np.random.default_rng(seed)
+    per_file = max(1, n // max(1, len(table_files)))
+    parts, metas = [], []
+    for uri in table_files:
+        t = read_parquet(uri)
+        t = t.filter(pc.is_in(t.column("source"), value_set=pa.array(list(sources))))
+        if t.num_rows > per_file:
+            t = t.take(np.sort(rng.choice(t.num_rows, per_file, replace=False)))
+        parts.append(descriptors_to_numpy(t.column("descriptor")))
+        metas.append(t.drop_columns(["descriptor"]))
+    if not parts:
+        return np.zeros((0, 0), np.float32), pa.table({})
+    return np.concatenate(parts), pa.concat_tables(metas)
+
+
+def _pair_rows(pairs_uri: str, meta: pa.Table) -> np.ndarray:
+    """Row indices (into the sample) of the matching pairs listed in a Parquet file."""
+    pairs_t = read_parquet(pairs_uri)
+    key = {(i, r): j for j, (i, r) in enumerate(zip(meta.column("image_id").to_pylist(),
+                                                    meta.column("region_id").to_pylist()))}
+    cols = [pairs_t.column(c).to_pylist() for c in ("image_id_a", "region_id_a", "image_id_b", "region_id_b")]
+    pairs = [(key[(a, ra)], key[(b, rb)]) for a, ra, b, rb in zip(*cols) if (a, ra) in key and (b, rb) in key]
+    return np.asarray(pairs, np.int64)
+
+
+def run_whiten_stage(root: str, cfg: WhitenConfig, reuse: bool = False) -> dict[str, Any]:
+    """Learn the regional whitening and per-method global whitenings; ``reuse`` keeps existing ones."""
+    t0 = time.time()
+    layout = RunLayout(root)
+    store = TableStore(root)
+    if reuse and exists(layout.whitening("regions")):
+        return {"reused": True}
+    X, meta = sample_regions(store.committed_files("regions", ["extract"]), cfg.sources, cfg.sample)
+    if len(X) < 2:
+        raise RuntimeError("whiten: no region descriptors to learn from (did extraction produce regions?)")
+    dim = int(min(cfg.dim, X.shape[1], len(X) - 1))
+    summary: dict[str, Any] = {}
+    if cfg.pairs:
+        white = learn_supervised_whitening(X, _pair_rows(cfg.pairs, meta), dim=dim)
+        summary["kind"] = "supervised"
+    else:
+        white = learn_pca_whitening(X, dim=dim)
+        summary["kind"] = "pca"
+    save_arrays(layout.whitening("regions"), **white.to_arrays())
+    summary.update(regions_sampled=int(len(X)), dim=dim)
+    # GAP/sum-pooled globals live in other spaces than regional MACs: their own whitening, with a
+    # dimension small enough for the number of images (a whitening needs several samples per dimension)
+    g = store.read("globals", ["extract"])
+    for method in OWN_WHITENING:
+        rows = g.filter(pc.equal(g.column("method"), method))
+        if rows.num_rows < 8:
+            continue
+        Xg = descriptors_to_numpy(rows.column("descriptor"))
+        d = int(min(cfg.dim, Xg.shape[1], max(2, len(Xg) // 4)))
+        save_arrays(layout.whitening(f"global-{method}"), **learn_pca_whitening(Xg, dim=d).to_arrays())
+        summary[f"dim_{method}"] = d
+    summary["seconds"] = time.time() - t0
+    save_json(layout.artefact("whitening_info"), summary)
+    return summary
+
+
+def load_whitenings(root: str) -> dict[str, Whitening]:
+    """Every whitening of a run: ``regions`` and the ``global-<method>`` ones that exist."""
+    return whitenings_from_arrays(load_whitening_arrays(root, OWN_WHITENING))
+
+
+__all__ = ["run_whiten_stage", "load_whitenings", "sample_regions"]

@@ -1,0 +1,107 @@
+"""Final global descriptors of an image from its regional and raw global descriptors (the ``descriptors`` stage).
+
+* ``rmac`` = ``L2( sum_R w(m_A(R)) )`` over the full-image and R-MAC grid regions (seed 003, ALGORITHMS.md §1);
+* ``fs_egm`` / ``os_egm`` / ``os_egm4`` = ``w( sum_R L2(m_A(R)) )`` over the detected regions (seed 001 §3.9):
+  the sums are computed at extraction time (``fs_egm_sum``, ``os_egm_sum``, ``os_egm4_sum``) and whitened here;
+* MAC uses the regional whitening (same space as regional MACs); GAP/sum-pooled globals (GeM, SPoC, CroW,
+  CAM-OfA) live in other spaces and get their own whitening (``global-<method>``).
+
+The same function serves the database (per shard) and queries, so both sides are encoded identically.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from pipeline.pooling import l2n_np
+from pipeline.whitening import Whitening
+
+FINAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "rmac", "fs_egm", "os_egm", "os_egm4")
+MAC_FAMILY = ("mac", "rmac", "fs_egm", "os_egm", "os_egm4")
+OWN_WHITENING = ("gem", "spoc", "crow", "cam_ofa")
+SUM_INPUTS = {"fs_egm": "fs_egm_sum", "os_egm": "os_egm_sum", "os_egm4": "os_egm4_sum"}
+RMAC_SOURCES = ("full", "grid")
+
+
+@dataclass(frozen=True)
+class DescriptorsConfig:
+    """Which final global descriptors the ``descriptors`` stage writes."""
+
+    methods: tuple[str, ...] = FINAL_METHODS
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.methods if m not in FINAL_METHODS]
+        if bad:
+            raise ValueError(f"methods: unknown {bad}; known: {list(FINAL_METHODS)}")
+
+
+@dataclass
+class DescriptorRows:
+    """Rows of descriptors with an image id and a label each (a region source or a raw global method)."""
+
+    image_ids: np.ndarray                 # (N,) str
+    labels: np.ndarray                    # (N,) str
+    X: np.ndarray                         # (N, d) float32
+
+    @classmethod
+    def empty(cls, dim: int = 0) -> "DescriptorRows":
+        return cls(np.zeros(0, dtype=str), np.zeros(0, dtype=str), np.zeros((0, dim), np.float32))
+
+
+@dataclass
+class FinalDescriptors:
+    """Output of :func:`final_descriptors`: one row per (image, method), zero-padded to one width."""
+
+    image_ids: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    X: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+
+def whitening_for(method: str, whitenings: Mapping[str, Whitening]) -> Whitening | None:
+    """The whitening a final method uses: its own for GAP/sum-pooled globals, else the regional one."""
+    return whitenings.get(f"global-{method}") if method in OWN_WHITENING else whitenings["regions"]
+
+
+def final_descriptors(regions: DescriptorRows, raw_globals: DescriptorRows, methods: tuple[str, ...] | list[str],
+                      whitenings: Mapping[str, Whitening]) -> FinalDescriptors:
+    """Final global descriptors of a set of images (see the module docstring).
+
+    ``whitenings`` maps ``"regions"`` and ``"global-<method>"`` to learned whitenings; a GAP method without its
+    own whitening is only L2-normalised. Methods whose input is missing are skipped.
+    """
+    out = FinalDescriptors()
+    parts: list[np.ndarray] = []
+
+    def emit(ids: np.ndarray, method: str, X: np.ndarray) -> None:
+        out.image_ids.extend(str(i) for i in ids)
+        out.methods.extend([method] * len(ids))
+        parts.append(X.astype(np.float32))
+
+    if "rmac" in methods and len(regions.image_ids):
+        mask = np.isin(regions.labels, RMAC_SOURCES)
+        ids = regions.image_ids[mask]
+        if len(ids):
+            order = np.argsort(ids, kind="stable")  # group rows per image, keeping their order inside it
+            ids, R = ids[order], whitenings["regions"].apply(regions.X[mask][order])
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            emit(ids[starts], "rmac", l2n_np(np.add.reduceat(R, starts, axis=0)))
+    for method in methods:
+        if method == "rmac":
+            continue
+        mask = raw_globals.labels == SUM_INPUTS.get(method, method)
+        if not mask.any():
+            continue
+        white = whitening_for(method, whitenings)
+        X = raw_globals.X[mask]
+        emit(raw_globals.image_ids[mask], method, white.apply(X) if white is not None else l2n_np(X))
+    if parts:
+        width = max(p.shape[1] for p in parts)
+        # one table file holds one width: zero-padding keeps inner products and norms unchanged
+        out.X = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts])
+    return out
+
+
+__all__ = ["DescriptorsConfig", "DescriptorRows", "FinalDescriptors", "final_descriptors", "whitening_for",
+           "FINAL_METHODS", "MAC_FAMILY", "OWN_WHITENING", "SUM_INPUTS"]

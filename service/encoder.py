@@ -1,0 +1,165 @@
+"""Encode a query image in the descriptor spaces of an index run, exactly as the database was encoded.
+
+:class:`QueryEncoder` loads what an index run stored (its config, backbone, whitenings, local PCA, and the
+graph artefacts for object saliency) and turns a query image, optionally cropped to a box, into the same
+descriptors the database has: final global descriptors of every method, whitened regional descriptors per
+source, saliency maps and boxes, and PCA-reduced local descriptors. Runs in-process (no Ray).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import IndexConfig, config_from_dict
+from pipeline.descriptors import OWN_WHITENING, DescriptorRows, final_descriptors
+from pipeline.backbone import build_backbone
+from pipeline.extract import ImageFeatures, extract_features, scaled_sizes
+from pipeline.local_features import apply_pca
+from pipeline.object_saliency import ObjectSaliencyComputer
+from pipeline.preprocess import to_network_input
+from pipeline.saliency import feature_saliency
+from pipeline.whitening import whitenings_from_arrays
+from service.errors import UserError
+from storage.artefacts import has_graph, load_graph_artefacts, load_local_pca, load_whitening_arrays
+from storage.run import load_run_config
+from storage.weights import load_state_dict
+
+
+@dataclass
+class QueryDescriptors:
+    """Everything a query image yields (numpy float32; boxes in the query image's pixels, after cropping)."""
+
+    globals: dict[str, np.ndarray] = field(default_factory=dict)
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: dict[str, np.ndarray] = field(default_factory=dict)
+    fs_map: np.ndarray | None = None
+    os_map: np.ndarray | None = None
+    local_xy: np.ndarray | None = None
+    local_desc: np.ndarray | None = None
+    image_size: tuple[int, int] = (0, 0)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Flat dict of arrays (an ``.npz`` cache; no pickle)."""
+        out: dict[str, np.ndarray] = {"image_size": np.asarray(self.image_size, np.int64)}
+        for prefix, d in (("g__", self.globals), ("r__", self.regions), ("b__", self.boxes)):
+            out.update({prefix + k: np.asarray(v, np.float32) for k, v in d.items()})
+        for k in ("fs_map", "os_map", "local_xy", "local_desc"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = np.asarray(v, np.float32)
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "QueryDescriptors":
+        q = cls(image_size=tuple(int(v) for v in a["image_size"]))
+        for k, v in a.items():
+            for prefix, d in (("g__", q.globals), ("r__", q.regions), ("b__", q.boxes)):
+                if k.startswith(prefix):
+                    d[k[len(prefix):]] = v
+        for k in ("fs_map", "os_map", "local_xy", "local_desc"):
+            if k in a:
+                setattr(q, k, a[k])
+        return q
+
+
+def parse_bbox(text: str | Iterable[float] | None) -> tuple[float, float, float, float] | None:
+    """``"x0,y0,x1,y1"`` (or four numbers) -> a box; :class:`UserError` when malformed or empty."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")] if isinstance(text, str) else list(text)
+    try:
+        box = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UserError(f"malformed box {text!r}: expected four numbers x0,y0,x1,y1 in pixels") from None
+    if len(box) != 4 or not all(np.isfinite(box)):
+        raise UserError(f"malformed box {text!r}: expected four numbers x0,y0,x1,y1 in pixels")
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise UserError(f"empty box {text!r}: need x1 > x0 and y1 > y0")
+    return box  # type: ignore[return-value]
+
+
+def crop(image: Image.Image, bbox: Iterable[float] | None) -> Image.Image:
+    """Crop to ``(x0, y0, x1, y1)`` pixels (clipped to the image; at least 1 pixel), or return the image."""
+    if bbox is None:
+        return image
+    x0, y0, x1, y1 = (float(v) for v in bbox)
+    x0, y0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
+    x1, y1 = min(image.width, int(np.ceil(x1))), min(image.height, int(np.ceil(y1)))
+    if x1 <= x0 or y1 <= y0:
+        raise UserError(f"the box {tuple(bbox)} lies outside the {image.width}x{image.height} query image")
+    return image.crop((x0, y0, x1, y1))
+
+
+class QueryEncoder:
+    """Encodes queries in the descriptor spaces of the index run at ``root``."""
+
+    def __init__(self, root: str, device: str | None = None) -> None:
+        self.root = root
+        self.cfg: IndexConfig = config_from_dict(load_run_config(root))
+        self.config = self.cfg.extract
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        weights = self.config.weights_spec
+        self.backbone = build_backbone(self.config.backbone, load_state_dict(weights) if weights else None,
+                                       self.config.layer, device=self.device)
+        self.classifier = None
+        if self.backbone.classifier_weight is not None:
+            self.classifier = (self.backbone.classifier_weight, self.backbone.classifier_bias)
+        self.whitenings = whitenings_from_arrays(load_whitening_arrays(root, OWN_WHITENING))
+        self.methods = self.cfg.descriptors.methods
+        self.os: ObjectSaliencyComputer | None = None
+        if has_graph(root):
+            g = load_graph_artefacts(root)
+            self.os = ObjectSaliencyComputer(self.whitenings["regions"], g["f"], g["g"],
+                                             faiss.deserialize_index(g["index_bytes"]), self.cfg.object_saliency,
+                                             self.cfg.graph_beta)
+        self.local_pca = load_local_pca(root)
+
+    def _regions(self, q: QueryDescriptors, feats: list[ImageFeatures]) -> None:
+        """Regional descriptors per source, whitened like the database's."""
+        for f in feats:
+            src = np.asarray(f.region_source)
+            for s in np.unique(src):
+                m = src == s
+                q.regions[str(s)] = np.asarray(self.whitenings["regions"].apply(f.region_desc[m]), np.float32)
+                q.boxes[str(s)] = f.region_boxes[m]
+
+    @torch.inference_mode()
+    def encode(self, image: Image.Image, bbox: Iterable[float] | None = None) -> QueryDescriptors:
+        """Descriptors of ``image`` (RGB), cropped to ``bbox`` first when given (Revisited-Oxford queries)."""
+        img = crop(image.convert("RGB"), bbox)
+        acts = []
+        for w, h in scaled_sizes(img.width, img.height, self.config):
+            x = to_network_input(img, max(w, h)).to(self.device)
+            acts.append(self.backbone(x[None])[0])
+        hw = (img.height, img.width)
+        feats = extract_features(acts, self.config, hw, self.classifier)
+        q = QueryDescriptors(image_size=(img.width, img.height))
+        q.fs_map = feature_saliency(acts[0].float()).cpu().numpy()
+        per_pass = [feats]
+        globals_raw = dict(feats.globals)
+        if self.os is not None:
+            q.os_map = self.os.saliency(acts[0].float())
+            osf = self.os.features(acts[0], hw, saliency=q.os_map)
+            per_pass.append(osf)
+            globals_raw.update(osf.globals)
+        self._regions(q, per_pass)
+        # final globals through the same code as the database's descriptors stage
+        n_reg, names = len(feats.region_source), list(globals_raw)
+        regions = DescriptorRows(np.array(["q"] * n_reg), np.asarray(feats.region_source, dtype=str),
+                                 np.asarray(feats.region_desc, np.float32))
+        raw = DescriptorRows(np.array(["q"] * len(names)), np.asarray(names, dtype=str),
+                             np.stack([np.asarray(globals_raw[n], np.float32) for n in names]))
+        final = final_descriptors(regions, raw, self.methods, self.whitenings)
+        q.globals = {m: final.X[i] for i, m in enumerate(final.methods)}
+        if feats.local_desc is not None and self.local_pca is not None:
+            q.local_xy = feats.local_xy
+            q.local_desc = apply_pca(feats.local_desc, self.local_pca["mean"], self.local_pca["projection"])
+        return q
+
+
+__all__ = ["QueryEncoder", "QueryDescriptors", "crop", "parse_bbox"]

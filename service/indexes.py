@@ -1,0 +1,236 @@
+"""Published index snapshots opened for search: FAISS (global and regional) and ASMK inverted files.
+
+A snapshot is resolved once through ``LATEST`` and then read from its immutable version folder, so a search
+service keeps answering from one consistent version while a reindex publishes the next one.
+
+Exact indexes (``IDMap2,Flat``) are scored with a blocked matrix product over their stored vectors, which
+gives complete rankings, exact restriction to a subset of the database, and the same numbers as a numpy
+reference; approximate ones (IVF, HNSW, PQ) go through FAISS and are filtered afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from pipeline import faiss_index as fi
+from pipeline.asmk import InvertedFile, aggregate_queries
+from pipeline.codebook import assign
+from pipeline.ranking import RegionSet, rank_scores, regional_image_scores
+from service.errors import NotFound
+from storage.arrays import npy_from_bytes
+from storage.snapshot import Snapshot, open_latest
+
+
+def _open(root: str, name: str) -> Snapshot:
+    try:
+        return open_latest(root, name)
+    except FileNotFoundError:
+        raise NotFound(f"index {name!r} is not published in {root} (did its stage run? see run.json)") from None
+
+
+def _read_npy(snap: Snapshot, rel: str) -> np.ndarray:
+    return npy_from_bytes(snap.read_bytes(rel))
+
+
+@dataclass
+class LoadedIndex:
+    """A published FAISS snapshot (``global_<method>`` or ``regional_<source>``) opened for search."""
+
+    snapshot: Snapshot | None
+    searcher: fi.ShardedSearcher | None
+    image_ids: np.ndarray                 # (n_images,) str: int id -> image id
+    region_image: np.ndarray | None       # regional: (n_regions,) int image id of each row
+    dim: int
+    exact: bool = True                    # IDMap2,Flat: scored exactly over the stored vectors
+    _vectors: np.ndarray | None = field(default=None, repr=False)
+    _row_of: dict[str, int] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_vectors(cls, X: np.ndarray, image_ids: Sequence[str], region_image: np.ndarray | None = None
+                     ) -> "LoadedIndex":
+        """An in-memory exact index over ``X`` (rows of images, or of regions with ``region_image``); trailing
+        all-zero columns (the tables' padding) are dropped, as the faiss stage does."""
+        X = np.asarray(X, np.float32)
+        nz = np.flatnonzero(np.any(X != 0, axis=0))
+        dim = int(nz[-1] + 1) if len(nz) else X.shape[1]
+        return cls(None, None, np.asarray(image_ids, dtype=str),
+                   None if region_image is None else np.asarray(region_image, np.int64), dim, True,
+                   np.ascontiguousarray(X[:, :dim]))
+
+    @property
+    def kind(self) -> str:
+        if self.snapshot is None:
+            return "global" if self.region_image is None else "regional"
+        return self.snapshot.manifest.get("parameters", {}).get("kind", "global")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the published snapshot (of the vectors for an in-memory index)."""
+        return int(self.snapshot.manifest.get("bytes", 0)) if self.snapshot is not None else int(self.vectors().nbytes)
+
+    def extended(self, X: np.ndarray, region_image: np.ndarray | None = None, prefix: str = "synthetic:"
+                 ) -> "LoadedIndex":
+        """An in-memory exact copy with extra database items appended (synthetic distractors): global rows
+        ``X``, or regional rows ``X`` with their new image number ``region_image`` (0, 1, ...)."""
+        X = np.ascontiguousarray(np.asarray(X, np.float32)[:, : self.dim])
+        if X.shape[1] < self.dim:
+            X = np.pad(X, ((0, 0), (0, self.dim - X.shape[1])))
+        n_new = len(X) if region_image is None else (int(region_image.max()) + 1 if len(region_image) else 0)
+        ids = np.concatenate([self.image_ids.astype(str), np.array([f"{prefix}{j}" for j in range(n_new)])])
+        img = None if self.region_image is None else np.concatenate(
+            [self.region_image, len(self.image_ids) + np.asarray(region_image, np.int64)])
+        return LoadedIndex(self.snapshot, self.searcher, ids, img, self.dim, True,
+                           np.concatenate([self.vectors(), X]))
+
+    def vectors(self) -> np.ndarray:
+        """Every stored vector by int id (exact indexes only): rows of images, or of regions."""
+        if self._vectors is None:
+            parts = [fi._reconstruct_all(s) for s in self.searcher.shards]
+            n = sum(len(p[1]) for p in parts)
+            X = np.zeros((n, self.dim), np.float32)
+            for V, ids in parts:
+                X[ids] = V[:, : self.dim]
+            self._vectors = X
+        return self._vectors
+
+    def rows(self, image_ids: Sequence[str]) -> np.ndarray:
+        """Int ids of image ids (-1 for unknown ones)."""
+        if self._row_of is None:
+            self._row_of = {str(i): r for r, i in enumerate(self.image_ids)}
+        return np.array([self._row_of.get(str(i), -1) for i in image_ids], np.int64)
+
+    def allowed_mask(self, allowed: np.ndarray | None) -> np.ndarray | None:
+        """Boolean mask over int image ids from a list of allowed image ids (None: all)."""
+        if allowed is None:
+            return None
+        m = np.zeros(len(self.image_ids), bool)
+        r = self.rows(list(allowed))
+        m[r[r >= 0]] = True
+        return m
+
+    # ------------------------------------------------------------------ global
+    def search(self, Q: np.ndarray, k: int | None = None, allowed: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (all when None) images per query row: (scores, int image ids), ties by id, -1 padded."""
+        Q = np.ascontiguousarray(np.atleast_2d(Q)[:, : self.dim], dtype=np.float32)
+        mask = self.allowed_mask(allowed)
+        n_ok = len(self.image_ids) if mask is None else int(mask.sum())
+        k = n_ok if k is None else min(int(k), n_ok)
+        if self.exact:
+            X = self.vectors()
+            ids = np.arange(len(X)) if mask is None else np.flatnonzero(mask)
+            return fi.brute_force_knn(X[ids], Q, k, ids=ids)
+        kk = k
+        while True:  # approximate index: ask for more until enough allowed results come back
+            D, I = self.searcher.search(Q, min(kk, self.searcher.ntotal))
+            if mask is not None:
+                ok = (I >= 0) & mask[np.clip(I, 0, None)]
+                D, I = np.where(ok, D, -np.inf), np.where(ok, I, -1)
+            if kk >= self.searcher.ntotal or (I >= 0).sum(axis=1).min() >= k:
+                return _compact(D, I, k)
+            kk *= 4
+
+    # ------------------------------------------------------------------ regional (D2R: max over items)
+    def region_set(self, allowed: np.ndarray | None = None) -> RegionSet:
+        """The region rows of the allowed images grouped by image (exact indexes)."""
+        img = np.asarray(self.region_image, np.int64)
+        X = self.vectors()
+        mask = self.allowed_mask(allowed)
+        keep = np.ones(len(img), bool) if mask is None else mask[img]
+        return RegionSet.build(X[keep], img[keep])
+
+    def search_regional(self, items: Sequence[np.ndarray], k: int | None = None,
+                        allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores = max over (query item, region of the image) inner products; (scores, int image ids)."""
+        items = [np.ascontiguousarray(np.atleast_2d(x)[:, : self.dim], dtype=np.float32) for x in items]
+        n_img = len(self.image_ids)
+        mask = self.allowed_mask(allowed)
+        k = (n_img if mask is None else int(mask.sum())) if k is None else int(k)
+        if self.exact:
+            S = regional_image_scores(items, self.region_set(allowed), n_img)
+            return rank_scores(S, k)
+        out_s, out_i = [], []
+        for x in items:  # approximate: top regions per item, max-pooled per image, max over items
+            D, I = fi.regional_search(self.searcher, x, max(k, 1) * 4, self.region_image)
+            best: dict[int, float] = {}
+            for d_row, i_row in zip(D, I):
+                for s, i in zip(d_row, i_row):
+                    if i >= 0 and (mask is None or mask[i]) and s > best.get(int(i), -np.inf):
+                        best[int(i)] = float(s)
+            ids = np.array(sorted(best, key=lambda i: (-best[i], i))[:k], np.int64)
+            out_i.append(np.pad(ids, (0, k - len(ids)), constant_values=-1))
+            out_s.append(np.array([best[i] for i in ids] + [-np.inf] * (k - len(ids)), np.float32))
+        return np.stack(out_s), np.stack(out_i)
+
+
+def _compact(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the -1 holes of filtered FAISS results, keeping order; (nq, k) padded with -inf / -1."""
+    out_d = np.full((len(D), k), -np.inf, np.float32)
+    out_i = np.full((len(D), k), -1, np.int64)
+    for r in range(len(D)):
+        ok = I[r] >= 0
+        n = min(k, int(ok.sum()))
+        out_d[r, :n], out_i[r, :n] = D[r][ok][:n], I[r][ok][:n]
+    return out_d, out_i
+
+
+def open_index(root: str, name: str) -> LoadedIndex:
+    """Open the ``LATEST`` complete snapshot of index ``name`` (e.g. ``global_rmac``, ``regional_fs_egm``)."""
+    snap = _open(root, name)
+    files = snap.files
+    shard_files = ["index.npy"] if "index.npy" in files else sorted(f for f in files if f.startswith("shard-"))
+    indexes = [fi.deserialize(_read_npy(snap, f)) for f in shard_files]
+    params = snap.manifest.get("parameters", {})
+    for idx in indexes:
+        fi.set_search_params(idx, **params.get("search", {}))
+    region_image = _read_npy(snap, "region_image.npy") if "region_image.npy" in files else None
+    factory = str(snap.manifest.get("factory", ""))
+    return LoadedIndex(snap, fi.ShardedSearcher(indexes), _read_npy(snap, "image_ids.npy"), region_image,
+                       int(params.get("dim", indexes[0].d)), factory.endswith("Flat") and "IVF" not in factory)
+
+
+@dataclass
+class LoadedASMK:
+    """A published ASMK snapshot opened for search: inverted file, codebook and image ids."""
+
+    index: InvertedFile
+    codebook: np.ndarray
+    image_ids: np.ndarray
+    multiple: int = 1
+    query_multiple: int = 1
+
+    def search(self, local_descs: Sequence[np.ndarray | None], top_k: int | None = 100
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query (its local descriptors, each aggregated into its ``query_multiple`` nearest words): image
+        scores and int image ids, best first (``top_k=None``: every image with a score)."""
+        present = [j for j, d in enumerate(local_descs) if d is not None and len(d)]
+        out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.float32), np.zeros(0, np.int64))
+                                                    for _ in local_descs]
+        if not present:
+            return out
+        des = np.concatenate([np.asarray(local_descs[j], np.float32) for j in present])
+        qid = np.concatenate([np.full(len(local_descs[j]), j, np.int64) for j in present])
+        words = assign(des, self.codebook, multiple=min(self.query_multiple, len(self.codebook)))[0]
+        agg = aggregate_queries(des, words, qid, self.codebook, self.index)
+        if agg.n_items == 0:
+            return out
+        ids, scores = self.index.search(agg, topk=top_k, pooling="max")
+        for r, j in enumerate(agg.item_image):
+            out[int(j)] = (scores[r].astype(np.float32), ids[r].astype(np.int64))
+        return out
+
+
+def open_asmk(root: str, kernel: str) -> LoadedASMK:
+    """Open the ``LATEST`` snapshot ``asmk_<kernel>`` (``.npy`` files read without pickle)."""
+    snap = _open(root, f"asmk_{kernel}")
+    skip = ("codebook.npy", "image_ids.npy")
+    arrays = {f[:-4]: _read_npy(snap, f) for f in snap.files if f.endswith(".npy") and f not in skip}
+    params = snap.manifest.get("parameters", {})
+    return LoadedASMK(InvertedFile.from_arrays(arrays), _read_npy(snap, "codebook.npy").astype(np.float32),
+                      _read_npy(snap, "image_ids.npy"), int(params.get("config", {}).get("multiple", 1)),
+                      int(params.get("query_multiple", 1)))
+
+
+__all__ = ["LoadedIndex", "LoadedASMK", "open_index", "open_asmk"]

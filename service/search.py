@@ -1,0 +1,244 @@
+"""The search service: one ranking path for ``jobs.search``, the results browser and the benchmark.
+
+Method names (``--method``):
+
+* a global method (``gem``, ``rmac``, ``os_egm`` ...): the ``global_<method>`` index;
+* ``regional:<source>`` (``fs_egm``, ``os_egm``, ``grid``): D2R regional search (seed 002 eq. 3) over the
+  ``regional_<source>`` index, whose items are every image's full view and its ``<source>`` regions; the
+  query's items are its full view and its own ``<source>`` regions, an image scores the max over (query item,
+  database item). ``regional:<source>@full`` uses the query's full view only (the paper's asymmetric case);
+* an ASMK kernel (``asmk_star``, ``d2r_asmk_star``, ``r_asmk_star`` ...): the ``asmk_<kernel>`` inverted file;
+* followed by re-rankings, applied in order: ``+aqe[:n]`` (average QE over the top n, default 10, seed 003),
+  ``+alphaqe[:n]`` (alpha-QE), ``+diffusion[:m]`` (local diffusion over the top m, default 100).
+
+Rankings can be restricted to a subset of the database (``allowed``): the benchmark evaluates each track on
+its own database this way, through the same code users run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from pipeline.asmk import KERNEL_CONFIGS
+from pipeline.descriptors import FINAL_METHODS
+from pipeline.query_expansion import alpha_qe, gather
+from pipeline.ranking import AQE_N, DIFFUSION_M, diffusion_reorder, query_expand
+from service.encoder import QueryDescriptors, QueryEncoder
+from service.errors import UserError
+from service.indexes import LoadedASMK, LoadedIndex, open_asmk, open_index
+from storage.images import decode_image
+from storage.readers import read_globals
+from storage.snapshot import list_names
+
+REGIONAL_SOURCES = ("fs_egm", "os_egm", "grid", "cam")
+RERANKS = ("aqe", "alphaqe", "diffusion")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method parsed from its name (see the module docstring)."""
+
+    name: str
+    family: str                 # "global" | "regional" | "asmk"
+    base: str                   # global method, region source or ASMK kernel
+    reranks: tuple[str, ...] = ()
+    query_regions: bool = True  # regional: the query's regions are items too (False: "@full")
+
+    @property
+    def index_name(self) -> str:
+        return {"global": f"global_{self.base}", "regional": f"regional_{self.base}",
+                "asmk": f"asmk_{self.base}"}[self.family]
+
+
+def method_names_help() -> str:
+    return (f"globals {list(FINAL_METHODS)}, 'regional:<{'|'.join(REGIONAL_SOURCES)}>[@full]', ASMK kernels "
+            f"{sorted(KERNEL_CONFIGS)}, each optionally followed by re-rankings {['+' + r for r in RERANKS]}")
+
+
+def rerank_name(text: str) -> tuple[str, int | None]:
+    """``"aqe:3"`` -> ``("aqe", 3)``; ``"aqe"`` -> ``("aqe", None)``."""
+    name, _, arg = text.partition(":")
+    if arg and not arg.isdigit():
+        raise UserError(f"re-ranking {text!r}: the value after ':' must be a positive integer")
+    return name, (int(arg) if arg else None)
+
+
+def parse_method(name: str) -> MethodSpec:
+    """Parse ``gem``, ``gem+aqe``, ``os_egm+diffusion``, ``regional:fs_egm@full``, ``asmk_star`` ...."""
+    base, *reranks = [p.strip() for p in name.strip().split("+")]
+    bad = [r for r in reranks if rerank_name(r)[0] not in RERANKS]
+    if bad:
+        raise UserError(f"unknown re-ranking {'+'.join(bad)!r} in {name!r}; available: {list(RERANKS)}")
+    if base in KERNEL_CONFIGS:
+        return MethodSpec(name.strip(), "asmk", base, tuple(reranks))
+    if base.startswith("regional:"):
+        src, query_regions = base[len("regional:"):], True
+        if src.endswith("@full"):
+            src, query_regions = src[:-len("@full")], False
+        if src not in REGIONAL_SOURCES:
+            raise UserError(f"unknown region source in {name!r}; available: {list(REGIONAL_SOURCES)}")
+        return MethodSpec(name.strip(), "regional", src, tuple(reranks), query_regions)
+    if base not in FINAL_METHODS:
+        raise UserError(f"unknown method {name!r}; available: {method_names_help()}")
+    return MethodSpec(name.strip(), "global", base, tuple(reranks))
+
+
+@dataclass
+class Ranking:
+    """One query's ranked database images (best first) and their scores."""
+
+    image_ids: list[str]
+    scores: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SearchResult:
+    image_id: str
+    score: float
+    rank: int
+
+
+class SearchService:
+    """Loads an index run once and answers image queries with any method the run published."""
+
+    def __init__(self, root: str, device: str | None = None, encoder: QueryEncoder | None = None,
+                 indexes: dict[str, LoadedIndex] | None = None) -> None:
+        self.root = root
+        self.encoder = encoder if encoder is not None else QueryEncoder(root, device=device)
+        self._indexes: dict[str, LoadedIndex] = dict(indexes or {})
+        self._asmk: dict[str, LoadedASMK] = {}
+
+    # ------------------------------------------------------------------ indexes
+    def available_methods(self) -> list[str]:
+        """Base method names with a published index in this run."""
+        out = []
+        for name in sorted(set(list_names(self.root)) | set(self._indexes)):
+            kind, _, base = name.partition("_")
+            out.append({"global": base, "regional": f"regional:{base}", "asmk": base}.get(kind, name))
+        return out
+
+    def index(self, spec: MethodSpec) -> LoadedIndex:
+        if spec.index_name not in self._indexes:
+            self._indexes[spec.index_name] = open_index(self.root, spec.index_name)
+        return self._indexes[spec.index_name]
+
+    def asmk(self, kernel: str) -> LoadedASMK:
+        if kernel not in self._asmk:
+            self._asmk[kernel] = open_asmk(self.root, kernel)
+        return self._asmk[kernel]
+
+    def spec(self, method: str | MethodSpec) -> MethodSpec:
+        """Parse ``method`` and check that this run has its index (the error lists what it has)."""
+        spec = parse_method(method) if isinstance(method, str) else method
+        have = self.available_methods()
+        base = spec.base if spec.family != "regional" else f"regional:{spec.base}"
+        if base not in have:
+            raise UserError(f"method {spec.name!r} is not available in this index; available: {sorted(have)}")
+        return spec
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, image: bytes | Image.Image, bbox: Iterable[float] | None = None) -> QueryDescriptors:
+        """Decode (with the pipeline's bomb/corrupt guards) and encode a query, cropped to ``bbox``."""
+        img = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
+        return self.encoder.encode(img, bbox)
+
+    # ------------------------------------------------------------------ ranking
+    def _global_vectors(self, idx: LoadedIndex, spec: MethodSpec) -> np.ndarray:
+        """Database vectors by int id (for QE / diffusion)."""
+        if idx.exact:
+            return idx.vectors()
+        ids, X = read_globals(self.root, spec.base)
+        out = np.zeros((len(idx.image_ids), idx.dim), np.float32)
+        rows = idx.rows(ids)
+        out[rows[rows >= 0]] = X[rows >= 0, : idx.dim]
+        return out
+
+    def _rank_global(self, Q: np.ndarray, spec: MethodSpec, depth: int | None, allowed: np.ndarray | None,
+                     idx: LoadedIndex) -> tuple[np.ndarray, np.ndarray]:
+        Q = np.ascontiguousarray(Q[:, : idx.dim], np.float32)
+        D, I = idx.search(Q, depth, allowed)
+        if not spec.reranks:
+            return D, I
+        X = self._global_vectors(idx, spec)
+        for r in spec.reranks:
+            name, n = rerank_name(r)
+            if name in ("aqe", "alphaqe"):
+                n = n or AQE_N
+                Qe = query_expand(Q, X, I, n) if name == "aqe" else alpha_qe(Q, gather(X, I[:, :n]), n=n)
+                D, I = idx.search(Qe, depth, allowed)
+            elif name == "diffusion":
+                D, I = diffusion_reorder(Q, X, D, I, m=n or DIFFUSION_M)
+        return D, I
+
+    def _rank_regional(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, depth: int | None,
+                       allowed: np.ndarray | None, idx: LoadedIndex) -> tuple[np.ndarray, np.ndarray]:
+        if spec.reranks:
+            raise UserError(f"{spec.name}: re-rankings {list(spec.reranks)} apply to global methods only")
+        items = []
+        for q in qs:
+            parts = [q.regions["full"]] if "full" in q.regions else []
+            if spec.query_regions and spec.base != "full" and spec.base in q.regions:
+                parts.append(q.regions[spec.base])
+            items.append(np.concatenate(parts) if parts else np.zeros((0, idx.dim), np.float32))
+        return idx.search_regional(items, depth, allowed)
+
+    def _rank_asmk(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, depth: int | None,
+                   allowed: np.ndarray | None) -> list[Ranking]:
+        if spec.reranks:
+            raise UserError(f"{spec.name}: re-rankings {list(spec.reranks)} apply to global methods only")
+        if any(q.local_desc is None for q in qs):
+            raise UserError("this run has no local features: ASMK methods need extract.local_features > 0")
+        a = self.asmk(spec.base)
+        keep = None if allowed is None else set(str(i) for i in allowed)
+        out = []
+        for scores, ids in a.search([q.local_desc for q in qs], top_k=None):
+            names = a.image_ids[ids].astype(str) if len(ids) else np.zeros(0, str)
+            ok = np.ones(len(names), bool) if keep is None else np.array([n in keep for n in names], bool)
+            n = int(ok.sum()) if depth is None else min(int(depth), int(ok.sum()))
+            out.append(Ranking(list(names[ok][:n]), scores[ok][:n]))
+        return out
+
+    def rank(self, qs: Sequence[QueryDescriptors], method: str | MethodSpec, depth: int | None = None,
+             allowed: Sequence[str] | np.ndarray | None = None, index: LoadedIndex | None = None) -> list[Ranking]:
+        """Rankings of a batch of encoded queries (``depth=None``: every allowed image), best first.
+
+        ``allowed`` restricts the database to those image ids; ``index`` replaces the published index of a
+        global or regional method (e.g. one :meth:`LoadedIndex.extended` with synthetic distractors)."""
+        spec = self.spec(method)
+        allowed_arr = None if allowed is None else np.asarray(list(allowed), dtype=str)
+        if spec.family == "asmk":
+            return self._rank_asmk(qs, spec, depth, allowed_arr)
+        idx = index or self.index(spec)
+        if spec.family == "regional":
+            D, I = self._rank_regional(qs, spec, depth, allowed_arr, idx)
+        else:
+            Q = np.stack([self._query_vector(q, spec) for q in qs])
+            D, I = self._rank_global(Q, spec, depth, allowed_arr, idx)
+        ids = idx.image_ids
+        out = []
+        for d, i in zip(D, I):
+            ok = i >= 0
+            out.append(Ranking([str(x) for x in ids[i[ok]]], np.asarray(d[ok], np.float32)))
+        return out
+
+    @staticmethod
+    def _query_vector(q: QueryDescriptors, spec: MethodSpec) -> np.ndarray:
+        if spec.base not in q.globals:
+            raise UserError(f"method {spec.base!r} not available for this query; built: {sorted(q.globals)}")
+        return np.asarray(q.globals[spec.base], np.float32)
+
+    def search(self, image: bytes | Image.Image, bbox: Iterable[float] | None = None, method: str = "gem",
+               top_k: int = 10) -> tuple[list[SearchResult], QueryDescriptors]:
+        """Ranked database images for one query image (optionally cropped to ``bbox``)."""
+        spec = self.spec(method)
+        q = self.encode(image, bbox)
+        diffusion = [rerank_name(r)[1] or DIFFUSION_M for r in spec.reranks if rerank_name(r)[0] == "diffusion"]
+        r = self.rank([q], spec, depth=max([top_k, *diffusion]))[0]
+        return [SearchResult(i, float(s), k) for k, (i, s) in enumerate(zip(r.image_ids[:top_k], r.scores[:top_k]))], q
+
+
+__all__ = ["SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS"]

@@ -1,0 +1,114 @@
+"""Typed reads of a run's committed tables: final global descriptors, regions, locals, image rows.
+
+Every reader goes through the commit markers (``storage.tables``), so it never sees a half-written shard,
+and returns numpy arrays in shard order. ``image_ids`` restricts the rows to some images.
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.schemas import descriptors_to_numpy
+from storage.tables import StageManifest, TableStore, read_parquet
+from storage.uri import read_bytes
+
+BOX_COLUMNS = ("x0", "y0", "x1", "y1")
+
+
+def region_stage(source: str) -> str:
+    """The stage that writes a region source: object saliency for ``os_*`` regions, extraction otherwise."""
+    return "object_saliency" if source.startswith("os_") else "extract"
+
+
+def _only(t: pa.Table, image_ids: Iterable[str] | None) -> pa.Table:
+    if image_ids is None:
+        return t
+    return t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(list(image_ids), pa.string())))
+
+
+def read_globals(root: str, method: str, image_ids: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(image ids, (n, d) float32) of a final global method (the ``descriptors`` stage), in shard order."""
+    ids: list[str] = []
+    parts = []
+    for _, marker in sorted(StageManifest(root, "descriptors").committed().items()):
+        t = read_parquet(marker["files"]["globals"])
+        t = _only(t.filter(pc.equal(t.column("method"), method)), image_ids)
+        ids += t.column("image_id").to_pylist()
+        parts.append(descriptors_to_numpy(t.column("descriptor")))
+    return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
+
+
+def read_regions(root: str, source: str, image_ids: Iterable[str] | None = None,
+                 with_descriptors: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image id per region, pixel boxes (R, 4) float32, raw regional descriptors (R, d) float32) of a source."""
+    cols = ["image_id", "source", *BOX_COLUMNS] + (["descriptor"] if with_descriptors else [])
+    t = _only(TableStore(root).read("regions", [region_stage(source)], columns=cols,
+                                    filter_expr=pc.field("source") == source), image_ids)
+    if t.num_rows == 0:
+        return [], np.zeros((0, 4), np.float32), np.zeros((0, 0), np.float32)
+    boxes = np.stack([t.column(c).to_numpy() for c in BOX_COLUMNS], axis=1).astype(np.float32)
+    X = descriptors_to_numpy(t.column("descriptor")) if with_descriptors else np.zeros((t.num_rows, 0), np.float32)
+    return t.column("image_id").to_pylist(), boxes, X
+
+
+def read_locals(root: str, image_ids: Iterable[str] | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Local descriptors: image id per descriptor, positions (n, 2) and descriptors (n, D), float32."""
+    t = _only(TableStore(root).read("locals", ["extract"]), image_ids)
+    if t.num_rows == 0:
+        return [], np.zeros((0, 2), np.float32), np.zeros((0, 0), np.float32)
+    xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.float32)
+    return t.column("image_id").to_pylist(), xy, descriptors_to_numpy(t.column("descriptor"))
+
+
+def read_locals_file(uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image id per descriptor, positions (n, 2), descriptors (n, D) float32) of one ``locals`` file."""
+    t = read_parquet(uri, columns=["image_id", "x", "y", "descriptor"])
+    xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.float32)
+    return (np.asarray(t.column("image_id").to_pylist(), dtype=object), xy,
+            np.asarray(descriptors_to_numpy(t.column("descriptor")), np.float32))
+
+
+def count_rows(uri: str) -> int:
+    """Rows of one table file (from the Parquet footer)."""
+    return pq.ParquetFile(io.BytesIO(read_bytes(uri))).metadata.num_rows
+
+
+def read_region_boxes_file(uri: str | None, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(image id per box, pixel boxes (R, 4)) of one ``regions`` file, ``source`` rows only."""
+    if uri is None:
+        return np.zeros(0, dtype=object), np.zeros((0, 4), np.float32)
+    t = read_parquet(uri, columns=["image_id", "source", *BOX_COLUMNS])
+    t = t.filter(pc.equal(t.column("source"), source))
+    boxes = np.stack([t.column(c).to_numpy() for c in BOX_COLUMNS], axis=1) if t.num_rows else np.zeros((0, 4))
+    return np.asarray(t.column("image_id").to_pylist(), dtype=object), boxes.astype(np.float32)
+
+
+def image_uris(root: str, image_ids: Iterable[str] | None = None) -> dict[str, str]:
+    """image id -> URI of the indexed images (the ``images`` table)."""
+    t = _only(TableStore(root).read("images", ["extract"], columns=["image_id", "uri"]), image_ids)
+    return dict(zip(t.column("image_id").to_pylist(), t.column("uri").to_pylist()))
+
+
+def available_globals(root: str) -> set[str]:
+    """Final global methods present in the run's descriptors table."""
+    t = TableStore(root).read("globals", ["descriptors"], columns=["method"])
+    return set(t.column("method").to_pylist()) if t.num_rows else set()
+
+
+def available_sources(root: str) -> set[str]:
+    """Region sources present in the run's tables (extraction and object saliency)."""
+    out: set[str] = set()
+    store = TableStore(root)
+    for stage in ("extract", "object_saliency"):
+        if store.committed_files("regions", [stage]):
+            out |= set(store.read("regions", [stage], columns=["source"]).column("source").to_pylist())
+    return out
+
+
+__all__ = ["read_globals", "read_regions", "read_locals", "read_locals_file", "read_region_boxes_file",
+           "image_uris", "available_globals", "available_sources", "region_stage", "count_rows"]

@@ -1,0 +1,113 @@
+"""Column buffers of one shard of the image tables, written as one Parquet file per table.
+
+The image stages (extraction, object saliency) add rows image by image (arrays, plain values), then
+:meth:`ShardTables.write` writes every table the stage owns, even empty ones, so that a committed shard has
+nothing left to do on a rerun. Descriptor columns are float16 or float32 fixed-size lists (storage.schemas).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from storage.schemas import (ERRORS_SCHEMA, descriptor_array, globals_schema, images_schema, locals_schema,
+                             regions_schema)
+from storage.tables import TableStore
+from storage.uri import redact
+
+IMAGE_TABLES = ("images", "regions", "globals", "locals", "errors")
+
+
+class ShardTables:
+    """Rows of one shard for the tables in ``tables`` (a subset of :data:`IMAGE_TABLES`)."""
+
+    def __init__(self, tables: Iterable[str], channels: int, descriptor_dtype: str = "float16",
+                 local_dim: int | None = None) -> None:
+        self.tables = tuple(tables)
+        self.channels = int(channels)
+        self.dtype = descriptor_dtype
+        self.local_dim = local_dim
+        self.images: list[dict[str, Any]] = []
+        self.sparsity: list[np.ndarray] = []
+        self.regions: list[dict[str, Any]] = []
+        self.region_desc: list[np.ndarray] = []
+        self.globals: list[tuple[str, str]] = []
+        self.global_desc: list[np.ndarray] = []
+        self.locals: list[dict[str, Any]] = []
+        self.local_desc: list[np.ndarray] = []
+        self.errors: list[dict[str, Any]] = []
+
+    @property
+    def n_images(self) -> int:
+        """Images processed in this shard (their ``images`` row is written only when the stage owns it)."""
+        return len(self.images)
+
+    def add_error(self, image_id: str, uri: str, stage: str, reason: str, detail: str) -> None:
+        """One ``errors`` row: the image is skipped for this stage with a short reason code and a message."""
+        self.errors.append({"image_id": image_id, "uri": redact(uri), "stage": stage, "reason": reason,
+                            "detail": redact(detail)[:2000]})
+
+    def add_image(self, row: Mapping[str, Any], sparsity: np.ndarray) -> None:
+        """One ``images`` row (``row`` has the schema's scalar columns; ``sparsity`` the per-channel fractions)."""
+        self.images.append(dict(row))
+        self.sparsity.append(np.asarray(sparsity).astype(np.float16))
+
+    def add_regions(self, image_id: str, sources: list[str], levels: np.ndarray, boxes: np.ndarray,
+                    scores: np.ndarray, saliency: np.ndarray, desc: np.ndarray) -> None:
+        """The image's region proposals (pixel boxes) with their descriptors; ``region_id`` numbers them."""
+        for i in range(len(sources)):
+            b = boxes[i]
+            self.regions.append({"image_id": image_id, "region_id": i, "source": sources[i],
+                                 "level": int(levels[i]), "x0": float(b[0]), "y0": float(b[1]),
+                                 "x1": float(b[2]), "y1": float(b[3]), "score": float(scores[i]),
+                                 "saliency": float(saliency[i])})
+        self.region_desc.append(desc)
+
+    def add_globals(self, image_id: str, vectors: Mapping[str, np.ndarray]) -> None:
+        for method, vec in vectors.items():
+            self.globals.append((image_id, method))
+            self.global_desc.append(vec)
+
+    def add_locals(self, image_id: str, xy: np.ndarray, scale: np.ndarray, strength: np.ndarray,
+                   desc: np.ndarray) -> None:
+        for j in range(len(desc)):
+            self.locals.append({"image_id": image_id, "local_id": j, "x": float(xy[j, 0]), "y": float(xy[j, 1]),
+                                "scale": float(scale[j]), "strength": float(strength[j])})
+        self.local_desc.append(np.asarray(desc, np.float32))
+
+    def _table(self, rows: list[dict[str, Any]], schema: pa.Schema, desc: np.ndarray | None) -> pa.Table:
+        cols: dict[str, Any] = {}
+        for name in schema.names:
+            if name == "descriptor":
+                cols[name] = descriptor_array(desc, self.dtype)  # type: ignore[arg-type]
+            elif name == "act_sparsity":
+                C = self.channels
+                sp = np.stack(self.sparsity) if self.sparsity else np.zeros((0, C), np.float16)
+                cols[name] = pa.FixedSizeListArray.from_arrays(pa.array(sp.reshape(-1)), C)
+            else:
+                cols[name] = pa.array([r[name] for r in rows], schema.field(name).type)
+        return pa.table(cols, schema=schema)
+
+    def write(self, store: TableStore, stage: str, shard: int | str) -> dict[str, str]:
+        """Write this shard's tables; returns table name -> file URI (for the commit marker)."""
+        C, files = self.channels, {}
+        if "images" in self.tables:
+            files["images"] = store.write("images", stage, shard, self._table(self.images, images_schema(C), None))
+        rdesc = np.concatenate(self.region_desc) if self.region_desc else np.zeros((0, C), np.float32)
+        files["regions"] = store.write("regions", stage, shard, self._table(
+            self.regions, regions_schema(rdesc.shape[1], self.dtype), rdesc))
+        gdesc = np.stack(self.global_desc) if self.global_desc else np.zeros((0, C), np.float32)
+        grows = [{"image_id": i, "method": m} for i, m in self.globals]
+        files["globals"] = store.write("globals", stage, shard, self._table(
+            grows, globals_schema(gdesc.shape[1], self.dtype), gdesc))
+        if "locals" in self.tables and self.local_dim is not None:
+            dim = self.local_dim
+            ldesc = np.concatenate(self.local_desc) if self.local_desc else np.zeros((0, dim), np.float32)
+            files["locals"] = store.write("locals", stage, shard, self._table(
+                self.locals, locals_schema(dim, self.dtype), ldesc))
+        files["errors"] = store.write("errors", stage, shard, self._table(self.errors, ERRORS_SCHEMA, None))
+        return files
+
+
+__all__ = ["ShardTables", "IMAGE_TABLES"]
