@@ -96,8 +96,16 @@ def classifier_of(bb: Backbone) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None if bb.classifier_weight is None else (bb.classifier_weight, bb.classifier_bias)
 
 
-def read_image(path: str | Path) -> Image.Image:
-    return decode_image(Path(path).read_bytes())
+def read_image(path: str | Path, max_side: int | None = None) -> Image.Image:
+    """Decode an image file; ``max_side``: JPEG draft decoding as the extract stage does (the result keeps at
+    least that side; :func:`original_hw` is the full-resolution size pixel boxes refer to)."""
+    return decode_image(Path(path).read_bytes(), max_side=max_side)
+
+
+def original_hw(image: Image.Image) -> tuple[int, int]:
+    """(H, W) of the full-resolution, EXIF-oriented image, also after draft decoding."""
+    w, h = image.info.get("original_size", image.size)
+    return int(h), int(w)
 
 
 def image_path(data: Path, image_id: str) -> Path:
@@ -144,5 +152,5 @@ def write_json(path: str | os.PathLike | None, obj: Any) -> None:
 
 
 __all__ = ["REPO", "DEFAULT_DATA", "DEFAULT_CONFIG", "CACHE_ROOT", "add_config_args", "parse_sets", "index_config",
-           "config_from_args", "set_threads", "pick_device", "load_backbone", "classifier_of", "read_image",
+           "config_from_args", "set_threads", "pick_device", "load_backbone", "classifier_of", "read_image", "original_hw",
            "image_path", "activations", "gnd_boxes", "check_data", "write_json"]
