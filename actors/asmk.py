@@ -20,7 +20,7 @@ from pipeline.asmk import (ASMKConfig, AsmkIndexConfig, InvertedFile, build_inde
                            merge_inverted_files)
 from pipeline.codebook import assign, train_codebook
 from storage.arrays import load_json, load_npy, npy_bytes, save_json, save_npy
-from storage.layout import RunLayout
+from storage.layout import RunLayout, SnapshotFiles
 from storage.readers import count_rows, read_locals_file, read_region_boxes_file, region_stage
 from storage.snapshot import SnapshotWriter
 from storage.tables import StageManifest, read_parquet
@@ -171,9 +171,9 @@ def _publish(root: str, name: str, inv: InvertedFile, C: np.ndarray, all_ids: li
                                     "index_bytes": nbytes, "bytes_per_image": nbytes / max(1, len(all_ids))}
                         ) as w:
         for key, a in inv.to_arrays().items():
-            w.write_bytes(f"{key}.npy", npy_bytes(a))
-        w.write_bytes("codebook.npy", npy_bytes(C))
-        w.write_bytes("image_ids.npy", npy_bytes(np.asarray(all_ids, dtype=str)))
+            w.write_bytes(SnapshotFiles.array(key), npy_bytes(a))
+        w.write_bytes(SnapshotFiles.CODEBOOK, npy_bytes(C))
+        w.write_bytes(SnapshotFiles.IMAGE_IDS, npy_bytes(np.asarray(all_ids, dtype=str)))
     log.info("[asmk] %s: %d items, %d postings, %.1f KB/image", name, inv.n_items, inv.nnz,
              nbytes / max(1, len(all_ids)) / 1024)
     return {"version": w.version, "items": inv.n_items, "postings": inv.nnz, "index_bytes": nbytes,

@@ -22,6 +22,7 @@ from actors.whiten import load_whitenings
 from pipeline import faiss_index as fi
 from pipeline.faiss_index import FaissConfig
 from storage.arrays import npy_bytes
+from storage.layout import SnapshotFiles
 from storage.readers import read_globals, read_regions
 from storage.snapshot import SnapshotWriter
 
@@ -82,13 +83,13 @@ def _publish(root: str, name: str, kind: str, method: str, shards: list[np.ndarr
                         parameters={"kind": kind, "dim": dim, "search": params,
                                     "bytes_per_vector": nbytes / max(n_vectors, 1)}) as w:
         if len(shards) == 1:
-            w.write_bytes("index.npy", npy_bytes(shards[0]))
+            w.write_bytes(SnapshotFiles.INDEX, npy_bytes(shards[0]))
         else:
             for i, s in enumerate(shards):
-                w.write_bytes(f"shard-{i:05d}.npy", npy_bytes(s))
-        w.write_bytes("image_ids.npy", npy_bytes(np.asarray(image_ids, dtype=str)))
+                w.write_bytes(SnapshotFiles.shard(i), npy_bytes(s))
+        w.write_bytes(SnapshotFiles.IMAGE_IDS, npy_bytes(np.asarray(image_ids, dtype=str)))
         if region_image is not None:
-            w.write_bytes("region_image.npy", npy_bytes(region_image.astype(np.int64)))
+            w.write_bytes(SnapshotFiles.REGION_IMAGE, npy_bytes(region_image.astype(np.int64)))
     return {"version": w.version, "factory": factory, "vectors": n_vectors, "index_bytes": nbytes,
             "bytes_per_vector": nbytes / max(n_vectors, 1)}
 

@@ -314,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     chance = float(np.mean([c.mean() for c in cov.values()]))
     base = fs_baselines(col, acts, R, cov, cfg)
     print(f"\nshare of map mass inside the GT painting boxes (mean over {len(col.photos)} photos; box area share "
-          f"= uniform map = {chance:.3f})\n  FS raw {base['fs_raw'].mean():.3f}   sharpened {base['fs_sharp'].mean():.3f}"
+          f"= uniform map = {chance:.3f})\n  FS raw {base['fs_raw'].mean():.3f}   "
+          f"sharpened {base['fs_sharp'].mean():.3f}"
           f"   F_hat^Theta (OS without its graph term) {base['fs_theta'].mean():.3f}")
     table = [("FS raw (F_hat)", "", base["fs_raw"], "", None),
              ("FS sharpened", "", base["fs_sharp"], "FS raw", base["fs_raw"]),

@@ -152,5 +152,5 @@ def write_json(path: str | os.PathLike | None, obj: Any) -> None:
 
 
 __all__ = ["REPO", "DEFAULT_DATA", "DEFAULT_CONFIG", "CACHE_ROOT", "add_config_args", "parse_sets", "index_config",
-           "config_from_args", "set_threads", "pick_device", "load_backbone", "classifier_of", "read_image", "original_hw",
-           "image_path", "activations", "gnd_boxes", "check_data", "write_json"]
+           "config_from_args", "set_threads", "pick_device", "load_backbone", "classifier_of", "read_image",
+           "original_hw", "image_path", "activations", "gnd_boxes", "check_data", "write_json"]

@@ -168,13 +168,15 @@ def add_synthetic_tracks(args: argparse.Namespace, tracks: list[Track], qkeys: d
     return synth_ns
 
 
-def run_methods(args: argparse.Namespace, bench: Benchmark, specs: Sequence[MethodSpec]) -> dict[str, dict[str, Result]]:
+def run_methods(args: argparse.Namespace, bench: Benchmark, specs: Sequence[MethodSpec]
+                ) -> dict[str, dict[str, Result]]:
     """Every (method, track) ranking; synthetic tracks get the global and regional methods only."""
     synth_methods = set(_split([args.synthetic_methods])) if args.synthetic_methods else None
     results: dict[str, dict[str, Result]] = {t.name: {} for t in bench.tracks}
     for spec in specs:
         for t in bench.tracks:
-            if t.synthetic and (spec.family == "asmk" or (synth_methods is not None and spec.name not in synth_methods)):
+            skip = spec.family == "asmk" or (synth_methods is not None and spec.name not in synth_methods)
+            if t.synthetic and skip:
                 continue
             r = results[t.name][spec.name] = bench.run(t, spec)
             print(f"[search] {t.name:<22} {spec.name:<24} {r.query_seconds:7.2f} s", flush=True)

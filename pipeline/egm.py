@@ -27,7 +27,8 @@ Kalantidis' EGM; we follow ALGORITHMS.md's function version):
   * exp(-(mu_kd - mu_jd)^2 / (2 (v_kd + v_jd)))``, in [0, 1] and independent of the mixing weights.
   Default threshold ``OVERLAP_THRESHOLD = 0.5``: for two equal isotropic components of std ``s`` the
   overlap is ``exp(-d^2 / (4 s^2))``, so 0.5 merges components whose centres are closer than
-  ``2 sqrt(ln 2) s ~ 1.67 s`` (their 1-std ellipses largely intersect) and keeps them apart beyond. On the 30 qsd2_w3 photos of ``jobs.bench_regions`` (mobilenet_v2, FS preset)
+  ``2 sqrt(ln 2) s ~ 1.67 s`` (their 1-std ellipses largely intersect) and keeps them apart beyond. On the
+  30 qsd2_w3 photos of ``experiments.bench_regions`` (mobilenet_v2, FS preset)
   thresholds 0.3 .. 0.7 give 2.2 .. 3.3 boxes per photo for a mean best IoU with the paintings of
   0.59 .. 0.64: the threshold mostly trades the number of boxes, not their fit, so the principled 0.5
   is kept rather than a value tuned on that small set.
@@ -80,8 +81,6 @@ class EGMParams:
 # presets of seed 001 §4.2 (tuned on Oxford5k): FS map and OS map
 FS_EGM = EGMParams(rho=5.0, tau=0.4, sigma=2.5)
 OS_EGM = EGMParams(rho=2.0, tau=0.0, sigma=2.0)
-FS = FS_EGM.as_kwargs()  # ``detect_regions(S, **FS)``
-OS = OS_EGM.as_kwargs()
 
 
 def _log_gauss_diag(p: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -201,7 +200,7 @@ def detect_regions_with(S: np.ndarray, params: EGMParams, **egm_kwargs) -> tuple
 def detect_regions(S: np.ndarray, tau: float, rho: float, sigma: float, **egm_kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Sharpen ``S`` (zero below ``tau * max``, power ``rho``) then run :func:`egm` with ``sigma``.
 
-    Use the presets as ``detect_regions(S, **FS)`` / ``detect_regions(S, **OS)``. Accepts numpy or torch maps.
+    With a preset: :func:`detect_regions_with` (``FS_EGM``, ``OS_EGM``). Accepts numpy or torch maps.
     """
     S = S.detach().cpu().numpy() if hasattr(S, "detach") else np.asarray(S)
     return egm(sharpen(S.astype(np.float64, copy=False), tau, rho), sigma, **egm_kwargs)

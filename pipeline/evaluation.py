@@ -115,7 +115,8 @@ def compute_map(
     """Mean AP and mean precision at ``kappas`` over the queries of ``gnd`` (reference ``compute_map``).
 
     ``ranks``: ``(n_db, n_q)`` int array (reference layout) or a list of per-query ranked id arrays
-    (truncated top-k lists allowed; a FAISS result ``I`` of shape ``(n_q, k)`` is passed as ``list(I)``). ``gnd[i]``: dict with ``ok`` and optional ``junk`` id lists.
+    (truncated top-k lists allowed; a FAISS result ``I`` of shape ``(n_q, k)`` is passed as ``list(I)``).
+    ``gnd[i]``: dict with ``ok`` and optional ``junk`` id lists.
     Returns ``(map, aps (n_q,), mpr (K,), prs (n_q, K))``; skipped queries (no positives) hold NaN in
     ``aps`` / ``prs``; ``map`` / ``mpr`` are NaN when every query is skipped.
     """

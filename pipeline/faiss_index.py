@@ -18,9 +18,6 @@ Nothing here does I/O: persistence is ``serialize``/``deserialize`` (uint8 array
 from __future__ import annotations
 
 import logging
-import math
-import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,18 +25,13 @@ from typing import Any, Protocol
 import faiss
 import numpy as np
 
+from pipeline.faiss_factory import (DEFAULT_EF_SEARCH, DEFAULT_HNSW_M, choose_factory, estimate_bytes,  # noqa: F401
+                                    ivf_nlist)
+
 log = logging.getLogger(__name__)
 
 METRIC_IP = faiss.METRIC_INNER_PRODUCT
 METRIC_L2 = faiss.METRIC_L2
-
-# --- memory model (bytes per database vector, documented for choose_factory) -----------------------------
-IDMAP2_BYTES = 8 + 48      # id_map (int64) + reverse hash map entry (std::unordered_map node, ~48 B)
-IVF_ID_BYTES = 8           # IVF inverted lists store one int64 id per vector
-HNSW_LINK_BYTES_PER_M = 8  # level 0 keeps 2*M int32 links; upper levels add ~4 B; levels/offsets ~12 B
-DEFAULT_HNSW_M = 32
-DEFAULT_EF_SEARCH = 128
-
 
 @dataclass(frozen=True)
 class FaissConfig:
@@ -65,111 +57,6 @@ class Searchable(Protocol):
     metric_type: int
 
     def search(self, Q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-# ----------------------------------------------------------------------------------------------------------
-# factory choice
-# ----------------------------------------------------------------------------------------------------------
-def ivf_nlist(n: int) -> int:
-    """Number of IVF lists: the power of two nearest to ``4 sqrt(n)`` (FAISS guideline 4..16 sqrt(n)), >= 16."""
-    return int(max(16, 2 ** round(math.log2(4.0 * math.sqrt(max(n, 1))))))
-
-
-def _ivf_prefix(nlist: int) -> str:
-    # A flat coarse quantizer costs nlist*d per query; past 64k lists an HNSW quantizer is the usual choice.
-    return f"IVF{nlist}_HNSW32" if nlist >= 65536 else f"IVF{nlist}"
-
-
-def estimate_bytes(factory: str, n: int, d: int) -> float:
-    """Approximate resident bytes of ``factory`` holding ``n`` vectors of dimension ``d``.
-
-    Bytes per vector of each family (``n`` large), as used by :func:`choose_factory`:
-
-    - ``IDMap2,Flat``: ``4d + 56`` (raw float32 + id map + reverse map).
-    - ``IDMap2,HNSW{M}``: ``4d + 8M + 16 + 56`` (raw vectors, 2M level-0 int32 links, upper levels,
-      level/offset tables, id maps).
-    - ``IVF{nlist},Flat``: ``4d + 8``; ``IVF{nlist},SQ8``: ``d + 8``; ``OPQ{M},IVF{nlist},PQ{M}``: ``M + 8``;
-      plus the coarse quantizer ``4 d nlist`` (and ``4 d^2`` for the OPQ rotation) once.
-    """
-    m = re.search(r"HNSW(\d+)", factory)
-    if factory.startswith("IDMap2,HNSW") and m:
-        M = int(m.group(1))
-        return n * (4 * d + HNSW_LINK_BYTES_PER_M * M + 16 + IDMAP2_BYTES)
-    if factory.startswith("IDMap2,Flat") or factory == "Flat":
-        return n * (4 * d + (IDMAP2_BYTES if factory.startswith("IDMap2") else 0))
-    mi = re.search(r"IVF(\d+)", factory)
-    if mi is None:
-        raise ValueError(f"no memory model for factory {factory!r}")
-    nlist = int(mi.group(1))
-    fixed = 4.0 * d * nlist
-    if "_HNSW" in factory:
-        fixed += nlist * (HNSW_LINK_BYTES_PER_M * 32 + 16)
-    if factory.endswith(",Flat"):
-        per = 4 * d
-    elif factory.endswith(",SQ8"):
-        per = d
-    else:
-        mp = re.search(r"PQ(\d+)(x(\d+))?", factory.split("IVF", 1)[1])
-        if mp is None:
-            raise ValueError(f"no memory model for factory {factory!r}")
-        M, nbits = int(mp.group(1)), int(mp.group(3) or 8)
-        per = math.ceil(M * nbits / 8)
-        fixed += 4.0 * M * (2 ** nbits) * (d // M)  # PQ centroids
-    if factory.startswith("OPQ"):
-        fixed += 4.0 * d * d
-    return fixed + n * (per + IVF_ID_BYTES)
-
-
-def choose_factory(
-    n: int,
-    d: int,
-    memory_budget_bytes: float,
-    metric: int = METRIC_IP,
-    *,
-    flat_max_n: int = 50_000,
-    prefer_hnsw: bool = False,
-    hnsw_max_n: int = 2_000_000,
-    hnsw_m: int = DEFAULT_HNSW_M,
-    headroom: float = 0.8,
-) -> str:
-    """Pick a FAISS index-factory string for ``n`` vectors of dimension ``d`` within a memory budget.
-
-    Rule (first that fits ``headroom * memory_budget_bytes``; byte models in :func:`estimate_bytes`):
-
-    1. ``n <= flat_max_n``: ``IDMap2,Flat`` - exact; brute force over <= 50k vectors is a few ms per query.
-    2. only with ``prefer_hnsw`` and ``n <= hnsw_max_n``: ``IDMap2,HNSW{M}`` - lowest single-query latency
-       for small k when memory is plentiful. Not the default: its graph build is slow (no batching),
-       shards cannot be merged cheaply (merging re-inserts every vector), and for recall@100 >= 0.95 it
-       lost to IVF-Flat in ``jobs.bench_faiss --quick`` (clustered 100k x 512: efSearch 768 at 9.1 ms/query
-       and a 5x longer build, versus nprobe 64/1024 at 2.1 ms/query).
-    3. ``IVF{nlist},Flat`` - exact vectors, recall set by ``nprobe``; shards share the trained quantizer and
-       merge in O(n). ``nlist`` = power of two near ``4 sqrt(n)`` (:func:`ivf_nlist`), HNSW quantizer
-       beyond 64k lists.
-    4. ``IVF{nlist},SQ8`` - 8-bit scalar quantisation, 4x smaller, recall loss ~1%.
-    5. ``OPQ{M},IVF{nlist},PQ{M}`` with the largest ``M`` (dividing ``d``, ``M <= d/4``) that fits;
-       ``M + 8`` bytes/vector (re-rank with exact vectors kept elsewhere if recall matters).
-
-    ``metric`` does not change the string (FAISS takes it separately in ``index_factory``); it is checked.
-    Raises ``ValueError`` when even ``OPQ4,...,PQ4`` does not fit.
-    """
-    if metric not in (METRIC_IP, METRIC_L2):
-        raise ValueError(f"unsupported metric {metric}")
-    if n <= 0 or d <= 0:
-        raise ValueError("n and d must be positive")
-    usable = headroom * float(memory_budget_bytes)
-    if n <= flat_max_n and estimate_bytes("IDMap2,Flat", n, d) <= usable:
-        return "IDMap2,Flat"
-    hnsw = f"IDMap2,HNSW{hnsw_m}"
-    if prefer_hnsw and n <= hnsw_max_n and estimate_bytes(hnsw, n, d) <= usable:
-        return hnsw
-    prefix = _ivf_prefix(ivf_nlist(n))
-    candidates = [f"{prefix},Flat", f"{prefix},SQ8"]
-    candidates += [f"OPQ{M},{prefix},PQ{M}" for M in (256, 128, 96, 64, 48, 32, 24, 16, 8, 4)
-                   if d % M == 0 and M <= d // 4]
-    for f in candidates:
-        if estimate_bytes(f, n, d) <= usable:
-            return f
-    raise ValueError(f"{n} x {d} vectors do not fit in {memory_budget_bytes:.3g} bytes even with PQ")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -530,99 +417,3 @@ def regional_search(
     return out_s, out_i
 
 
-# ----------------------------------------------------------------------------------------------------------
-# tuning
-# ----------------------------------------------------------------------------------------------------------
-def recall_at_k(I: np.ndarray, ground_truth_ids: np.ndarray, k: int) -> float:
-    """Mean over queries of |top-k found ∩ true top-k| / |true top-k| (missing ids -1 ignored)."""
-    I = np.asarray(I)[:, :k]
-    G = np.asarray(ground_truth_ids)[:, :k]
-    hits = 0
-    total = 0
-    step = max(1, 4_000_000 // max(1, k * k))
-    for s in range(0, I.shape[0], step):
-        a, g = I[s:s + step], G[s:s + step]
-        match = (a[:, :, None] == g[:, None, :]) & (g[:, None, :] >= 0)
-        hits += int(match.any(axis=2).sum())
-        total += int((g >= 0).sum())
-    return hits / max(total, 1)
-
-
-def tunable_parameter(index: Any) -> tuple[str, list[int]] | None:
-    """(name, candidate values ascending) of the main speed/recall knob, or None for exact indexes."""
-    first = index.shards[0] if isinstance(index, ShardedSearcher) else index
-    if _is_gpu_index(first):  # GpuIndexIVF* (or replicas of them) expose nlist directly
-        g = faiss.downcast_index(first)
-        g = faiss.downcast_index(g.at(0)) if hasattr(g, "at") else g
-        nlist = getattr(g, "nlist", None)
-    else:
-        ivf = _find_ivf(first)
-        nlist = ivf.nlist if ivf is not None else None
-    if nlist is not None:
-        vals = [2 ** i for i in range(int(math.log2(nlist)) + 1)]
-        return "nprobe", sorted(set(vals + [int(nlist)]))
-    if _find_hnsw(first) is not None:
-        return "efSearch", [16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048]
-    return None
-
-
-def tune(
-    index: Any,
-    queries: np.ndarray,
-    ground_truth_ids: np.ndarray,
-    k: int = 100,
-    target_recall: float | None = None,
-    latency_budget_ms: float | None = None,
-    *,
-    values: Sequence[int] | None = None,
-) -> dict[str, Any]:
-    """Choose ``nprobe`` (IVF) / ``efSearch`` (HNSW) on held-out queries with exact ``ground_truth_ids``.
-
-    - ``target_recall``: the smallest value whose recall@k reaches the target. Search cost grows with the
-      value, so the smallest one is the lowest-latency one; choosing by value (not by noisy timings) keeps
-      the choice reproducible. If no value reaches it, the best-recall value is chosen (``met=False``).
-    - ``latency_budget_ms`` (mean per query, batched search of all ``queries``): the best recall among
-      values within the budget (the scan stops at the first value over budget).
-
-    The chosen value is applied to ``index``. Returns ``{"param", <param>, "recall", "latency_ms", "met",
-    "curve": [(value, recall, latency_ms), ...]}``; ``{"param": None, ...}`` for exact indexes.
-    """
-    if (target_recall is None) == (latency_budget_ms is None):
-        raise ValueError("give exactly one of target_recall, latency_budget_ms")
-    Q = _as_f32(queries)
-    tp = tunable_parameter(index)
-    if tp is None:
-        t0 = time.perf_counter()
-        _, I = index.search(Q, k)
-        lat = (time.perf_counter() - t0) * 1e3 / len(Q)
-        r = recall_at_k(I, ground_truth_ids, k)
-        met = r >= target_recall if target_recall is not None else lat <= latency_budget_ms
-        return {"param": None, "recall": r, "latency_ms": lat, "met": bool(met), "curve": []}
-    name, cands = tp
-    if values is not None:
-        cands = sorted({int(v) for v in values})
-    curve: list[tuple[int, float, float]] = []
-    chosen: tuple[int, float, float] | None = None
-    for v in cands:
-        set_search_params(index, **{name: v})
-        t0 = time.perf_counter()
-        _, I = index.search(Q, k)
-        lat = (time.perf_counter() - t0) * 1e3 / len(Q)
-        r = recall_at_k(I, ground_truth_ids, k)
-        curve.append((v, r, lat))
-        if target_recall is not None and r >= target_recall:
-            chosen = (v, r, lat)
-            break
-        if latency_budget_ms is not None and lat > latency_budget_ms:
-            break
-    if target_recall is not None:
-        met = chosen is not None
-        if chosen is None:
-            chosen = max(curve, key=lambda c: (c[1], -c[0]))
-    else:
-        within = [c for c in curve if c[2] <= latency_budget_ms]
-        met = bool(within)
-        chosen = max(within, key=lambda c: (c[1], -c[0])) if within else curve[0]
-    set_search_params(index, **{name: chosen[0]})
-    return {"param": name, name: chosen[0], "recall": chosen[1], "latency_ms": chosen[2],
-            "met": bool(met), "curve": curve}

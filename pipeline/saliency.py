@@ -16,7 +16,8 @@ EPS = 1e-6
 
 
 def channel_weights(A: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """IDF-like channel weights ``b_j = log(sum_k (a_k + eps) / (a_j + eps))``, ``a_j`` = non-zero fraction of channel j.
+    """IDF-like channel weights ``b_j = log(sum_k (a_k + eps) / (a_j + eps))``, ``a_j`` = non-zero fraction of
+    channel j.
 
     Channels active at few positions get large weights. ``eps`` keeps an all-zero channel finite (its
     weight multiplies an all-zero map, so it has no effect on the saliency).

@@ -20,6 +20,7 @@ from pipeline.codebook import assign
 from pipeline.ranking import RegionSet, rank_scores, regional_image_scores
 from service.errors import NotFound
 from storage.arrays import npy_from_bytes
+from storage.layout import SnapshotFiles
 from storage.snapshot import Snapshot, open_latest
 
 
@@ -180,14 +181,15 @@ def open_index(root: str, name: str) -> LoadedIndex:
     """Open the ``LATEST`` complete snapshot of index ``name`` (e.g. ``global_rmac``, ``regional_fs_egm``)."""
     snap = _open(root, name)
     files = snap.files
-    shard_files = ["index.npy"] if "index.npy" in files else sorted(f for f in files if f.startswith("shard-"))
+    shard_files = [SnapshotFiles.INDEX] if SnapshotFiles.INDEX in files else sorted(
+        f for f in files if f.startswith(SnapshotFiles.shard(0)[:6]))
     indexes = [fi.deserialize(_read_npy(snap, f)) for f in shard_files]
     params = snap.manifest.get("parameters", {})
     for idx in indexes:
         fi.set_search_params(idx, **params.get("search", {}))
-    region_image = _read_npy(snap, "region_image.npy") if "region_image.npy" in files else None
+    region_image = _read_npy(snap, SnapshotFiles.REGION_IMAGE) if SnapshotFiles.REGION_IMAGE in files else None
     factory = str(snap.manifest.get("factory", ""))
-    return LoadedIndex(snap, fi.ShardedSearcher(indexes), _read_npy(snap, "image_ids.npy"), region_image,
+    return LoadedIndex(snap, fi.ShardedSearcher(indexes), _read_npy(snap, SnapshotFiles.IMAGE_IDS), region_image,
                        int(params.get("dim", indexes[0].d)), factory.endswith("Flat") and "IVF" not in factory)
 
 
@@ -225,11 +227,11 @@ class LoadedASMK:
 def open_asmk(root: str, kernel: str) -> LoadedASMK:
     """Open the ``LATEST`` snapshot ``asmk_<kernel>`` (``.npy`` files read without pickle)."""
     snap = _open(root, f"asmk_{kernel}")
-    skip = ("codebook.npy", "image_ids.npy")
+    skip = (SnapshotFiles.CODEBOOK, SnapshotFiles.IMAGE_IDS)
     arrays = {f[:-4]: _read_npy(snap, f) for f in snap.files if f.endswith(".npy") and f not in skip}
     params = snap.manifest.get("parameters", {})
-    return LoadedASMK(InvertedFile.from_arrays(arrays), _read_npy(snap, "codebook.npy").astype(np.float32),
-                      _read_npy(snap, "image_ids.npy"), int(params.get("config", {}).get("multiple", 1)),
+    return LoadedASMK(InvertedFile.from_arrays(arrays), _read_npy(snap, SnapshotFiles.CODEBOOK).astype(np.float32),
+                      _read_npy(snap, SnapshotFiles.IMAGE_IDS), int(params.get("config", {}).get("multiple", 1)),
                       int(params.get("query_multiple", 1)))
 
 

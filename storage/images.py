@@ -69,7 +69,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
             if w <= 0 or h <= 0:
                 raise ImageError("corrupt", f"invalid size {w}x{h}")
             if w * h > max_pixels:
-                raise ImageError("too_large", f"{w}x{h} = {w * h / 1e6:.1f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+                raise ImageError("too_large",
+                                 f"{w}x{h} = {w * h / 1e6:.1f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
             if max_side is not None and img.format == "JPEG" and max(w, h) > 2 * max_side:
                 scale = max_side / max(w, h)
                 img.draft("RGB", (int(w * scale) + 1, int(h * scale) + 1))

@@ -38,6 +38,27 @@ ARTEFACT_FILES: dict[str, tuple[str, str]] = {
     "asmk_info": ("asmk", "info.json"),
 }
 
+
+
+class SnapshotFiles:
+    """File names inside an index snapshot's version folder (``indexes/<name>/<version>/``)."""
+
+    INDEX = "index.npy"                  # FAISS index serialised as uint8 (one shard)
+    IMAGE_IDS = "image_ids.npy"          # int id -> image id
+    REGION_IMAGE = "region_image.npy"    # regional indexes: region row -> int image id
+    CODEBOOK = "codebook.npy"            # ASMK visual words
+
+    @staticmethod
+    def shard(i: int) -> str:
+        """FAISS index shard ``i`` (when an index is kept in shards)."""
+        return f"shard-{i:05d}.npy"
+
+    @staticmethod
+    def array(key: str) -> str:
+        """One array of an ASMK inverted file (``word_ptr``, ``vecs``, ...)."""
+        return f"{key}.npy"
+
+
 # every literal name a run's paths are made of (tests check that no module outside storage/ spells one)
 RUN_ENTRY_NAMES = frozenset({CORPUS_DIR, TABLES_DIR, STAGES_DIR, ARTEFACTS_DIR, INDEXES_DIR, CONFIG_FILE, RUN_FILE,
                              LOCK_FILE, MANIFEST_FILE, SHARDS_DIR, STAGE_SUMMARY_FILE, LATEST_FILE}
@@ -125,4 +146,4 @@ class RunLayout:
         return join(self.index_dir(name), LATEST_FILE)
 
 
-__all__ = ["RunLayout", "shard_label", "ARTEFACT_FILES", "RUN_ENTRY_NAMES"]
+__all__ = ["RunLayout", "SnapshotFiles", "shard_label", "ARTEFACT_FILES", "RUN_ENTRY_NAMES"]

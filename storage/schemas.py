@@ -91,4 +91,5 @@ def check_schema_version(schema: pa.Schema) -> None:
     meta = schema.metadata or {}
     version = int(meta.get(b"schema_version", b"0"))
     if version != SCHEMA_VERSION:
-        raise ValueError(f"table schema version {version} is not supported (expected {SCHEMA_VERSION}); re-run the stage")
+        raise ValueError(f"table schema version {version} is not supported (expected {SCHEMA_VERSION}); "
+                         "re-run the stage")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.download import (
+from storage.download import (
     ChecksumError,
     DownloadError,
     UnsafeArchiveError,
@@ -152,7 +152,7 @@ def test_download_extract_verify_and_rerun(tmp_path, oxford_server):
 
 
 def test_resume_after_dropped_connection(tmp_path, oxford_server, monkeypatch):
-    monkeypatch.setattr("jobs.download.RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr("storage.download.RETRY_BACKOFF_S", 0.0)
     srv = oxford_server
     srv.cut_first.add("oxbuild_images-v1.tgz")
     download_dataset("roxford5k", tmp_path, base_url=srv.url, keep_archives=True)
@@ -164,7 +164,7 @@ def test_resume_after_dropped_connection(tmp_path, oxford_server, monkeypatch):
 
 
 def test_interrupted_multi_archive_run_resumes_per_archive(tmp_path, monkeypatch):
-    monkeypatch.setattr("jobs.download.RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr("storage.download.RETRY_BACKOFF_S", 0.0)
     files = {
         "paris_1-v1.tgz": _tgz({"paris/defense/paris_defense_1.jpg": _jpeg(1)}),
         "gnd_rparis6k.pkl": _gnd_pickle(["paris_defense_1", "paris_eiffel_2"], ["paris_eiffel_2"], numpy_arrays=False),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.egm import BOX_SCALE, FS, OS, detect_regions, egm, gaussian_overlap
+from pipeline.egm import BOX_SCALE, FS_EGM, OS_EGM, EGMParams, detect_regions_with, egm, gaussian_overlap
 from pipeline.regions import box_iou
 
 torch.set_num_threads(1)
@@ -108,10 +108,10 @@ def _three_blobs() -> tuple[np.ndarray, list[tuple[float, float, float, float]]]
     return S / S.max(), extents
 
 
-@pytest.mark.parametrize("preset", [FS, OS])
-def test_one_box_per_blob_and_none_elsewhere(preset: dict) -> None:
+@pytest.mark.parametrize("preset", [FS_EGM, OS_EGM])
+def test_one_box_per_blob_and_none_elsewhere(preset: EGMParams) -> None:
     S, extents = _three_blobs()
-    boxes, scores = detect_regions(S, **preset)
+    boxes, scores = detect_regions_with(S, preset)
     assert boxes.shape[0] == 3, boxes
     iou = box_iou(np.array(extents), boxes)
     assert (iou.max(axis=1) >= 0.5).all(), iou
@@ -128,7 +128,7 @@ def test_two_flat_rectangles_on_zero_background() -> None:
     S[3:11, 2:12] = 1.0
     S[14:22, 18:30] = 0.7
     truth = np.array([[2, 3, 12, 11], [18, 14, 30, 22]], dtype=float)
-    boxes, scores = detect_regions(S, **FS)
+    boxes, scores = detect_regions_with(S, FS_EGM)
     assert boxes.shape[0] == 2
     iou = box_iou(truth, boxes)
     assert iou[0, 0] >= 0.5 and iou[1, 1] >= 0.5, iou
@@ -171,7 +171,7 @@ def test_fs_egm_on_a_real_photo(museum: Path) -> None:
     A = bb(x[None])[0]
     F = feature_saliency(A)
     h, w = F.shape
-    boxes, scores = detect_regions(F.numpy(), **FS)
+    boxes, scores = detect_regions_with(F.numpy(), FS_EGM)
     assert 1 <= boxes.shape[0] <= 20
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import faiss_index as fi
+from pipeline import faiss_tuning
 
 faiss.omp_set_num_threads(1)
 
@@ -220,38 +221,38 @@ def test_tune_picks_smallest_nprobe_meeting_target():
     recalls = {}
     for p in (1, 2, 4, 8, 16, 32):
         fi.set_search_params(single, nprobe=p)
-        recalls[p] = fi.recall_at_k(single.search(Q, 20)[1], gt, 20)
+        recalls[p] = faiss_tuning.recall_at_k(single.search(Q, 20)[1], gt, 20)
     assert recalls[1] < 0.9 and recalls[32] == 1.0
     # a target strictly between two consecutive recall levels
     ps = sorted(recalls)
     j = next(i for i in range(2, len(ps)) if recalls[ps[i]] > recalls[ps[i - 1]])  # not the first candidate
     target = (recalls[ps[j - 1]] + recalls[ps[j]]) / 2
     expected = min(p for p in ps if recalls[p] >= target)
-    res = fi.tune(single, Q, gt, 20, target_recall=target)
+    res = faiss_tuning.tune(single, Q, gt, 20, target_recall=target)
     assert res["param"] == "nprobe" and res["nprobe"] == expected and res["met"]
     assert res["recall"] == pytest.approx(recalls[expected])
     assert faiss.extract_index_ivf(single).nprobe == expected  # applied
     # unreachable target -> best recall, smallest such value, met=False
-    res = fi.tune(single, Q, gt, 20, target_recall=1.01, values=[1, 2, 4, 8, 16, 32])
+    res = faiss_tuning.tune(single, Q, gt, 20, target_recall=1.01, values=[1, 2, 4, 8, 16, 32])
     assert not res["met"] and res["recall"] == 1.0
     assert res["nprobe"] == min(p for p in ps if recalls[p] == 1.0)
     # generous latency budget -> best recall
-    res = fi.tune(single, Q, gt, 20, latency_budget_ms=1e6, values=[1, 4, 32])
+    res = faiss_tuning.tune(single, Q, gt, 20, latency_budget_ms=1e6, values=[1, 4, 32])
     assert res["nprobe"] == 32 and res["met"]
     # sharded searcher tunes all shards
     s = fi.ShardedSearcher(_ivf_shards(3)[3], use_gpu=False)
-    res = fi.tune(s, Q, gt, 20, target_recall=target)
+    res = faiss_tuning.tune(s, Q, gt, 20, target_recall=target)
     assert res["nprobe"] == expected
     # exact index: nothing to tune
     flat = fi.add_shard(fi.train_index("IDMap2,Flat", X, 32), X, ids)
-    res = fi.tune(flat, Q, gt, 20, target_recall=0.99)
+    res = faiss_tuning.tune(flat, Q, gt, 20, target_recall=0.99)
     assert res["param"] is None and res["recall"] == 1.0
 
 
 def test_recall_at_k_by_hand():
     I = np.array([[1, 2, 3], [4, 5, 6]])
     G = np.array([[3, 9, 1], [7, 8, -1]])
-    assert fi.recall_at_k(I, G, 3) == pytest.approx(2 / 5)
+    assert faiss_tuning.recall_at_k(I, G, 3) == pytest.approx(2 / 5)
 
 
 def test_gpu_copy_falls_back_to_cpu(monkeypatch):

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from storage.layout import RunLayout
 from storage.schemas import descriptors_to_numpy
 from storage.tables import StageManifest, TableStore
 from tests import helpers_images as H
@@ -36,8 +37,10 @@ def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
 def _snapshot(out: Path) -> dict[str, tuple[int, str]]:
     """(mtime_ns, sha1) of every file the extraction published: tables, shard markers, corpus manifest."""
     snap = {}
-    for sub in ("tables", "stages/extract/shards", "corpus"):
-        for p in sorted((out / sub).rglob("*")):
+    layout = RunLayout(str(out))
+    for folder in (Path(layout.table_file("x", "extract", 0)).parents[1], Path(layout.shard_markers_dir("extract")),
+                   Path(layout.corpus_manifest).parent):
+        for p in sorted(folder.rglob("*")):
             if p.is_file():
                 snap[p.relative_to(out).as_posix()] = (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
     return snap
@@ -201,7 +204,7 @@ def test_killed_worker_is_replaced_without_duplicates(tmp_path):
     listing.write_text("\n".join([str(p) for p in H.real_photos(ids)] + [str(missing)]) + "\n")
     out = tmp_path / "out"
     n_shards = 21  # 41 inputs, 2 per shard
-    markers = out / "stages" / "extract" / "shards"
+    markers = Path(RunLayout(str(out)).shard_markers_dir("extract"))
     log_path = tmp_path / "job.log"
     with open(log_path, "w") as log:
         job = subprocess.Popen(H.index_command(str(listing), str(out), "--shard-size", "2", "--max-side", "320",
@@ -211,7 +214,8 @@ def test_killed_worker_is_replaced_without_duplicates(tmp_path):
             deadline = time.time() + 240
             while time.time() < deadline and job.poll() is None and not list(markers.glob("*.json")):
                 time.sleep(0.1)
-            assert job.poll() is None, "job ended before the first shard was committed:\n" + log_path.read_text()[-3000:]
+            assert job.poll() is None, ("job ended before the first shard was committed:\n"
+                                        + log_path.read_text()[-3000:])
             assert list(markers.glob("*.json")), "no shard committed in time"
             worker = None
             while time.time() < deadline and worker is None and job.poll() is None:

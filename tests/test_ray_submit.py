@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.layout import RunLayout
 from tests import helpers_jobs as J
 
 pytestmark = pytest.mark.slow
@@ -110,7 +111,7 @@ def test_index_job_via_ray_job_submit(tmp_path, request, museum):
     errors = store.read("errors", ["extract"]).to_pydict()
     assert errors["image_id"] == ["notes"] and errors["reason"] == ["not_image"]
     assert sum(m["images"] for m in StageManifest(str(out), "extract").committed().values()) == len(ids)
-    stages = json.loads((out / "run.json").read_text())["stages"]
+    stages = json.loads(Path(RunLayout(str(out)).run_manifest).read_text())["stages"]
     assert {s: stages.get(s, {}).get("status") for s in J.expected_stages()} == {s: "done" for s in J.expected_stages()}
     for name in J.index_names(out, ["gem", "rmac", "fs_egm", "os_egm"], ["fs_egm"]):
         assert sorted(J.snapshot_ids(out, name)[1]) == ids, name

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from storage.layout import RunLayout
 from tests import helpers_jobs as J
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
     t0 = time.time()
     assert J.run_in_process("jobs.index", argv) == 0
     t_index = time.time() - t0
-    manifest0 = read_parquet(str(out / "corpus" / "manifest.parquet")).to_pydict()
+    manifest0 = read_parquet(RunLayout(str(out)).corpus_manifest).to_pydict()
     shard_of = dict(zip(manifest0["image_id"], manifest0["shard"]))
     assert sorted(shard_of) == first
     n_shards0 = len(set(shard_of.values()))
@@ -111,8 +112,9 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
     before = _state(out)
     index_names = J.index_names(out, GLOBAL_METHODS, ["fs_egm"])
     versions0 = {name: J.snapshot_ids(out, name)[0] for name in index_names}
-    whitening = {p.name: p.read_bytes() for p in (out / "artefacts" / "whitening").glob("*.npz")}
-    graph = {p.name: p.read_bytes() for p in (out / "artefacts" / "graph").glob("*.npy")}
+    whitening_dir = Path(RunLayout(str(out)).artefact_dir("whitening"))
+    whitening = {p.name: p.read_bytes() for p in whitening_dir.glob("*.npz")}
+    graph = {p.name: p.read_bytes() for p in Path(RunLayout(str(out)).artefact_dir("graph")).glob("*.npy")}
     queries = {"painting_query": J.photo("qsd1_w1_00000"),
                "landmark": J.photo(next(i for i in unchanged if i.startswith("lund_"))),
                "database_painting": J.photo(next(i for i in unchanged if i.startswith("painting_")))}
@@ -142,7 +144,7 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
     osal = summary["stages"]["object_saliency"]
     assert osal["images"] == 20 and osal["skipped_shards"] == len(old_nonempty), osal
     assert summary["stages"]["descriptors"]["shards"] == 3, summary["stages"]["descriptors"]
-    assert json.loads((out / "run.json").read_text())["stages"]["extract"]["result"]["images"] == 20
+    assert json.loads(Path(RunLayout(str(out)).run_manifest).read_text())["stages"]["extract"]["result"]["images"] == 20
 
     # -- markers: new shards hold exactly the new images; rewritten ones count only what they still hold
     markers1 = StageManifest(str(out), "extract").committed()
@@ -159,7 +161,7 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
         assert m["images"] == len(rows) and m["errors"] == 0, (label, m)
     assert sorted(i for lbl in new_shards for i in read_parquet(markers1[lbl]["files"]["images"])
                   .column("image_id").to_pylist()) == added
-    manifest1 = read_parquet(str(out / "corpus" / "manifest.parquet")).to_pydict()
+    manifest1 = read_parquet(RunLayout(str(out)).corpus_manifest).to_pydict()
     assert sorted(manifest1["image_id"]) == current
     for i, s in zip(manifest1["image_id"], manifest1["shard"]):
         assert s == shard_of[i] if i in shard_of else s >= n_shards0  # unchanged images keep their shard
@@ -174,8 +176,8 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
     assert len(after[("globals", "descriptors")]) == len(current) * len(methods)  # every method for every image
 
     # -- reused artefacts are untouched; unchanged images' rows are bit-identical, final descriptors included
-    assert {p.name: p.read_bytes() for p in (out / "artefacts" / "whitening").glob("*.npz")} == whitening
-    assert {p.name: p.read_bytes() for p in (out / "artefacts" / "graph").glob("*.npy")} == graph
+    assert {p.name: p.read_bytes() for p in whitening_dir.glob("*.npz")} == whitening
+    assert {p.name: p.read_bytes() for p in Path(RunLayout(str(out)).artefact_dir("graph")).glob("*.npy")} == graph
     for (table, stage), rows0 in before.items():
         rows1 = after[(table, stage)]
         keep = {k: r for k, r in rows0.items() if k[0] in set(unchanged)}
@@ -205,10 +207,10 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
     assert sum(i in set(added) for i, _ in search1[("painting_query", "gem")]) == 20
 
     # -- `jobs.index` with the same config after the reindex finds every stage up to date: nothing is redone
-    stages_before = json.loads((out / "run.json").read_text())["stages"]
+    stages_before = json.loads(Path(RunLayout(str(out)).run_manifest).read_text())["stages"]
     published = {name: J.snapshot_ids(out, name)[0] for name in index_names}
     assert J.run_in_process("jobs.index", argv) == 0
-    stages_after = json.loads((out / "run.json").read_text())["stages"]
+    stages_after = json.loads(Path(RunLayout(str(out)).run_manifest).read_text())["stages"]
     assert {k: e["output_version"] for k, e in stages_after.items()} == \
         {k: e["output_version"] for k, e in stages_before.items()}
     assert {name: J.snapshot_ids(out, name)[0] for name in index_names} == published  # no new snapshot
@@ -230,12 +232,12 @@ def test_reindex_adds_and_deletes(tmp_path, museum, ray_local):
     assert summary2["stages"]["object_saliency"]["images"] == len(current2)
     for label, m in StageManifest(str(out), "extract").committed().items():
         assert m["images"] == read_parquet(m["files"]["images"]).num_rows, (label, m)
-    graph_ids = set(np.load(out / "artefacts" / "graph" / "regions.npz")["image_id"].tolist())
+    graph_ids = set(np.load(RunLayout(str(out)).artefact("graph_regions"))["image_id"].tolist())
     assert graph_ids <= set(current2) and set(added) & graph_ids  # the graph of the current corpus
     after2 = _state(out)
     for (table, stage), rows in after2.items():
         assert {k[0] for k in rows} == set(current2), (table, stage)
-    assert {p.name: p.read_bytes() for p in (out / "artefacts" / "whitening").glob("*.npz")} == whitening
+    assert {p.name: p.read_bytes() for p in whitening_dir.glob("*.npz")} == whitening
     for (table, stage), rows1 in after.items():
         if stage == "object_saliency":
             continue  # new saliency maps from the new graph

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from storage.layout import RunLayout
 from tests import helpers_jobs as J
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def test_killed_driver_resumes(tmp_path, request, museum, ray_local):
     assert len(ids) == 20
     listing = J.write_list(tmp_path / "list.txt", ids)
     out, ref = tmp_path / "out", tmp_path / "ref"
-    markers = out / "stages" / "extract" / "shards"
+    markers = Path(RunLayout(str(out)).shard_markers_dir("extract"))
     cmd = [sys.executable, "-m", "jobs.index", *_argv(listing, out)]
 
     # -- 1. start the job; SIGKILL it (process group, descendants, its Ray) once a shard is committed
@@ -113,7 +114,7 @@ def test_killed_driver_resumes(tmp_path, request, museum, ray_local):
     committed = set(StageManifest(str(out), "extract").committed())
     print(f"{len(committed)} of {N_SHARDS} shards committed when the job was killed")
     assert 1 <= len(committed) < N_SHARDS, f"{len(committed)} of {N_SHARDS} shards committed at the kill"
-    run_json = out / "run.json"
+    run_json = Path(RunLayout(str(out)).run_manifest)
     assert not run_json.exists() or "extract" not in json.loads(run_json.read_text())["stages"]
     done_images = sum(m["images"] for m in StageManifest(str(out), "extract").committed().values())
     before = _files_state(out, committed)

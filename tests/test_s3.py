@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.layout import RunLayout
 from tests import helpers_images as H
 
 if not H.DATA_DIR.is_dir():
@@ -160,7 +161,8 @@ def test_index_from_and_to_s3_then_noop_rerun(s3, monkeypatch):
     assert env_vars["AWS_SECRET_ACCESS_KEY"] not in text
 
     objects = _objects(client, "run/")
-    assert "run/corpus/manifest.parquet" in objects
+    run = RunLayout("run")
+    assert run.corpus_manifest in objects
     assert sorted(k for k in objects if k.startswith("run/stages/extract/shards/")) == [
         "run/stages/extract/shards/00000.json", "run/stages/extract/shards/00001.json"]  # 7 inputs, 4 per shard
 
@@ -180,13 +182,15 @@ def test_index_from_and_to_s3_then_noop_rerun(s3, monkeypatch):
     markers = StageManifest(out, "extract").committed()
     assert all(f.startswith(f"s3://{BUCKET}/run/tables/") for m in markers.values() for f in m["files"].values())
 
-    published = {k: v for k, v in objects.items() if k.startswith(("run/tables/", "run/stages/extract/shards/",
-                                                                    "run/corpus/"))}
+    run = RunLayout("run")
+    tables_prefix = run.table_file("x", "extract", 0).rsplit("/", 2)[0] + "/"
+    published = {k: v for k, v in objects.items() if k.startswith((tables_prefix, run.shard_markers_dir("extract"),
+                                                                    run.corpus_manifest))}
     proc = _run_job(env_vars, f"s3://{BUCKET}/images", out)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     after = _objects(client, "run/")
     assert {k: after[k] for k in published} == published  # same ETags and modification times
-    assert not set(after) - set(objects) - {"run/run.json", "run/config.json", "run/stages/extract/stage.json"}
+    assert not set(after) - set(objects) - {run.run_manifest, run.config, run.stage_summary("extract")}
     m = re.search(r"^\s*extract: (.*)$", proc.stdout, flags=re.M)
     assert m, proc.stdout
     line = m.group(1)

@@ -8,7 +8,9 @@ import os
 import threading
 
 import pytest
+from pathlib import Path
 
+from storage.layout import RunLayout
 from storage import snapshot as sn
 
 
@@ -22,8 +24,8 @@ def _build(root, name="glob", payload=b"abc", **kw):
 
 def test_publish_manifest_and_checksums(tmp_path):
     w = _build(str(tmp_path), payload=b"hello index")
-    base = tmp_path / "indexes" / "glob"
-    assert (base / "LATEST").read_text().strip() == w.version
+    base = Path(RunLayout(str(tmp_path)).index_dir("glob"))
+    assert Path(RunLayout(str(tmp_path)).index_latest("glob")).read_text().strip() == w.version
     man = json.loads((base / w.version / "manifest.json").read_text())
     assert man["method"] == "rmac" and man["factory"] == "IVF16,Flat" and man["counts"] == {"vectors": 3}
     assert set(man["files"]) == {"index.faiss", "meta/params.json"}
@@ -91,7 +93,7 @@ def test_failed_build_publishes_nothing(tmp_path):
     assert sn.read_latest(root, "glob") is None
     with pytest.raises(FileNotFoundError):
         sn.open_latest(root, "glob")
-    assert not os.path.exists(tmp_path / "indexes" / "glob" / w.version)
+    assert not os.path.exists(Path(RunLayout(str(tmp_path)).index_dir("glob")) / w.version)
     good = _build(root)
     with pytest.raises(ValueError):
         with sn.SnapshotWriter(root, "glob") as w2:
@@ -105,10 +107,10 @@ def test_prune_keeps_latest_and_recent(tmp_path):
     root = str(tmp_path)
     vs = [_build(root, payload=str(i).encode()).version for i in range(5)]
     # roll LATEST back to the oldest version (an operator rollback)
-    (tmp_path / "indexes" / "glob" / "LATEST").write_text(vs[0] + "\n")
+    Path(RunLayout(str(tmp_path)).index_latest("glob")).write_text(vs[0] + "\n")
     # an incomplete (crashed) build directory
     stale = "v20000101T000000000000Z-deadbeef"
-    os.makedirs(tmp_path / "indexes" / "glob" / stale)
+    os.makedirs(Path(RunLayout(str(tmp_path)).index_dir("glob")) / stale)
     # complete versions are all young: only the old crashed build goes
     assert sn.prune(root, "glob", keep_days=7, keep_min=0) == [stale]
     future = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)
@@ -126,7 +128,7 @@ def test_bad_names_rejected(tmp_path):
         for bad in ("../x", "/abs", "manifest.json", ""):
             with pytest.raises(ValueError):
                 w.write_bytes(bad, b"")
-    (tmp_path / "indexes" / "ok" / "LATEST").write_text("../../elsewhere")
+    Path(RunLayout(str(tmp_path)).index_latest("ok")).write_text("../../elsewhere")
     with pytest.raises(sn.SnapshotError):
         sn.open_latest(str(tmp_path), "ok")
 
