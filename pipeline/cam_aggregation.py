@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from pipeline import cam as cam_mod
+from pipeline.regions import to_cells
 from pipeline.whitening import Whitening, learn_pca_whitening
 
 EPS = 1e-12
@@ -211,8 +212,6 @@ def cam_rerank_regions(A: torch.Tensor, weight: torch.Tensor | np.ndarray, bias:
     when a list is configured, else the image's own top-``cfg.rerank_classes`` (offline stand-in for the
     query's classes, see module docstring).
     """
-    from pipeline.regions import to_cells
-
     C, H, W = A.shape
     box_ids = select_classes(A, weight, bias, cfg.box_classes)
     cam_map = cam_mod.class_activation_maps(A, weight, box_ids).mean(dim=0)

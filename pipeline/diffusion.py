@@ -51,7 +51,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import cg
 
 from pipeline.katz import check_convergence
-from pipeline.knn_graph import graph_from_arrays, graph_to_arrays, knn_graph, normalize_graph
+from pipeline.knn_graph import graph_from_arrays, graph_to_arrays, knn_graph, mutual_knn_graph, normalize_graph
 
 POOLINGS = ("gmp", "sum", "max")
 
@@ -94,8 +94,6 @@ class DiffusionConfig:
 def affinity_from_knn(ids: np.ndarray, sims: np.ndarray, n: int, cfg: DiffusionConfig) -> sp.csr_matrix:
     """Mutual k-NN affinity ``W`` (n, n) from each vertex's k-NN lists (``ids``/``sims`` (n, >= k+1), self
     allowed in the list: it is dropped), ``W_ij = max(s_ij, 0)^gamma``. Use this with a distributed k-NN search."""
-    from pipeline.knn_graph import mutual_knn_graph
-
     return mutual_knn_graph(ids, sims, beta=cfg.gamma, n=n, k=cfg.k)
 
 
@@ -108,7 +106,8 @@ def graph_arrays(W: sp.spmatrix) -> dict[str, np.ndarray]:
     return out
 
 
-def build_diffusion_graph(X: np.ndarray, cfg: DiffusionConfig = DiffusionConfig(), **index_kwargs) -> dict[str, np.ndarray]:
+def build_diffusion_graph(X: np.ndarray, cfg: DiffusionConfig = DiffusionConfig(),
+                          **index_kwargs) -> dict[str, np.ndarray]:
     """Offline graph over the database vectors ``X`` (n, d; L2-normalised rows: global descriptors, or all
     images' regional descriptors stacked). k-NN by FAISS inner product (exact up to ``cfg.exact_threshold``).
 

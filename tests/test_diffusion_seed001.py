@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pipeline.diffusion import (DiffusionConfig, build_diffusion_graph, diffuse_query, diffusion_scores, gmp_weights,
-                                image_scores, query_vector, query_vector_exact, rank, restrict_graph)
+from pipeline.diffusion import (DiffusionConfig, affinity_from_knn, build_diffusion_graph, diffuse_query,
+                                diffusion_scores, gmp_weights, image_scores, query_vector, query_vector_exact, rank,
+                                restrict_graph)
 from pipeline.katz import ConvergenceError
 from pipeline.knn_graph import graph_from_arrays
 
@@ -47,6 +48,15 @@ def test_graph_matches_dense_mutual_knn_construction() -> None:
     np.testing.assert_allclose(S, S.T, atol=1e-7)
     np.testing.assert_allclose(g["deg"], W_ref.sum(1), rtol=1e-5)
     assert set(g) == {"indptr", "indices", "data", "shape", "deg"}
+
+
+def test_affinity_from_external_knn_lists() -> None:
+    """The entry point for a distributed k-NN search: lists that contain the vertex itself."""
+    X = _clusters(seed=6)
+    s = X @ X.T
+    ids = np.argsort(-s, axis=1, kind="stable")[:, :6]           # self first, then 5 neighbours
+    W = affinity_from_knn(ids, np.take_along_axis(s, ids, axis=1), len(X), DiffusionConfig(k=5))
+    np.testing.assert_allclose(W.toarray(), _dense_S(X, 5, 3.0)[1], rtol=1e-5, atol=1e-7)
 
 
 def test_query_vector_keeps_kq_largest_summed_similarities_to_the_gamma() -> None:
