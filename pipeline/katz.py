@@ -94,3 +94,63 @@ def katz_centrality(Wn: sp.spmatrix, alpha: float = 0.99, tol: float = 1e-6, max
     """
     Wn = sp.csr_matrix(Wn, dtype=np.float64)
     return katz_centrality_operator(lambda x: Wn @ x, Wn.shape[0], alpha=alpha, tol=tol, maxiter=maxiter, x0=x0)
+
+
+# ---------------------------------------------------------------------------------------------- convergence
+# CG that stops on ``maxiter`` returns its last iterate silently (scipy's status > 0); a centrality vector that
+# is still far from the solution skews object saliency without any visible error. These helpers turn that
+# into a clear failure (or a bounded retry). Config keys named in the message are those of the run config.
+KATZ_MAXITER_KEY = "graph.katz_maxiter"
+KATZ_TOL_KEY = "graph.tol"
+
+
+class ConvergenceError(RuntimeError):
+    """An iterative solve stopped before reaching its tolerance; carries the numbers and the keys to change."""
+
+    def __init__(self, what: str, iterations: int, residual: float, tol: float, maxiter: int | None,
+                 maxiter_key: str = KATZ_MAXITER_KEY, tol_key: str = KATZ_TOL_KEY) -> None:
+        self.what, self.iterations, self.residual = what, int(iterations), float(residual)
+        self.tol, self.maxiter = float(tol), maxiter
+        self.maxiter_key, self.tol_key = maxiter_key, tol_key
+        super().__init__(
+            f"{what}: conjugate gradients did not converge: relative residual {self.residual:.3e} > tol "
+            f"{self.tol:.1e} after {self.iterations} iterations (maxiter {maxiter}). Raise {maxiter_key} "
+            f"(e.g. to {max(2 * self.iterations, 1)}) or loosen {tol_key}; the system's condition number grows "
+            f"like (1 + alpha) / (1 - alpha), so alpha close to 1 needs more iterations.")
+
+
+def check_convergence(info: dict, what: str = "Katz centrality", maxiter: int | None = None,
+                      maxiter_key: str = KATZ_MAXITER_KEY, tol_key: str = KATZ_TOL_KEY) -> dict:
+    """Raise :class:`ConvergenceError` unless ``info`` (as returned by the CG solvers here) reports convergence.
+
+    Convergence means CG's own status was 0 *and* the recomputed relative residual is within ``tol`` (with
+    a 10 % slack for the round-off between CG's recursive residual and the recomputed one). Returns ``info``.
+    """
+    residual, tol = float(info["residual"]), float(info["tol"])
+    if not np.isfinite(residual) or not info.get("converged", True) or residual > 1.1 * tol:
+        iterations = int(info.get("total_iterations", info.get("iterations", -1)))
+        raise ConvergenceError(what, iterations, residual, tol,
+                               maxiter if maxiter is not None else info.get("maxiter"), maxiter_key, tol_key)
+    return info
+
+
+def katz_centrality_checked(Wn: sp.spmatrix, alpha: float = 0.99, tol: float = 1e-6, maxiter: int = 1000,
+                            retries: int = 0, growth: float = 4.0,
+                            x0: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """:func:`katz_centrality` that raises :class:`ConvergenceError` instead of returning an unconverged vector.
+
+    With ``retries > 0`` an unconverged solve is continued (warm-started from its last iterate) with
+    ``maxiter * growth**r`` more iterations, up to ``retries`` times, before raising. ``info`` gains
+    ``maxiter`` (of the last attempt), ``attempts`` and ``total_iterations``.
+    """
+    total = 0
+    for attempt in range(retries + 1):
+        budget = int(round(maxiter * growth ** attempt))
+        g, info = katz_centrality(Wn, alpha=alpha, tol=tol, maxiter=budget, x0=x0)
+        total += int(info["iterations"])
+        info.update(maxiter=budget, attempts=attempt + 1, total_iterations=total)
+        if info["converged"] and info["residual"] <= 1.1 * tol:
+            return g, info
+        x0 = g
+    check_convergence(info, maxiter=info["maxiter"])
+    return g, info  # unreachable: check_convergence raised
