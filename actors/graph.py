@@ -42,7 +42,7 @@ import ray
 import scipy.sparse as sp
 
 from actors.whiten import load_whitenings
-from pipeline.katz import KatzConfig, KatzNotConverged, katz_centrality, katz_centrality_operator
+from pipeline.katz import KatzConfig, check_convergence, katz_centrality_checked, katz_centrality_operator
 from pipeline.knn_graph import (DEFAULT_EXACT_THRESHOLD, DEFAULT_NPROBE, GraphConfig, build_knn_index,
                                 graph_from_arrays, graph_to_arrays, mutual_knn_graph, normalize_graph, set_nprobe)
 from storage.artefacts import save_graph_artefacts
@@ -227,10 +227,10 @@ def run_graph_stage(root: str, graph: GraphConfig, katz: KatzConfig, num_cpus: f
     if n > katz.distributed_above:
         g, info = katz_centrality_ray(Wn, alpha=katz.alpha, n_blocks=max(2, num_workers), tol=katz.tol,
                                       maxiter=katz.maxiter)
-    else:
-        g, info = katz_centrality(Wn, alpha=katz.alpha, tol=katz.tol, maxiter=katz.maxiter)
-    if not info.get("converged", True):
-        raise KatzNotConverged(info)
+        check_convergence(info, maxiter=katz.maxiter)
+    else:  # raises with iterations, residual and the keys to change when CG stays above katz.tol
+        g, info = katz_centrality_checked(Wn, alpha=katz.alpha, tol=katz.tol, maxiter=katz.maxiter,
+                                          retries=katz.retries)
     t_katz = time.time() - t_katz
     g = np.asarray(g, np.float32)
     index = build_knn_index(V, exact_threshold=graph.exact_threshold, use_gpu=False)

@@ -14,7 +14,8 @@ from tests import helpers_images as H
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run(module: str, *args: str, env: dict[str, str] | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})})
 

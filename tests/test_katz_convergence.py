@@ -33,7 +33,7 @@ def test_non_converging_cg_raises_with_iterations_residual_and_keys() -> None:
     assert e.iterations == 2 and e.maxiter == 2 and e.tol == 1e-10
     assert e.residual == pytest.approx(expected_residual, rel=1e-6)
     msg = str(e)
-    for part in ("Katz centrality", "did not converge", "after 2 iterations", "graph.katz_maxiter", "graph.tol",
+    for part in ("Katz centrality", "did not converge", "after 2 iterations", "katz.maxiter", "katz.tol",
                  f"{expected_residual:.3e}"):
         assert part in msg
 

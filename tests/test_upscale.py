@@ -17,11 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
+from actors.extract import ImageShardMapper, ImageStageSpec
 from pipeline.extract import ExtractConfig, scaled_sizes
+from service.encoder import QueryEncoder
 
 torch.set_num_threads(1)
 
-CFG = ExtractConfig(max_side=512, global_methods=("mac",), region_sources=("full",), local_features=8,
+CFG = ExtractConfig(max_side=512, globals=("mac",), regions=("full",), local_features=8,
                     local_scales=(1.0, 1.41))
 W0, H0 = 300, 200                                   # smaller than max_side: scale 1 is the image itself
 EXPECTED = [(300, 200), (423, 282)]                 # (w, h) per forward scale: 1.0 and the local-only 1.41
@@ -40,12 +42,10 @@ def test_scaled_sizes_asks_for_the_upscaled_size() -> None:
 
 @pytest.mark.xfail(strict=True, reason="fixed in integration")
 def test_database_side_feeds_the_upscaled_tensor(tmp_path: Path) -> None:
-    from actors.extract import ExtractJob, ExtractWorker
-
     path = tmp_path / "small.png"
     _image().save(path)
-    worker = ExtractWorker.__new__(ExtractWorker)   # only the decode step: no backbone, no Ray
-    worker.job = ExtractJob(out_root=str(tmp_path), config=CFG)
+    worker = ImageShardMapper.__new__(ImageShardMapper)   # only the decode step: no backbone, no Ray
+    worker.spec, worker.config = ImageStageSpec(str(tmp_path), "extract", CFG), CFG
     d = worker._decode({"uri": str(path), "image_id": "small"})
     assert d.error is None
     assert [tuple(t.shape) for t in d.inputs] == [(3, h, w) for w, h in EXPECTED]
@@ -70,8 +70,6 @@ class _Recorder(torch.nn.Module):
 
 @pytest.mark.xfail(strict=True, reason="fixed in integration")
 def test_query_side_feeds_the_upscaled_tensor() -> None:
-    from actors.query import QueryEncoder
-
     enc = QueryEncoder.__new__(QueryEncoder)        # only encode's input construction: no run, no weights
     enc.config, enc.device = CFG, torch.device("cpu")
     enc.backbone = _Recorder(len(EXPECTED))
