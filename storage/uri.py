@@ -180,7 +180,10 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if type(e) is OSError and e.errno in _TRANSIENT_ERRNOS:  # s3fs's translation, cause not kept
             return True
-        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
+        # explicit causes always; the implicit context only of OSErrors (s3fs raises its translations inside
+        # `except ClientError` without a cause), so a bug raised while handling a reset is not retried
+        e = e.__cause__ if e.__cause__ is not None else (
+            e.__context__ if isinstance(e, OSError) and not e.__suppress_context__ else None)
     return False
 
 
