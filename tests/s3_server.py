@@ -228,6 +228,47 @@ def stop(server: S3Server) -> None:
         proc.wait()
 
 
+def start_moto(log_dir: Path, *, bucket: str = BUCKET, timeout_s: float = START_TIMEOUT_S) -> S3Server:
+    """moto's S3 server (any keys accepted) with ``bucket``: for tests of protocol details that SeaweedFS and
+    moto should both honour. moto applies conditional writes by check-then-act in a threaded server, so it is
+    not a test of their atomicity under concurrency (SeaweedFS is)."""
+    exe = Path(sys.executable).with_name("moto_server")
+    port = free_port_pairs(1)[0][0]
+    cmd = ([str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]) + ["-H", "127.0.0.1", "-p",
+                                                                                  str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "moto.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = S3Server(f"http://127.0.0.1:{port}", bucket, "AKIAMOTOTEST00000001", "motoTestSecret/0123456789",
+                      log_path=log_path, ports={"s3": port}, process=proc)
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(server.endpoint + "/moto-api/", timeout=1).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop(server)
+                raise RuntimeError(f"moto server did not start\n{server.log_tail()}") from None
+            time.sleep(0.1)
+    server.client().create_bucket(Bucket=bucket)
+    return server
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto S3 server for the whole session (skips when moto[server] is not installed)."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("boto3")
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A SeaweedFS S3 server for the whole session (skips only when the ``weed`` binary is missing)."""
