@@ -29,8 +29,10 @@ import os
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -280,3 +282,145 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
     finally:
         stop(server)
+
+
+class FaultProxy:
+    """A TCP proxy in front of an S3 server that fails the next connections on purpose.
+
+    ``proxy.faults.extend(["503", "reset", "cut:GET"])``: each request takes the first queued fault for its
+    method, if any (``kind:METHOD`` only hits that method): ``"503"`` answers ``503 ServiceUnavailable``
+    (``"slowdown"``: ``503 SlowDown``, ``"500"``: ``500 InternalError``) and closes; ``"reset"`` resets the
+    connection (RST) without answering; ``"cut"`` forwards the request but cuts the response after 2000 bytes
+    (inside the body of a larger object) with a reset.
+    Requests without a fault are forwarded unchanged but with ``Connection: close``, one request per
+    connection, so that faults apply per request although clients keep connections alive (SigV4 stays valid:
+    the Host header is the proxy's, which is what the client signed, and Connection is not signed).
+    ``proxy.faulted`` counts the faults served. Request bodies must have a Content-Length (no chunked uploads).
+    """
+
+    _BODIES = {"503": ("503 Service Unavailable", "ServiceUnavailable"), "slowdown": ("503 Slow Down", "SlowDown"),
+               "500": ("500 Internal Server Error", "InternalError")}
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.split("://", 1)[-1].rstrip("/").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.faults: list[str] = []
+        self.faulted = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._srv = socket.socket()
+        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(64)
+        self.endpoint = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._srv.close()
+
+    def __enter__(self) -> "FaultProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._srv.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _take_fault(self, method: str) -> str | None:
+        """The first queued fault for ``method`` (``"cut:GET"`` only hits a GET, ``"503"`` any request)."""
+        with self._lock:
+            for i, f in enumerate(self.faults):
+                kind, _, only = f.partition(":")
+                if not only or only.upper() == method:
+                    del self.faults[i]
+                    self.faulted += 1
+                    return kind
+        return None
+
+    @staticmethod
+    def _read_request(conn: socket.socket) -> bytes:
+        """Read one request (headers and a Content-Length body; ``Expect: 100-continue`` answered here)."""
+        conn.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length, lines = 0, []
+        for line in head.split(b"\r\n"):
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v.strip())
+            if k.strip().lower() == b"expect" and b"100-continue" in v.lower():
+                conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")  # botocore waits for it before the body
+                continue  # not forwarded: the upstream would send a second 100 Continue
+            lines.append(line)
+        head = b"\r\n".join(lines)
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
+
+    @staticmethod
+    def _reset(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def _serve(self, conn: socket.socket | None) -> None:
+        up: socket.socket | None = None
+        try:
+            request = self._read_request(conn)
+            fault = self._take_fault(request.split(b" ", 1)[0].decode(errors="replace"))
+            if fault in self._BODIES:
+                status, code = self._BODIES[fault]
+                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>injected {code}</Message></Error>").encode()
+                head = (f"HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}"
+                        f"\r\nConnection: close\r\n\r\n").encode()
+                conn.sendall(head if request.startswith(b"HEAD ") else head + body)  # HEAD answers have no body
+                conn.shutdown(socket.SHUT_WR)
+                return
+            if fault == "reset":
+                self._reset(conn)
+                conn = None
+                return
+            # one request per connection (Connection: close), so that faults apply per request even though
+            # the client keeps connections alive
+            head, sep, body = request.partition(b"\r\n\r\n")
+            lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
+            up = socket.create_connection(self.upstream, timeout=30)
+            up.sendall(b"\r\n".join(lines + [b"Connection: close"]) + sep + body)
+            limit = 2000 if fault == "cut" else None  # "cut": the answer stops after 2000 bytes, with a reset
+            sent = 0
+            while limit is None or sent < limit:
+                chunk = up.recv(65536 if limit is None else limit - sent)
+                if not chunk:
+                    break
+                conn.sendall(chunk)
+                sent += len(chunk)
+            if fault == "cut":
+                self._reset(conn)
+                conn = None
+        except OSError:
+            pass
+        finally:
+            for s in (conn, up):
+                try:
+                    if s is not None:
+                        s.close()
+                except OSError:
+                    pass
