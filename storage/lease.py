@@ -373,7 +373,8 @@ class _S3Backend:
             return True
         except Exception as exc:  # noqa: BLE001
             if _precondition_failed(exc):
-                return False
+                # someone else's lease now, or our DELETE landed and its retry found nothing to match
+                return self.read() is None
             raise
         return True
 

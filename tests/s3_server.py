@@ -291,7 +291,8 @@ class FaultProxy:
     method, if any (``kind:METHOD`` only hits that method): ``"503"`` answers ``503 ServiceUnavailable``
     (``"slowdown"``: ``503 SlowDown``, ``"500"``: ``500 InternalError``) and closes; ``"reset"`` resets the
     connection (RST) without answering; ``"cut"`` forwards the request but cuts the response after 2000 bytes
-    (inside the body of a larger object) with a reset.
+    (inside the body of a larger object) with a reset; ``"drop"`` forwards the request, lets the server finish
+    it and resets the client instead of answering (the reply to a write that was applied is lost).
     Requests without a fault are forwarded unchanged but with ``Connection: close``, one request per
     connection, so that faults apply per request although clients keep connections alive (SigV4 stays valid:
     the Host header is the proxy's, which is what the client signed, and Connection is not signed).
@@ -404,6 +405,12 @@ class FaultProxy:
             lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"connection:")]
             up = socket.create_connection(self.upstream, timeout=30)
             up.sendall(b"\r\n".join(lines + [b"Connection: close"]) + sep + body)
+            if fault == "drop":  # the server did the work, the client never hears of it
+                while up.recv(65536):
+                    pass
+                self._reset(conn)
+                conn = None
+                return
             limit = 2000 if fault == "cut" else None  # "cut": the answer stops after 2000 bytes, with a reset
             sent = 0
             while limit is None or sent < limit:

@@ -22,7 +22,7 @@ import pytest
 
 from storage.lease import LOCK_NAME, Lease, LeaseHeld, LeaseLost, read_lease
 from storage.uri import exists, join, read_bytes, write_bytes_atomic
-from tests.s3_server import moto_s3, s3_env, seaweedfs  # noqa: F401  (session fixtures)
+from tests.s3_server import FaultProxy, moto_s3, s3_env, seaweedfs  # noqa: F401  (session fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 TTL, BEAT = 1.2, 0.2
@@ -237,3 +237,21 @@ def test_bad_parameters():
         Lease("/tmp/x", ttl_s=10, heartbeat_s=10)
     with pytest.raises(ValueError):
         Lease("/tmp/x", ttl_s=0)
+
+
+def test_lost_replies_to_conditional_writes_on_s3(seaweedfs, monkeypatch):
+    """The create, a renewal and the release are applied by the server but their replies are lost: the
+    retried conditional request then fails (412) and the lease recognises its own write by token and seq."""
+    s3_env(monkeypatch, seaweedfs)
+    root = seaweedfs.uri(f"lease-drops-{time.time_ns()}")
+    with FaultProxy(seaweedfs.endpoint) as proxy:
+        s3_env(monkeypatch, seaweedfs, retries=4, AWS_ENDPOINT_URL=proxy.endpoint, AWS_MAX_ATTEMPTS="1")
+        lease(root, "probe", ttl=30, beat=10).acquire().release()  # the conditional-write probe ran already
+        proxy.faults.append("drop:PUT")
+        a = lease(root, "index-A", ttl=30, beat=10).acquire()
+        assert proxy.faulted == 1 and a.held and read_lease(root)["token"] == a.token
+        proxy.faults.append("drop:PUT")
+        a.renew()
+        assert proxy.faulted == 2 and read_lease(root)["seq"] == a.seq == 1 and not a.lost
+        proxy.faults.append("drop:DELETE")
+        assert a.release() and proxy.faulted == 3 and read_lease(root) is None
