@@ -256,7 +256,9 @@ class _LocalBackend:
             if n.startswith((base + ".takeover-", base + ".stale-", base + ".released-", "." + base + ".")):
                 p = os.path.join(self.dir, n)
                 try:
-                    if now - os.stat(p).st_mtime > older_than_s:
+                    st = os.stat(p)
+                    # ctime too: a lease renamed aside by a take-over in progress keeps its old mtime
+                    if now - max(st.st_mtime, st.st_ctime) > older_than_s:
                         os.unlink(p)
                 except FileNotFoundError:
                     pass

@@ -199,7 +199,7 @@ def retry_call(fn: Callable[[], T], uri: str, what: str = "operation") -> T:
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised unless transient and attempts are left
+        except BaseException as exc:  # re-raised unless transient and attempts are left
             if attempt >= attempts or not isinstance(exc, Exception) or not is_transient(exc):
                 if attempt > 1:
                     try:

@@ -22,9 +22,11 @@ import pytest
 
 from storage.lease import LOCK_NAME, Lease, LeaseHeld, LeaseLost, read_lease
 from storage.uri import exists, join, read_bytes, write_bytes_atomic
-from tests.s3_server import FaultProxy, moto_s3, s3_env, seaweedfs  # noqa: F401  (session fixtures)
+from tests import s3_server
+from tests.s3_server import FaultProxy, s3_env
 
 REPO = Path(__file__).resolve().parents[1]
+seaweedfs, moto_s3 = s3_server.seaweedfs, s3_server.moto_s3  # the session fixtures
 TTL, BEAT = 1.2, 0.2
 
 
@@ -50,7 +52,7 @@ def freeze(lease_: Lease) -> None:
 
 
 def test_second_acquirer_fails_fast_and_says_who_holds_it(store):
-    kind, root = store
+    _, root = store
     a = lease(root, "index-A", ttl=30, beat=5).acquire()
     try:
         record = json.loads(read_bytes(join(root, LOCK_NAME)))
@@ -76,7 +78,7 @@ def test_second_acquirer_fails_fast_and_says_who_holds_it(store):
 
 
 def test_stale_lease_is_taken_over_after_its_ttl(store):
-    kind, root = store
+    _, root = store
     lost: list[str] = []
     a = lease(root, "index-A", on_lost=lost.append).acquire()
     freeze(a)
@@ -102,7 +104,7 @@ def test_stale_lease_is_taken_over_after_its_ttl(store):
 
 
 def test_heartbeat_keeps_a_live_lease(store):
-    kind, root = store
+    _, root = store
     with lease(root, "index-A") as a:
         first = read_lease(root)
         time.sleep(2.5 * TTL)
@@ -115,7 +117,7 @@ def test_heartbeat_keeps_a_live_lease(store):
 
 
 def test_lost_lease_is_noticed_by_the_heartbeat(store):
-    kind, root = store
+    _, root = store
     lost: list[str] = []
     a = lease(root, "index-A", on_lost=lost.append).acquire()
     foreign = {**read_lease(root), "job_id": "intruder", "token": "someone-else"}
@@ -140,7 +142,7 @@ time.sleep(120)
 
 
 def test_killed_holder_is_taken_over_after_the_ttl(store):
-    kind, root = store
+    _, root = store
     ttl = 2.0
     proc = subprocess.Popen([sys.executable, "-c", CHILD.format(repo=str(REPO), root=root, ttl=ttl, beat=0.3)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
@@ -188,13 +190,13 @@ def test_simultaneous_take_overs_have_one_winner(store):
     kind, root = store
     if kind == "moto":
         pytest.skip("moto checks conditions and writes in two steps: not atomic under concurrency")
-    n, rounds = 6, 5 if kind == "local" else 3
+    n, rounds = 6, 12 if kind == "local" else 3
     for r in range(rounds):
         write_stale_lease(root, kind)
         barrier = threading.Barrier(n)
         results: dict[int, object] = {}
 
-        def contend(i: int) -> None:
+        def contend(i: int, barrier: threading.Barrier = barrier, results: dict = results) -> None:
             le = lease(root, f"taker-{i}", ttl=30, beat=10)
             barrier.wait()
             try:

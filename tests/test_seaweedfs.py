@@ -2,7 +2,6 @@
 keys, a missing bucket and an unreachable endpoint, and retries of injected 503s / resets through a proxy."""
 from __future__ import annotations
 
-import io
 import logging
 import time
 
@@ -12,7 +11,10 @@ import pytest
 from storage.schemas import _meta
 from storage.tables import StageManifest, TableStore
 from storage.uri import (StorageError, check_access, exists, listdir, read_bytes, remove, write_bytes_atomic)
-from tests.s3_server import FaultProxy, free_port_pairs, s3_env, seaweedfs  # noqa: F401  (fixture)
+from tests import s3_server
+from tests.s3_server import FaultProxy, free_port_pairs, s3_env
+
+seaweedfs = s3_server.seaweedfs  # the session fixture
 
 
 def test_round_trip_through_storage_uri(seaweedfs, monkeypatch):

@@ -9,7 +9,10 @@ import pytest
 
 from storage import snapshot as sn
 from storage import snapshot_pins as sp
-from tests.s3_server import s3_env, seaweedfs  # noqa: F401  (fixture)
+from tests import s3_server
+from tests.s3_server import s3_env
+
+seaweedfs = s3_server.seaweedfs  # the session fixture
 
 
 def build(root: str, name: str = "global_rmac", payload: bytes = b"v") -> str:
