@@ -15,7 +15,9 @@ Lance endpoints, switched off here) in one process. Every port it opens is passe
 of master, volume, filer, S3 and admin; the defaults are fixed, 9333/9340/8888/8333/23646 and gRPC = http +
 10000), all picked free, so parallel sessions and a developer's own SeaweedFS do not collide. Each gRPC port
 is its http port + 10000 because the embedded maintenance worker dials the admin at that port whatever
-``-admin.port.grpc`` says. Its unix sockets go into the data folder instead of ``/tmp``. Credentials: ``weed mini`` reads
+``-admin.port.grpc`` says. Its log files (through ``TMPDIR``) and the S3/filer unix sockets go into the data
+folder; the gRPC sockets are always ``/tmp/seaweedfs-<component>-grpc-<port>.sock``, removed by weed on
+SIGTERM and by :func:`stop` when it has to SIGKILL it. Credentials: ``weed mini`` reads
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` from its environment and makes them an admin identity, and
 then requires signed requests (a wrong secret gets ``SignatureDoesNotMatch``, 403, as on AWS). Buckets are not
 auto-created on first write (``-s3.autoCreateBucket=false``), so a missing bucket fails as on AWS.
@@ -203,6 +205,7 @@ def start_seaweedfs(data_dir: Path, *, bucket: str = BUCKET, access_key: str = A
         cmd += [f"-s3.localSocket={sock_dir}/s3.sock", f"-filer.localSocket={sock_dir}/filer.sock"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     env.update({"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key})
+    env["TMPDIR"] = str(data_dir)  # its glog files (weed.INFO...) go to $TMPDIR, by default /tmp
     log_path = data_dir / "weed.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir,
@@ -228,6 +231,9 @@ def stop(server: S3Server) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+        for name, port in server.ports.items():  # weed leaves its gRPC sockets when killed
+            if name.endswith(".grpc"):
+                Path(f"/tmp/seaweedfs-{name.split('.')[0]}-grpc-{port}.sock").unlink(missing_ok=True)
 
 
 def start_moto(log_dir: Path, *, bucket: str = BUCKET, timeout_s: float = START_TIMEOUT_S) -> S3Server:
