@@ -51,12 +51,13 @@ GB = 1024 ** 3
 
 
 class PeakRSS:
-    """Samples this process's RSS in a background thread; ``peak`` since the last ``reset``."""
+    """Samples this process's RSS in a background thread; ``peak`` since the last ``reset``. ``base`` is the
+    RSS before the run: the imported libraries (torch alone is ~0.7 GB, pulled in by the config's modules)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.proc = psutil.Process(os.getpid())
         self.interval = interval
-        self.peak = self.proc.memory_info().rss
+        self.peak = self.base = self.proc.memory_info().rss
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -86,7 +87,9 @@ def step(name: str, results: dict, mem: PeakRSS):
     results[name] = dt
     results.setdefault("cpu", {})[name] = cpu
     results.setdefault("peak", {})[name] = peak
-    print(f"  {name:<10s} {dt:9.2f} s wall  {cpu:9.2f} s CPU   peak RSS {peak / GB:6.2f} GB   "
+    results["base_rss"] = mem.base
+    print(f"  {name:<10s} {dt:9.2f} s wall  {cpu:9.2f} s CPU   peak RSS {peak / GB:6.2f} GB "
+          f"(+{(peak - mem.base) / GB:.2f} over the start)  "
           f"(process max {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:6.2f} GB)", flush=True)
 
 
@@ -269,7 +272,8 @@ def print_run(res: dict, s: Setup) -> None:
           f"{res['g_noise']:.3f}", flush=True)
 
 
-STEP_EXCLUDE = ("n", "isolated", "mean_degree", "cg_residual", "g_clustered", "g_noise", "exact_search_extrapolated")
+STEP_EXCLUDE = ("n", "base_rss", "isolated", "mean_degree", "cg_residual", "g_clustered", "g_noise",
+                "exact_search_extrapolated")
 
 
 def timed_steps(big: dict) -> list[str]:
@@ -303,13 +307,16 @@ def print_summary(big: dict, small: dict | None, k: int) -> None:
     if small:
         print_growth(big, small)
     print(f"\n| step | wall n={small['n'] if small else 0:,} | wall n={n:,} | CPU n={n:,} | "
-          f"peak RSS n={n:,} | growth p (CPU) |\n|---|---|---|---|---|---|")
+          f"peak RSS n={n:,} (over the start: {big['base_rss'] / GB:.2f} GB of imports) | growth p (CPU) |"
+          f"\n|---|---|---|---|---|---|")
     for s in steps:
         p = ""
         if small and small.get(s, 0) > 0 and small["cpu"].get(s, 0) > 0 and big["cpu"].get(s, 0) > 0:
             p = f"{np.log(big['cpu'][s] / small['cpu'][s]) / np.log(n / small['n']):.2f}"
         w_small = f"{small[s]:.2f} s" if small and s in small else ""
-        print(f"| {s} | {w_small} | {big[s]:.2f} s | {big['cpu'][s]:.2f} s | {big['peak'][s] / GB:.2f} GB | {p} |")
+        peak = big["peak"][s]
+        print(f"| {s} | {w_small} | {big[s]:.2f} s | {big['cpu'][s]:.2f} s | {peak / GB:.2f} GB "
+              f"(+{(peak - big['base_rss']) / GB:.2f}) | {p} |")
     print(f"\nrecall@{k} = {big['recall']:.3f} (weighted {big['recall_weighted']:.3f}); CG "
           f"{big['cg_iterations']} iterations, relative residual {big['cg_residual']:.2e}; process peak RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2:.2f} GB", flush=True)
