@@ -21,6 +21,7 @@ from storage.uri import join
 CORPUS_DIR, TABLES_DIR, STAGES_DIR, ARTEFACTS_DIR, INDEXES_DIR = "corpus", "tables", "stages", "artefacts", "indexes"
 CONFIG_FILE, RUN_FILE, LOCK_FILE, MANIFEST_FILE = "config.json", "run.json", "LOCK.json", "manifest.parquet"
 SHARDS_DIR, STAGE_SUMMARY_FILE, LATEST_FILE = "shards", "stage.json", "LATEST"
+PINS_DIR, RELEASE_FILE = "PINS", "RELEASE.json"   # readers' pins of snapshot versions; a job's set of versions
 
 # artefacts: (folder, file) per name; one place for every learned file of a run
 ARTEFACT_FILES: dict[str, tuple[str, str]] = {
@@ -61,7 +62,8 @@ class SnapshotFiles:
 
 # every literal name a run's paths are made of (tests check that no module outside storage/ spells one)
 RUN_ENTRY_NAMES = frozenset({CORPUS_DIR, TABLES_DIR, STAGES_DIR, ARTEFACTS_DIR, INDEXES_DIR, CONFIG_FILE, RUN_FILE,
-                             LOCK_FILE, MANIFEST_FILE, SHARDS_DIR, STAGE_SUMMARY_FILE, LATEST_FILE}
+                             LOCK_FILE, MANIFEST_FILE, SHARDS_DIR, STAGE_SUMMARY_FILE, LATEST_FILE, PINS_DIR,
+                             RELEASE_FILE}
                             | {f for _, f in ARTEFACT_FILES.values()} | {d for d, _ in ARTEFACT_FILES.values()})
 
 
@@ -144,6 +146,15 @@ class RunLayout:
 
     def index_latest(self, name: str) -> str:
         return join(self.index_dir(name), LATEST_FILE)
+
+    def index_pins(self, name: str) -> str:
+        """Pins of readers holding versions of index ``name`` (the pruner keeps pinned versions)."""
+        return join(self.index_dir(name), PINS_DIR)
+
+    @property
+    def release(self) -> str:
+        """The set of index versions one job published together (readers open them as one release)."""
+        return join(self.indexes_dir, RELEASE_FILE)
 
 
 __all__ = ["RunLayout", "SnapshotFiles", "shard_label", "ARTEFACT_FILES", "RUN_ENTRY_NAMES"]

@@ -40,17 +40,16 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from storage import snapshot as sn
+from storage.layout import RunLayout
 from storage.snapshot import MANIFEST, Snapshot, SnapshotError
 
 log = logging.getLogger(__name__)
 
-PINS = "PINS"
-RELEASE = "RELEASE.json"
 DEFAULT_PIN_TTL_S = 3600.0
 
 
 def _pins_dir(fs_root: str, name: str) -> str:
-    return posixpath.join(sn._base(fs_root, name), PINS)
+    return RunLayout(fs_root).index_pins(name)
 
 
 def _iso(t: float) -> str:
@@ -205,7 +204,7 @@ def publish_release(root_uri: str, names: list[str], *, info: dict[str, Any] | N
         versions[n] = v
     fs, root = sn._fs(root_uri, storage_options)
     rec = {"versions": versions, "released_at": _iso(time.time()), "info": dict(info or {})}
-    sn._atomic_write(fs, posixpath.join(root, "indexes", RELEASE), json.dumps(rec, indent=2, sort_keys=True,
+    sn._atomic_write(fs, RunLayout(root).release, json.dumps(rec, indent=2, sort_keys=True,
                                                                             default=str).encode())
     return versions
 
@@ -214,7 +213,7 @@ def read_release(root_uri: str, storage_options: dict[str, Any] | None = None) -
     """The versions of the last release (name -> version), or None when no release was recorded."""
     fs, root = sn._fs(root_uri, storage_options)
     try:
-        return dict(json.loads(fs.cat_file(posixpath.join(root, "indexes", RELEASE)))["versions"])
+        return dict(json.loads(fs.cat_file(RunLayout(root).release))["versions"])
     except FileNotFoundError:
         return None
 

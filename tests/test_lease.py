@@ -20,8 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from storage.lease import LOCK_NAME, Lease, LeaseHeld, LeaseLost, read_lease
-from storage.uri import exists, join, read_bytes, write_bytes_atomic
+from storage.layout import LOCK_FILE as LOCK_NAME
+from storage.layout import RunLayout
+from storage.lease import Lease, LeaseHeld, LeaseLost, read_lease
+from storage.uri import exists, read_bytes, write_bytes_atomic
 from tests import s3_server
 from tests.s3_server import FaultProxy, s3_env
 
@@ -55,7 +57,7 @@ def test_second_acquirer_fails_fast_and_says_who_holds_it(store):
     _, root = store
     a = lease(root, "index-A", ttl=30, beat=5).acquire()
     try:
-        record = json.loads(read_bytes(join(root, LOCK_NAME)))
+        record = json.loads(read_bytes(RunLayout(root).lock))
         assert record["job_id"] == "index-A" and record["host"] == socket.gethostname()
         assert record["pid"] == os.getpid() and record["ttl_s"] == 30
         assert record["started_at"].endswith("Z") and record["heartbeat_at"].endswith("Z")
@@ -71,7 +73,7 @@ def test_second_acquirer_fails_fast_and_says_who_holds_it(store):
         assert info.value.holder["job_id"] == "index-A"
     finally:
         assert a.release()
-    assert not exists(join(root, LOCK_NAME)) and read_lease(root) is None
+    assert not exists(RunLayout(root).lock) and read_lease(root) is None
     with lease(root, "index-B", ttl=30, beat=5) as b:  # free again
         assert b.held and read_lease(root)["job_id"] == "index-B"
     assert read_lease(root) is None
@@ -121,7 +123,7 @@ def test_lost_lease_is_noticed_by_the_heartbeat(store):
     lost: list[str] = []
     a = lease(root, "index-A", on_lost=lost.append).acquire()
     foreign = {**read_lease(root), "job_id": "intruder", "token": "someone-else"}
-    write_bytes_atomic(join(root, LOCK_NAME), json.dumps(foreign).encode())
+    write_bytes_atomic(RunLayout(root).lock, json.dumps(foreign).encode())
     deadline = time.time() + 5
     while not a.lost and time.time() < deadline:
         time.sleep(0.05)
@@ -179,7 +181,7 @@ def write_stale_lease(root: str, kind: str) -> None:
     rec = {"job_id": "dead-job", "host": "elsewhere", "pid": 1, "started_at": "2020-01-01T00:00:00.000Z",
            "heartbeat_at": "2020-01-01T00:00:00.000Z", "ttl_s": 0.01, "heartbeat_s": 0.005,
            "token": "dead-token", "seq": 7, "owner": {}}
-    uri = join(root, LOCK_NAME)
+    uri = RunLayout(root).lock
     write_bytes_atomic(uri, json.dumps(rec).encode())
     if kind == "local":
         os.utime(uri, (time.time() - 3600, time.time() - 3600))
@@ -225,7 +227,7 @@ def test_simultaneous_take_overs_have_one_winner(store):
 def test_half_written_local_lease_counts_as_live_until_ttl(tmp_path):
     root = str(tmp_path / "run")
     os.makedirs(root)
-    path = os.path.join(root, LOCK_NAME)
+    path = RunLayout(root).lock
     open(path, "wb").close()  # an O_EXCL create whose writer has not written yet
     with pytest.raises(LeaseHeld, match="being written"):
         lease(root, "index-B", ttl=5, beat=1).acquire()

@@ -16,7 +16,7 @@ import pytest
 botocore_exc = pytest.importorskip("botocore.exceptions")
 s3fs_errors = pytest.importorskip("s3fs.errors")
 
-from storage import uri as U
+from storage import uri as U  # noqa: E402 - after the importorskip guards
 
 SECRET = "retryTestSecretDoNotLog/0123456789abcdef"
 

@@ -6,9 +6,11 @@ import threading
 import time
 
 import pytest
+from pathlib import Path
 
 from storage import snapshot as sn
 from storage import snapshot_pins as sp
+from storage.layout import RunLayout
 from tests import s3_server
 from tests.s3_server import s3_env
 
@@ -57,8 +59,8 @@ def test_expired_pins_do_not_block_pruning(tmp_path):
     assert sp.prune_unpinned(root, "global_rmac", keep_days=0, keep_min=1) == []  # still pinned
     time.sleep(0.3)
     assert sp.prune_unpinned(root, "global_rmac", keep_days=0, keep_min=1) == [v1]
-    assert not (tmp_path / "indexes" / "global_rmac" / "PINS").exists() or \
-        not list((tmp_path / "indexes" / "global_rmac" / "PINS").iterdir())  # the expired pin was removed
+    assert not Path(RunLayout(str(tmp_path)).index_pins("global_rmac")).exists() or \
+        not list(Path(RunLayout(str(tmp_path)).index_pins("global_rmac")).iterdir())  # the expired pin was removed
     with pytest.raises(sn.SnapshotError, match="pruned"):
         reader.read_bytes("index.npy")
     assert sn.list_versions(root, "global_rmac") == [v2]
@@ -81,21 +83,21 @@ def test_pin_taken_while_pruning_restores_the_version(tmp_path, monkeypatch):
     root = str(tmp_path)
     v1 = build(root)
     build(root)
-    manifest = (tmp_path / "indexes" / "global_rmac" / v1 / "manifest.json").read_bytes()
+    manifest = (Path(RunLayout(str(tmp_path)).index_dir("global_rmac")) / v1 / "manifest.json").read_bytes()
     real = sp.live_pins
     calls = []
 
     def live_pins_with_a_reader_arriving(*a, **kw):
         calls.append(1)
         if len(calls) == 2:  # the re-check after the manifest was removed: a reader pinned v1 meanwhile
-            assert not (tmp_path / "indexes" / "global_rmac" / v1 / "manifest.json").exists()
+            assert not (Path(RunLayout(str(tmp_path)).index_dir("global_rmac")) / v1 / "manifest.json").exists()
             fs, r = sn._fs(root)
             sp._write_pin(fs, f"{sp._pins_dir(r, 'global_rmac')}/{v1}--reader.json", v1, 60, {})
         return real(*a, **kw)
 
     monkeypatch.setattr(sp, "live_pins", live_pins_with_a_reader_arriving)
     assert sp.prune_unpinned(root, "global_rmac", keep_days=0, keep_min=1) == []
-    assert (tmp_path / "indexes" / "global_rmac" / v1 / "manifest.json").read_bytes() == manifest
+    assert (Path(RunLayout(str(tmp_path)).index_dir("global_rmac")) / v1 / "manifest.json").read_bytes() == manifest
     assert sn.open_version(root, "global_rmac", v1, verify=True).version == v1
 
 
