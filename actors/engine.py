@@ -23,7 +23,10 @@ import pyarrow as pa
 from actors.common import ActorResources, StageFailed, plan_resources
 from pipeline.config import IndexConfig, to_plain
 from storage.corpus import assign_shards, list_corpus, select_subset
+from storage.lease import Lease, LeaseLost
 from storage.run import RunManifest, read_corpus_manifest, write_corpus_manifest
+from storage.snapshot import list_names
+from storage.snapshot_pins import publish_release
 from storage.tables import StageManifest
 from storage.uri import redact
 
@@ -126,8 +129,10 @@ def run_stage(stage: Stage, cfg: IndexConfig, manifest: pa.Table) -> tuple[dict[
     return result, time.time() - t0, mem.peak
 
 
-def run_pipeline(cfg: IndexConfig, manifest: pa.Table, dag: Sequence[Stage]) -> dict[str, Any]:
-    """Run the configured stages of ``dag`` in order; finished stages with unchanged parameters are skipped."""
+def run_pipeline(cfg: IndexConfig, manifest: pa.Table, dag: Sequence[Stage], lease: Lease | None = None
+                 ) -> dict[str, Any]:
+    """Run the configured stages of ``dag`` in order; finished stages with unchanged parameters are skipped.
+    With a ``lease``, each stage starts only while the lease is still ours."""
     run = RunManifest(cfg.out)
     order = [s.name for s in dag]
     summary: dict[str, Any] = {"images_in_corpus": manifest.num_rows, "stages": {}}
@@ -147,6 +152,7 @@ def run_pipeline(cfg: IndexConfig, manifest: pa.Table, dag: Sequence[Stage]) -> 
             log.info("[%s] parameters or inputs changed: redoing it and the stages after it", stage.name)
             run.invalidate_from(stage.name, order)
         log.info("[%s] starting", stage.name)
+        check_lease(lease)
         try:
             result, seconds, peak = run_stage(stage, cfg, manifest)
         except StageFailed as exc:
@@ -159,6 +165,23 @@ def run_pipeline(cfg: IndexConfig, manifest: pa.Table, dag: Sequence[Stage]) -> 
         previous_output = entry["output_version"]
         summary["stages"][stage.name] = {**result, "seconds": seconds, "peak_rss_gb": peak / 2**30}
     return summary
+
+
+def check_lease(lease: Lease | None) -> None:
+    """Stop (as a failed stage) when another job took the output over: two writers would corrupt it."""
+    if lease is None:
+        return
+    try:
+        lease.check()
+    except LeaseLost as exc:
+        raise StageFailed(f"the lease on the output was lost: {exc}") from None
+
+
+def publish_indexes(cfg: IndexConfig) -> dict[str, str]:
+    """Record the versions of every published index as one release, so that readers opening the run while the
+    next job publishes index by index still get one consistent set."""
+    names = list_names(cfg.out)
+    return publish_release(cfg.out, names) if names else {}
 
 
 def restamp_chain(run: RunManifest, cfg: IndexConfig, manifest: pa.Table, dag: Sequence[Stage]) -> None:
@@ -179,4 +202,5 @@ def restamp_chain(run: RunManifest, cfg: IndexConfig, manifest: pa.Table, dag: S
 
 
 __all__ = ["Stage", "MemoryWatch", "params_hash", "corpus_version", "stage_params", "prepare_manifest",
-           "run_stage", "run_pipeline", "restamp_chain", "resources_for", "StageFailed"]
+           "run_stage", "run_pipeline", "restamp_chain", "resources_for", "StageFailed", "check_lease",
+           "publish_indexes"]

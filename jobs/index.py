@@ -23,7 +23,7 @@ import yaml
 from actors.asmk import run_asmk_stage
 from actors.common import init_ray, light_resources
 from actors.descriptors import run_descriptors_stage
-from actors.engine import Stage, StageFailed, prepare_manifest, run_pipeline
+from actors.engine import Stage, StageFailed, prepare_manifest, publish_indexes, run_pipeline
 from actors.extract import run_extract_stage
 from actors.graph import run_graph_stage
 from actors.indexes import run_faiss_stage
@@ -32,7 +32,8 @@ from actors.whiten import run_whiten_stage
 from pipeline.config import STAGES, IndexConfig, load_config
 from service.errors import run_cli
 from storage.run import save_run_config
-from storage.uri import check_access
+from storage.lease import Lease
+from storage.uri import check_access, redact
 
 log = logging.getLogger("indexer")
 
@@ -120,15 +121,23 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("=" * 72)
 
 
+def job_lease(cfg: IndexConfig, command: str) -> Lease:
+    """The output's lease for this job (a second job on the same output fails at once, naming the holder)."""
+    return Lease(cfg.out, {"command": command, "images": redact(cfg.images)}, ttl_s=cfg.lease.ttl_s,
+                 heartbeat_s=cfg.lease.heartbeat_s)
+
+
 def index(cfg: IndexConfig) -> dict[str, Any]:
-    """Build (or bring up to date) the index of ``cfg``; returns the run summary."""
+    """Build (or bring up to date) the index of ``cfg`` under the output's lease; returns the run summary."""
     check_access(cfg.out)
-    manifest = prepare_manifest(cfg, DAG)
-    save_run_config(cfg.out, cfg.to_dict())
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    t0 = time.time()
-    summary = run_pipeline(cfg, manifest, DAG)
-    summary["seconds"] = time.time() - t0
+    with job_lease(cfg, "index") as lease:
+        manifest = prepare_manifest(cfg, DAG)
+        save_run_config(cfg.out, cfg.to_dict())
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        t0 = time.time()
+        summary = run_pipeline(cfg, manifest, DAG, lease)
+        summary["release"] = publish_indexes(cfg)
+        summary["seconds"] = time.time() - t0
     return summary
 
 

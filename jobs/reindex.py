@@ -25,14 +25,17 @@ from typing import Any
 import pyarrow as pa
 
 from actors.common import init_ray
-from actors.engine import StageFailed, restamp_chain, run_stage, stage_params, params_hash
-from jobs.index import DAG, config_from_args, parse_args, print_summary, setup_logging
+from actors.engine import StageFailed, check_lease, params_hash, publish_indexes, restamp_chain, run_stage, \
+    stage_params
+from jobs.index import DAG, config_from_args, job_lease, parse_args, print_summary, setup_logging
 from pipeline.config import IndexConfig
 from service.errors import run_cli
 from storage.corpus import MANIFEST_SCHEMA, assign_shards, diff_corpus, filter_ids, list_corpus, select_subset
 from storage.run import NotAnIndexError, RunManifest, read_corpus_manifest, write_corpus_manifest
-from storage.snapshot import list_names, prune
+from storage.snapshot import list_names
+from storage.snapshot_pins import prune_unpinned
 from storage.tables import StageManifest, drop_images
+from storage.lease import Lease
 from storage.uri import check_access, redact
 
 log = logging.getLogger("indexer")
@@ -88,13 +91,19 @@ def plan_stages(cfg: IndexConfig, run: RunManifest, rebuild_graph: bool) -> tupl
 
 
 def prune_snapshots(cfg: IndexConfig) -> int:
-    """Delete index snapshots older than ``keep_days`` (never LATEST nor the newest ``keep_min``)."""
-    return sum(len(prune(cfg.out, name, keep_days=cfg.reindex.keep_days, keep_min=cfg.reindex.keep_min) or [])
+    """Delete index snapshots older than ``keep_days`` (never LATEST, the newest ``keep_min``, nor a version a
+    reader has pinned)."""
+    return sum(len(prune_unpinned(cfg.out, name, keep_days=cfg.reindex.keep_days, keep_min=cfg.reindex.keep_min))
                for name in list_names(cfg.out))
 
 
 def reindex(cfg: IndexConfig) -> dict[str, Any]:
-    """Incremental update of the run at ``cfg.out``; see the module docstring."""
+    """Incremental update of the run at ``cfg.out`` under the output's lease; see the module docstring."""
+    with job_lease(cfg, "reindex") as lease:
+        return _reindex(cfg, lease)
+
+
+def _reindex(cfg: IndexConfig, lease: Lease) -> dict[str, Any]:
     previous = read_corpus_manifest(cfg.out)
     if previous is None:
         raise NotAnIndexError(f"no previous run at {redact(cfg.out)}: run `python -m jobs.index` first")
@@ -104,12 +113,14 @@ def reindex(cfg: IndexConfig) -> dict[str, Any]:
     plan, summary["graph_rebuilt"] = plan_stages(cfg, run, changed_fraction > cfg.reindex.rebuild_graph_fraction)
     by_name = {s.name: s for s in DAG}
     for name in plan:
+        check_lease(lease)
         result, seconds, peak = run_stage(by_name[name], cfg, manifest)
         run.record(name, {"status": "done", "parameters": stage_params(by_name[name], cfg)["params"],
                           "result": result, "reindex": True, "seconds": seconds, "peak_rss_bytes": peak,
                           "output_version": params_hash([name, time.time()])})
         summary["stages"][name] = {**result, "seconds": seconds}
     restamp_chain(run, cfg, manifest, DAG)
+    summary["release"] = publish_indexes(cfg)
     summary["pruned_snapshots"] = prune_snapshots(cfg)
     return summary
 

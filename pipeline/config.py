@@ -57,6 +57,19 @@ class ReindexConfig:
 
 
 @dataclass(frozen=True)
+class LeaseConfig:
+    """The lease an index or reindex job holds on its output (one writer at a time; a dead driver's lease is
+    taken over once its heartbeat is older than ``ttl_s``)."""
+
+    ttl_s: float = 120.0
+    heartbeat_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.ttl_s:
+            raise ValueError(f"need 0 < heartbeat_s < ttl_s (got {self.heartbeat_s}, {self.ttl_s})")
+
+
+@dataclass(frozen=True)
 class IndexConfig:
     """The index job's whole configuration: corpus, output, stages and one section per stage."""
 
@@ -76,6 +89,7 @@ class IndexConfig:
     faiss: FaissConfig = field(default_factory=FaissConfig)
     asmk: AsmkIndexConfig = field(default_factory=AsmkIndexConfig)
     reindex: ReindexConfig = field(default_factory=ReindexConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
 
     def validated(self) -> "IndexConfig":
         """Cross-section checks and stage-dependent defaults; returns the completed config."""
@@ -223,5 +237,5 @@ def config_from_dict(data: Mapping[str, Any]) -> IndexConfig:
     return build(IndexConfig, data)
 
 
-__all__ = ["IndexConfig", "RayConfig", "ReindexConfig", "ConfigError", "STAGES", "DEFAULT_LOCAL_FEATURES",
-           "load_config", "config_from_dict", "build", "to_plain"]
+__all__ = ["IndexConfig", "RayConfig", "ReindexConfig", "LeaseConfig", "ConfigError", "STAGES",
+           "DEFAULT_LOCAL_FEATURES", "load_config", "config_from_dict", "build", "to_plain"]

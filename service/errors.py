@@ -14,6 +14,7 @@ from typing import Callable
 from pipeline.config import ConfigError
 from storage.datasets import DatasetError
 from storage.images import ImageError
+from storage.lease import LeaseHeld, LeaseLost
 from storage.run import NotAnIndexError
 from storage.snapshot import SnapshotError
 from storage.uri import StorageError, redact
@@ -35,9 +36,11 @@ class NotFound(UserError):
 
 EXIT_USAGE = 2      # bad input: config, arguments, query
 EXIT_FAILURE = 1    # the job ran and failed (a stage, the storage)
+EXIT_BUSY = 3       # another job holds the output's lease
 
 EXPECTED: tuple[type[BaseException], ...] = (UserError, ConfigError, ImageError, NotAnIndexError, SnapshotError,
-                                             StorageError, DatasetError, FileNotFoundError, PermissionError)
+                                             StorageError, DatasetError, FileNotFoundError, PermissionError,
+                                             LeaseHeld, LeaseLost)
 
 
 def describe(exc: BaseException) -> str:
@@ -54,6 +57,8 @@ def describe(exc: BaseException) -> str:
 
 
 def exit_code(exc: BaseException) -> int:
+    if isinstance(exc, LeaseHeld):
+        return EXIT_BUSY
     return EXIT_USAGE if isinstance(exc, (UserError, ConfigError, ImageError, NotAnIndexError,
                                           FileNotFoundError)) else EXIT_FAILURE
 

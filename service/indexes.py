@@ -177,9 +177,10 @@ def _compact(D: np.ndarray, I: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarr
     return out_d, out_i
 
 
-def open_index(root: str, name: str) -> LoadedIndex:
-    """Open the ``LATEST`` complete snapshot of index ``name`` (e.g. ``global_rmac``, ``regional_fs_egm``)."""
-    snap = _open(root, name)
+def open_index(root: str, name: str, snap: Snapshot | None = None) -> LoadedIndex:
+    """Open index ``name`` (e.g. ``global_rmac``, ``regional_fs_egm``): the given snapshot version (a pinned one),
+    else the ``LATEST`` complete one."""
+    snap = snap or _open(root, name)
     files = snap.files
     shard_files = [SnapshotFiles.INDEX] if SnapshotFiles.INDEX in files else sorted(
         f for f in files if f.startswith(SnapshotFiles.shard(0)[:6]))
@@ -224,9 +225,9 @@ class LoadedASMK:
         return out
 
 
-def open_asmk(root: str, kernel: str) -> LoadedASMK:
-    """Open the ``LATEST`` snapshot ``asmk_<kernel>`` (``.npy`` files read without pickle)."""
-    snap = _open(root, f"asmk_{kernel}")
+def open_asmk(root: str, kernel: str, snap: Snapshot | None = None) -> LoadedASMK:
+    """Open snapshot ``asmk_<kernel>`` (the given version, else ``LATEST``; ``.npy`` files read without pickle)."""
+    snap = snap or _open(root, f"asmk_{kernel}")
     skip = (SnapshotFiles.CODEBOOK, SnapshotFiles.IMAGE_IDS)
     arrays = {f[:-4]: _read_npy(snap, f) for f in snap.files if f.endswith(".npy") and f not in skip}
     params = snap.manifest.get("parameters", {})

@@ -16,6 +16,7 @@ its own database this way, through the same code users run.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -32,9 +33,27 @@ from service.indexes import LoadedASMK, LoadedIndex, open_asmk, open_index
 from storage.images import decode_image
 from storage.readers import read_globals
 from storage.snapshot import list_names
+from storage.snapshot_pins import PinnedSnapshot, open_pinned_set
+from storage.uri import StorageError, redact
+
+log = logging.getLogger("indexer")
 
 REGIONAL_SOURCES = ("fs_egm", "os_egm", "grid", "cam")
 RERANKS = ("aqe", "alphaqe", "diffusion")
+
+
+def pin_release(root: str) -> dict[str, PinnedSnapshot]:
+    """Pin one version of every published index (the last release's when there is one), so that a search
+    service reads one consistent set while a reindex publishes the next one, and no version it reads is pruned.
+    A store the service may not write to (read-only credentials) gets no pins: it reads ``LATEST`` unpinned."""
+    names = list_names(root)
+    if not names:
+        return {}
+    try:
+        return open_pinned_set(root, names, keepalive=True, owner={"reader": "search"})
+    except (StorageError, OSError) as exc:
+        log.warning("could not pin the index versions of %s (%s): reading LATEST unpinned", redact(root), exc)
+        return {}
 
 
 @dataclass(frozen=True)
@@ -111,6 +130,23 @@ class SearchService:
         self.encoder = encoder if encoder is not None else QueryEncoder(root, device=device)
         self._indexes: dict[str, LoadedIndex] = dict(indexes or {})
         self._asmk: dict[str, LoadedASMK] = {}
+        self._pins = pin_release(root)
+
+    def close(self) -> None:
+        """Drop the pins on the index versions this service reads (they may be pruned from then on)."""
+        for p in self._pins.values():
+            p.close()
+        self._pins = {}
+
+    def __enter__(self) -> "SearchService":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _snapshot(self, name: str) -> Any:
+        pinned = self._pins.get(name)
+        return pinned.snapshot if pinned is not None else None
 
     # ------------------------------------------------------------------ indexes
     def available_methods(self) -> list[str]:
@@ -123,12 +159,12 @@ class SearchService:
 
     def index(self, spec: MethodSpec) -> LoadedIndex:
         if spec.index_name not in self._indexes:
-            self._indexes[spec.index_name] = open_index(self.root, spec.index_name)
+            self._indexes[spec.index_name] = open_index(self.root, spec.index_name, self._snapshot(spec.index_name))
         return self._indexes[spec.index_name]
 
     def asmk(self, kernel: str) -> LoadedASMK:
         if kernel not in self._asmk:
-            self._asmk[kernel] = open_asmk(self.root, kernel)
+            self._asmk[kernel] = open_asmk(self.root, kernel, self._snapshot(f"asmk_{kernel}"))
         return self._asmk[kernel]
 
     def spec(self, method: str | MethodSpec) -> MethodSpec:

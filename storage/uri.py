@@ -291,7 +291,9 @@ def listdir(uri: str) -> list[str]:
         return []
     except Exception as exc:  # noqa: BLE001
         raise _describe(exc, uri) from None
-    return sorted(join(uri, n.rstrip("/").rsplit("/", 1)[-1]) for n in names)
+    # some S3 servers (SeaweedFS) keep an emptied folder as a "<folder>/" object, which lists as the folder itself
+    own = path.rstrip("/")
+    return sorted(join(uri, n.rstrip("/").rsplit("/", 1)[-1]) for n in names if n.rstrip("/") != own)
 
 
 def remove(uri: str, recursive: bool = False) -> None:

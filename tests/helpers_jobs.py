@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from storage.layout import RunLayout
+from storage.snapshot import list_names
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SMALL_CONFIG = PROJECT_ROOT / "tests" / "configs" / "small.yaml"
@@ -232,7 +232,7 @@ def index_names(out: Path | str, global_methods: list[str], regional: list[str])
     """Snapshot names a run of the small config publishes (``asmk_*`` ones when the ASMK stage ran)."""
     names = [f"global_{m}" for m in global_methods] + [f"regional_{s}" for s in regional]
     if asmk_available():
-        asmk = sorted(p.name for p in Path(RunLayout(str(out)).indexes_dir).glob("asmk_*"))
+        asmk = [n for n in list_names(str(out)) if n.startswith("asmk_")]
         assert asmk, "the asmk stage published no snapshot"
         names += asmk
     return names

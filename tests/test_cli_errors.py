@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,42 @@ def test_unreachable_s3_endpoint_is_one_line(tmp_path):
     last = assert_one_line(proc, "AWS_ENDPOINT_URL")
     assert "s3cr3t-never-printed" not in proc.stderr + proc.stdout
     assert "bucket/run" in last
+
+
+def test_second_job_on_the_same_output_fails_fast_naming_the_holder(tmp_path):
+    from storage.lease import Lease
+
+    (tmp_path / "imgs").mkdir()
+    os.symlink(H.real_photos(["painting_00003"])[0], tmp_path / "imgs" / "a.jpg")
+    out = str(tmp_path / "out")
+    with Lease(out, {"job_id": "nightly-7", "command": "index"}, ttl_s=60, heartbeat_s=10):
+        proc = run("jobs.index", "--images", tmp_path / "imgs", "--out", out, "--stages", "extract", timeout=60)
+        last = assert_one_line(proc, "nightly-7", "since", status=3)
+        assert re.search(r"since \d{4}-\d\d-\d\dT\d\d:\d\d", last), last  # the holder's start time
+        proc = run("jobs.reindex", "--images", tmp_path / "imgs", "--out", out, timeout=60)
+        assert_one_line(proc, "nightly-7", status=3)
+
+
+@pytest.mark.slow
+def test_a_dead_drivers_lease_is_taken_over_after_its_ttl(tmp_path):
+    """A driver killed while holding the lease: the next job waits for nothing once the lease is older than its
+    ttl, takes it over and runs."""
+    import signal
+    import time
+
+    (tmp_path / "imgs").mkdir()
+    for i in ("painting_00003", "painting_00010"):
+        os.symlink(H.real_photos([i])[0], tmp_path / "imgs" / f"{i}.jpg")
+    out = str(tmp_path / "out")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from storage.lease import Lease; "
+        f"Lease({out!r}, {{'job_id': 'crashed-driver'}}, ttl_s=2, heartbeat_s=1).acquire(); print('held', "
+        "flush=True); time.sleep(600)")], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    time.sleep(3)  # longer than the dead holder's ttl (a live holder: test above)
+    proc = run("jobs.index", "--images", tmp_path / "imgs", "--out", out, "--stages", "extract",
+               "--max-side", "128", "--num-cpus", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "taken over" in proc.stderr and "crashed-driver" in proc.stderr
