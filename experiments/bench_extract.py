@@ -19,6 +19,7 @@ Target: steady state >= 85% of the bare forward throughput.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -133,6 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-side", type=int, default=None, help="sets extract.max_side")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="auto: a GPU per worker when the Ray cluster has GPUs")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the actor and the reference (default: the resource plan's)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="write the numbers as JSON here")
     return ap.parse_args(argv)
@@ -146,18 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     res = plan_resources(use_gpu={"auto": None, "cpu": False, "cuda": True}[args.device])
     if args.device == "cuda" and res.num_gpus == 0:
         raise SystemExit("--device cuda: the Ray cluster has no GPU")
+    if args.threads:
+        res = dataclasses.replace(res, torch_threads=args.threads)
     remote_bare = ray.remote(bare_forward).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
     bare_runs, pipe_runs = [], []
     for _ in range(args.repeats):  # alternate so that load changes on a shared machine hit both
         bare_runs.append(ray.get(remote_bare.remote(paths, cfg, res.torch_threads)))
         pipe_runs.append(pipeline_run(paths, cfg, res))
     bare = sum(r["images_per_s"] for r in bare_runs) / len(bare_runs)
-    pipe = {k: sum(r[k] for r in pipe_runs) / len(pipe_runs) for k in pipe_runs[0]}
+    pipe = {k: sum(r[k] for r in pipe_runs) / len(pipe_runs) for k in pipe_runs[0] if k.endswith("_per_s")}
     out = {"bare_runs": bare_runs, "pipeline_runs": pipe_runs, "images": len(paths), "max_side": cfg.max_side,
            "forward_scales": list(cfg.forward_scales), "backbone": cfg.backbone, "device": bare_runs[0]["device"],
            "workers": res.num_workers, "torch_threads": res.torch_threads, "bare_forward_images_per_s": bare, **pipe,
            "ratio_steady": pipe["steady_images_per_s"] / bare, "ratio_wall": pipe["wall_images_per_s"] / bare,
-           "ratio_stage": pipe["stage_images_per_s"] / bare}
+           "ratio_stage": pipe["stage_images_per_s"] / bare,
+           "errors": sum(r["errors"] for r in pipe_runs)}
     print_results(out)
     write_json(args.json, out)
     return 0

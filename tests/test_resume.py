@@ -32,10 +32,15 @@ def _ids() -> list[str]:
                   + J.photo_ids("distractor_kangaroo_", 6))
 
 
+LEASE_TTL_S = 4
+
+
 def _argv(listing: Path, out: Path) -> list[str]:
     # the crash is in extraction, which ASMK's local features would only slow down: the small config's stages
+    # a short lease: the killed driver's lease is taken over by the rerun once LEASE_TTL_S has passed
     return [str(a) for a in ("--config", J.SMALL_CONFIG, "--images", listing, "--out", out,
-                             "--set", "extract.shard_size=4")]
+                             "--set", "extract.shard_size=4", "--set", f"lease.ttl_s={LEASE_TTL_S}",
+                             "--set", "lease.heartbeat_s=1")]
 
 
 def _files_state(out: Path, labels: set[str]) -> dict[str, tuple[int, bytes]]:
@@ -119,8 +124,9 @@ def test_killed_driver_resumes(tmp_path, request, museum, ray_local):
     done_images = sum(m["images"] for m in StageManifest(str(out), "extract").committed().values())
     before = _files_state(out, committed)
 
-    # -- 2. the same command again: finishes, committed shards skipped and left as they were
-    time.sleep(0.05)  # rewritten files would get a later mtime
+    # -- 2. the same command again (once the dead driver's lease has expired): finishes, committed shards
+    # skipped and left as they were
+    time.sleep(LEASE_TTL_S + 1)
     tmpdir2 = J.ray_tmpdir(request)
     t0 = time.time()
     try:
@@ -130,6 +136,7 @@ def test_killed_driver_resumes(tmp_path, request, museum, ray_local):
         leftovers = J.reap_ray(tmpdir2)  # a driver that exits shuts its local Ray down
     t_resumed = time.time() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "taken over" in proc.stderr  # the killed driver's lease
     assert not leftovers, f"Ray processes of the resumed job left running: {leftovers}"
     ex = _stage_summary(proc.stdout, "extract")
     assert int(ex["skipped_shards"]) == len(committed) and int(ex["shards"]) == N_SHARDS, ex
