@@ -127,7 +127,7 @@ class ImageShardMapper:
             d.error = ("unsupported", f"image too small: {img.width}x{img.height} pixels")
             return d
         for w, h in scaled_sizes(img.width, img.height, self.config):
-            d.inputs.append(to_network_input(img, max(w, h)))
+            d.inputs.append(to_network_input(img, size=(w, h)))
         return d
 
     def _decoded_stream(self, rows: list[dict[str, Any]]) -> Iterator[_Decoded]:

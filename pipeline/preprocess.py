@@ -15,9 +15,13 @@ def resized_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_network_input(image: Image.Image, max_side: int = 1024) -> torch.Tensor:
-    """RGB PIL image → float tensor (3, H, W), longest side ``max_side``, ImageNet mean/std normalised."""
-    w, h = resized_size(image.width, image.height, max_side)
+def to_network_input(image: Image.Image, max_side: int = 1024, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """RGB PIL image → float tensor (3, H, W), ImageNet mean/std normalised.
+
+    ``size=(w, h)`` resizes to exactly that size, up or down (the per-scale sizes of
+    ``pipeline.extract.scaled_sizes``, which upscale for local-only scales above 1); without it the longest side
+    becomes ``max_side`` and the image is never upscaled."""
+    w, h = size if size is not None else resized_size(image.width, image.height, max_side)
     if (w, h) != image.size:
         image = image.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=2.0)
     arr = np.asarray(image, dtype=np.float32) / 255.0

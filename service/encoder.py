@@ -134,7 +134,7 @@ class QueryEncoder:
         img = crop(image.convert("RGB"), bbox)
         acts = []
         for w, h in scaled_sizes(img.width, img.height, self.config):
-            x = to_network_input(img, max(w, h)).to(self.device)
+            x = to_network_input(img, size=(w, h)).to(self.device)
             acts.append(self.backbone(x[None])[0])
         hw = (img.height, img.width)
         feats = extract_features(acts, self.config, hw, self.classifier)

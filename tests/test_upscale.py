@@ -4,9 +4,8 @@
 database and query paths pass only ``max(w, h)`` to ``pipeline.preprocess.to_network_input``, whose
 ``resized_size`` clamps the scale with ``min(1.0, ...)``: for an image smaller than the requested size the
 "1.41x" input is a copy of the scale-1 input, so the extra forward pass adds nothing. These tests look at the
-tensors actually handed to the backbone on both sides. They fail on the current code and are marked
-``xfail(strict=True)`` until the fix (``to_network_input(img, size=(w, h))`` at both call sites) lands in
-integration; strict, so the marker has to go when the fix arrives.
+tensors actually handed to the backbone on both sides (they failed before the fix: both call sites now pass
+the exact per-scale size, ``to_network_input(img, size=(w, h))``).
 """
 from __future__ import annotations
 
@@ -40,7 +39,6 @@ def test_scaled_sizes_asks_for_the_upscaled_size() -> None:
     assert scaled_sizes(W0, H0, CFG) == EXPECTED
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in integration")
 def test_database_side_feeds_the_upscaled_tensor(tmp_path: Path) -> None:
     path = tmp_path / "small.png"
     _image().save(path)
@@ -68,7 +66,6 @@ class _Recorder(torch.nn.Module):
         return torch.zeros(1, 4, 2, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="fixed in integration")
 def test_query_side_feeds_the_upscaled_tensor() -> None:
     enc = QueryEncoder.__new__(QueryEncoder)        # only encode's input construction: no run, no weights
     enc.config, enc.device = CFG, torch.device("cpu")
