@@ -50,7 +50,7 @@ def pick_images(folder: Path, n: int) -> list[Path]:
 def network_inputs(path: Path, cfg: ExtractConfig) -> list[torch.Tensor]:
     """The inputs the extraction actor builds for one image: one per forward scale, decoded with draft mode."""
     img = read_image(path, cfg.decode_side)
-    return [to_network_input(img, max(w, h)) for w, h in scaled_sizes(img.width, img.height, cfg)]
+    return [to_network_input(img, size=(w, h)) for w, h in scaled_sizes(img.width, img.height, cfg)]
 
 
 def equal_shape_batches(inputs: list[list[torch.Tensor]], batch_size: int) -> list[list[torch.Tensor]]:

@@ -116,11 +116,11 @@ def image_path(data: Path, image_id: str) -> Path:
 @torch.inference_mode()
 def activations(bb: Backbone, image: Image.Image, cfg: ExtractConfig) -> list[torch.Tensor]:
     """Activation maps of ``image`` at every scale of ``cfg.forward_scales`` (as the extract stage and the query
-    encoder compute them: resized from the image, never upscaled at scale 1)."""
+    encoder compute them: resized from the image to each scale's exact size, see ``scaled_sizes``)."""
     device = next(bb.parameters()).device
     out = []
     for w, h in scaled_sizes(image.width, image.height, cfg):
-        x = to_network_input(image, max(w, h)).to(device)
+        x = to_network_input(image, size=(w, h)).to(device)
         out.append(bb(x[None])[0])
     return out
 
