@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     R = fs_regions(acts, col.ids, fs)
     print(f"FS.EGM (sigma {fs.sigma:.2f} cells, maps up to {long_cells} cells): {len(R.Z)} regions, "
           f"{len(R.Z) / len(col.ids):.1f} per image, median box area {np.median(R.areas):.0%} of the map")
-    whiten = learn_pca_whitening(R.Z, dim=min(cfg.whiten.dim, R.Z.shape[1]))
+    whiten = learn_pca_whitening(R.Z, dim=min(cfg.whiten.dim, R.Z.shape[1], len(R.Z) - 1))
     V = np.ascontiguousarray(whiten(R.Z), dtype=np.float32)
     cov = {p: box_coverage(np.asarray(col.gt[p]), acts[p][1], tuple(R.fhat[p].shape)) for p in col.photos}
     chance = float(np.mean([c.mean() for c in cov.values()]))
