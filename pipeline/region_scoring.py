@@ -275,8 +275,9 @@ def greedy_diverse_topk(scores: np.ndarray, sim: np.ndarray, k: int = TOP_K_PATC
     ``S`` (a patch's max similarity can rise when ``r`` joins). So step 1 picks the best-scored patch, step 2 the
     ``r`` maximising ``psi(r) + lam (sim(r, r_1) + sim(r_1, r))`` (``2 lam sim`` for a symmetric ``sim``), and
     so on. Maximising ``F`` over ``k``-subsets is NP-hard (the paper says so) and greedy carries no optimality
-    guarantee here, so the result is the greedy set, which need not be the best ``k``-subset; with ``lam = 0`` it is exactly the top-``k`` by score. Negative ``lam`` penalises
-    near-duplicate patches. Ties go to the lowest index. ``sim`` (P, P): patch-patch cosine similarity
+    guarantee here, so the result is the greedy set, which need not be the best ``k``-subset; with ``lam = 0`` it
+    is exactly the top-``k`` by score. Negative ``lam`` penalises near-duplicate patches. Ties go to the lowest
+    index. ``sim`` (P, P): patch-patch cosine similarity
     (only off-diagonal entries are read; row ``i`` holds ``sim(r_i, .)``).
     """
     psi = np.asarray(scores, np.float64).ravel()
