@@ -34,8 +34,6 @@ from pipeline import saliency as sal_mod
 from pipeline.regions import cells_to_pixels, pixels_to_cells
 
 PROPOSAL_SOURCES = ("selective_search", "egm", "grid")
-# cap on the (R, C, H*W) temporary of one regional_mac call (elements): ~128 MB of float32
-_POOL_CHUNK_ELEMS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -154,20 +152,57 @@ def patch_cells(boxes_px: np.ndarray, feat_hw: tuple[int, int], image_hw: tuple[
     return pixels_to_cells(boxes_px, feat_hw, image_hw)
 
 
-def pooled_patches(A: torch.Tensor, cells: np.ndarray) -> np.ndarray:
-    """Regional MAC (not normalised) of every cell box: (P, C) float32.
+def range_max_pool(A: torch.Tensor, cells: np.ndarray) -> torch.Tensor:
+    """Regional MAC of many half-open cell boxes at once: (R, C), equal to :func:`pooling.regional_mac`.
 
-    Many pixel proposals fall on the same cells (2000 boxes on a ~32 x 24 grid), so distinct cell boxes are
-    pooled once, in chunks that keep :func:`pooling.regional_mac`'s (R, C, h*w) temporary bounded.
+    :func:`pooling.regional_mac` builds an (R, C, h*w) masked tensor, fine for the ~20 regions of a database
+    image but ~10^9 elements for 2000 query proposals. Here a 2-d sparse table answers each box in O(C): the
+    max over every ``2^ky x 2^kx`` window is built by doubling (one elementwise max per level), and a box of
+    height ``h`` and width ``w`` is the max of the four windows with ``2^ky <= h``, ``2^kx <= w`` anchored at
+    its corners (they overlap, which max does not mind). Boxes must hold at least one cell (as
+    :func:`pipeline.regions.to_cells` guarantees).
     """
     C, h, w = A.shape
+    b = np.asarray(cells, dtype=np.int64).reshape(-1, 4)
+    out = A.new_zeros((b.shape[0], C))
+    if b.shape[0] == 0:
+        return out
+    bw, bh = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
+    if (bw < 1).any() or (bh < 1).any() or (b[:, :2] < 0).any() or (b[:, 2] > w).any() or (b[:, 3] > h).any():
+        raise ValueError("cell boxes must be non-empty and inside the map")
+    kx = np.floor(np.log2(bw)).astype(np.int64)
+    ky = np.floor(np.log2(bh)).astype(np.int64)
+    by_x = [A]  # by_x[k][:, y, x] = max over x .. x + 2^k - 1
+    for k in range(1, int(kx.max()) + 1):
+        prev, half = by_x[-1], 1 << (k - 1)
+        by_x.append(torch.maximum(prev[:, :, :-half], prev[:, :, half:]))
+    for kxv in np.unique(kx):
+        table = by_x[kxv]  # grown along y below: table[:, y, x] = max over the 2^ky x 2^kx window at (y, x)
+        ky_cur = 0
+        sel_x = kx == kxv
+        for kyv in np.unique(ky[sel_x]):
+            while ky_cur < kyv:
+                half = 1 << ky_cur
+                table = torch.maximum(table[:, :-half, :], table[:, half:, :])
+                ky_cur += 1
+            idx = np.flatnonzero(sel_x & (ky == kyv))
+            sx, sy = 1 << int(kxv), 1 << int(kyv)
+            x0, y0 = b[idx, 0], b[idx, 1]
+            x1, y1 = b[idx, 2] - sx, b[idx, 3] - sy
+            xs = torch.as_tensor(np.stack([x0, x0, x1, x1]), device=A.device)
+            ys = torch.as_tensor(np.stack([y0, y1, y0, y1]), device=A.device)
+            corners = table[:, ys, xs]  # (C, 4, n)
+            out[torch.as_tensor(idx, device=A.device)] = corners.amax(dim=1).T
+    return out.clamp_min(0)  # as regional_mac: activations are non-negative
+
+
+def pooled_patches(A: torch.Tensor, cells: np.ndarray) -> np.ndarray:
+    """Regional MAC (not normalised) of every cell box: (P, C) float32, via :func:`range_max_pool`."""
+    C = A.shape[0]
     cells = np.asarray(cells, dtype=np.int64).reshape(-1, 4)
     if len(cells) == 0:
         return np.zeros((0, C), np.float32)
-    uniq, inv = np.unique(cells, axis=0, return_inverse=True)
-    step = max(1, _POOL_CHUNK_ELEMS // max(1, C * h * w))
-    parts = [pooling.regional_mac(A, uniq[s:s + step]).float().cpu().numpy() for s in range(0, len(uniq), step)]
-    return np.concatenate(parts)[inv.reshape(-1)].astype(np.float32)
+    return range_max_pool(A.float(), cells).cpu().numpy().astype(np.float32)
 
 
 def patch_descriptors(A: torch.Tensor, boxes_px: np.ndarray, image_hw: tuple[int, int], whiten) -> np.ndarray:

@@ -10,8 +10,8 @@ from threadpoolctl import threadpool_limits
 
 from pipeline.pooling import regional_mac
 from pipeline.query_regions import (GEOMETRY_NAMES, ProposalConfig, box_geometry, egm_boxes, feature_names,
-                                    grid_boxes, patch_descriptors, patch_features, propose, saliency_mass,
-                                    selective_search_boxes)
+                                    grid_boxes, patch_descriptors, patch_features, propose, range_max_pool,
+                                    saliency_mass, selective_search_boxes)
 from pipeline.regions import box_iou, pixels_to_cells
 from pipeline.whitening import learn_pca_whitening
 
@@ -91,6 +91,18 @@ def test_grid_and_egm_proposals_are_valid_pixel_boxes() -> None:
     np.testing.assert_array_equal(propose(ProposalConfig(source="grid"), (H, W), A=A), gb)
     with pytest.raises(ValueError):
         propose(ProposalConfig(), (H, W), A=A)  # selective search needs the image
+
+
+def test_sparse_table_pooling_equals_masked_regional_mac() -> None:
+    rng = np.random.default_rng(3)
+    A = torch.as_tensor(np.maximum(rng.normal(size=(32, 13, 17)), 0), dtype=torch.float32)
+    x0, y0 = rng.integers(0, 17, 300), rng.integers(0, 13, 300)
+    x1 = np.minimum(17, x0 + 1 + rng.integers(0, 17, 300))
+    y1 = np.minimum(13, y0 + 1 + rng.integers(0, 13, 300))
+    cells = np.concatenate([np.stack([x0, y0, x1, y1], 1), [[0, 0, 17, 13], [16, 12, 17, 13], [3, 0, 4, 13]]])
+    torch.testing.assert_close(range_max_pool(A, cells), regional_mac(A, cells), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        range_max_pool(A, np.array([[2, 2, 2, 5]]))  # empty box
 
 
 def test_patch_descriptors_follow_the_database_region_pipeline() -> None:
