@@ -3,9 +3,10 @@
 A query image is decomposed into rectangular patches; each patch gets
 
 * the *same* descriptor as a database region (``extract`` + ``descriptors`` stages): the pixel box is mapped
-  to feature cells (:func:`pipeline.regions.pixels_to_cells`), max-pooled (:func:`pipeline.pooling.regional_mac`)
-  and post-processed with the regional whitening ``w(.)`` (:class:`pipeline.whitening.Whitening`), so a patch
-  can be matched against the regional index directly;
+  to feature cells (:func:`pipeline.regions.pixels_to_cells`), max-pooled (the regional MAC of
+  :func:`pipeline.pooling.regional_mac`, computed for thousands of boxes with a sparse table,
+  :func:`range_max_pool`) and post-processed with the regional whitening ``w(.)``
+  (:class:`pipeline.whitening.Whitening`), so a patch can be matched against the regional index directly;
 * a feature vector for the region scorer (:mod:`pipeline.region_scoring`): that descriptor, the box geometry
   normalised by the image size, and the feature-saliency (FS) / object-saliency (OS) mass inside the box.
 
