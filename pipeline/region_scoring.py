@@ -56,8 +56,9 @@ def sim_patch_img(patch_desc: np.ndarray, db_region_desc: np.ndarray, db_region_
     """``max_{r in im} <q, r>`` for every patch ``q`` and database image ``im``: (P, n_images) float32.
 
     ``db_region_image`` (R,) maps each region row to its image id in ``0 .. n_images-1``; images without
-    regions get ``-inf``. Computed in patch chunks with one ``maximum.reduceat`` over region rows sorted by
-    image, so memory stays at one (chunk, R) block.
+    regions get ``-inf``. Computed in patch chunks with one ``maximum.reduceat`` over region rows grouped by
+    image, so memory stays at one (chunk, R) block; rows already sorted by image are used in place (no copy of
+    a large, e.g. Ray object-store, region matrix).
     """
     Q = np.asarray(patch_desc, dtype=np.float32)
     V = np.asarray(db_region_desc, dtype=np.float32)
@@ -66,8 +67,11 @@ def sim_patch_img(patch_desc: np.ndarray, db_region_desc: np.ndarray, db_region_
     out = np.full((Q.shape[0], n_images), -np.inf, np.float32)
     if V.shape[0] == 0 or Q.shape[0] == 0:
         return out
-    order = np.argsort(img, kind="stable")
-    Vs, imgs = V[order], img[order]
+    if np.all(img[1:] >= img[:-1]):  # already grouped by image (as region tables are): no copy of V
+        Vs, imgs = V, img
+    else:
+        order = np.argsort(img, kind="stable")
+        Vs, imgs = V[order], img[order]
     starts = np.flatnonzero(np.r_[True, imgs[1:] != imgs[:-1]])
     present = imgs[starts]
     step = max(1, _SIM_CHUNK_ELEMS // V.shape[0])

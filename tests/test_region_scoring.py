@@ -226,3 +226,12 @@ def test_select_lambda_prefers_diversity_when_duplicates_mislead() -> None:
     best, curve = select_lambda([q], lambdas=[-1.0, 0.0, 1.0], k=2)
     assert best == -1.0
     np.testing.assert_allclose(curve, [[-1.0, 1.0], [0.0, 0.25], [1.0, 0.25]])
+
+
+def test_sim_patch_img_same_for_sorted_and_shuffled_regions() -> None:
+    rng = np.random.default_rng(4)
+    V = rng.normal(size=(30, 5)).astype(np.float32)
+    img = np.sort(rng.integers(0, 6, 30))
+    Q = rng.normal(size=(4, 5)).astype(np.float32)
+    perm = rng.permutation(30)
+    np.testing.assert_array_equal(sim_patch_img(Q, V, img, 6), sim_patch_img(Q, V[perm], img[perm], 6))
