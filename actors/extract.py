@@ -11,6 +11,7 @@ shard goes on. The ``extract`` stage itself (local PCA first, then every shard) 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +25,11 @@ import torch
 from actors.common import ActorResources, Progress, StageFailed
 from actors.runner import ShardResult, run_on_one, run_shards
 from pipeline.backbone import build_backbone
-from pipeline.extract import ExtractConfig, ImageFeatures, extract_features, scaled_sizes
+from pipeline.cam_aggregation import learn_cam_whitening, whitening_sample
+from pipeline.extract import ExtractConfig, ImageFeatures, cam_whitening_sample, extract_features, scaled_sizes
 from pipeline.local_features import apply_pca, learn_pca
 from pipeline.preprocess import to_network_input
+from pipeline.whitening import Whitening
 from storage.arrays import load_arrays, save_arrays
 from storage.corpus import rows_by_shard, subset_ids
 from storage.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
@@ -66,6 +69,7 @@ class ImageStageSpec:
     extract: ExtractConfig
     tables: tuple[str, ...] = IMAGE_TABLES
     local_pca: LocalPCA | None = None
+    cam_whitening: Whitening | None = None
     torch_threads: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     prefetch: int = 6
@@ -97,7 +101,7 @@ class ImageShardMapper:
         if self.backbone.classifier_weight is not None:
             self.classifier = (self.backbone.classifier_weight, self.backbone.classifier_bias)
         self.compute: ComputeFn = compute or (
-            lambda acts, hw: extract_features(acts, self.config, hw, self.classifier))
+            lambda acts, hw: extract_features(acts, self.config, hw, self.classifier, spec.cam_whitening))
         self.store = TableStore(spec.root)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
 
@@ -216,19 +220,27 @@ class ImageShardMapper:
         return ShardResult(files, {"images": rows.n_images, "errors": len(rows.errors)},
                            [e["reason"] for e in rows.errors])
 
-    def sample_local_descriptors(self, rows: list[dict[str, Any]], per_image: int) -> np.ndarray:
-        """Raw local descriptors of a few images (no writes): the sample the local PCA is learned on."""
+    def sample_learning_data(self, rows: list[dict[str, Any]], local_ids: set[str], per_image: int
+                             ) -> dict[str, np.ndarray]:
+        """What the learned-before-extraction artefacts are fitted on (no writes): raw local descriptors of the
+        rows in ``local_ids`` (``per_image`` each) and the top CAM class vector of every row."""
         rng = np.random.default_rng(0)
-        parts = []
+        locals_, cams = [], []
         for good, _ in self._batches(rows):
             if not good:
                 continue
             for d, a in zip(good, self._forward(good)):
-                f = self.compute(a, d.image_hw)
+                if self.config.cam_whitened:
+                    cams.append(cam_whitening_sample(a[0], self.classifier))
+                if d.row["image_id"] not in local_ids or self.config.n_locals <= 0:
+                    continue
+                f = extract_features(a, replace(self.config, globals=(), regions=()), d.image_hw, None)
                 if f.local_desc is not None and len(f.local_desc):
                     take = rng.choice(len(f.local_desc), min(per_image, len(f.local_desc)), replace=False)
-                    parts.append(f.local_desc[take])
-        return np.concatenate(parts) if parts else np.zeros((0, self.backbone.channels), np.float32)
+                    locals_.append(f.local_desc[take])
+        C = self.backbone.channels
+        return {"locals": np.concatenate(locals_) if locals_ else np.zeros((0, C), np.float32),
+                "cam": np.concatenate(cams) if cams else np.zeros((0, C), np.float32)}
 
 
 @dataclass
@@ -244,22 +256,49 @@ class ExtractMapperFactory:
 LOCAL_PCA_SAMPLE_PER_IMAGE = 200
 
 
-def learn_local_pca(spec: ImageStageSpec, manifest: pa.Table, resources: ActorResources,
-                    reuse: bool = True) -> LocalPCA:
-    """The local PCA of the run: reused when stored, else learned on a stable sample of images."""
-    uri = RunLayout(spec.root).artefact("local_pca")
-    if not (reuse and exists(uri)):
-        cfg = spec.extract
-        ids = set(subset_ids(manifest.column("image_id").to_pylist(), cfg.local_pca_images, seed=1))
-        rows = [r for r in manifest.to_pylist() if r["image_id"] in ids]
-        X = run_on_one(spec.root, spec.stage, ExtractMapperFactory(spec), resources, "sample_local_descriptors",
-                       rows, LOCAL_PCA_SAMPLE_PER_IMAGE)
-        if len(X) < 2:
-            raise StageFailed("local PCA: no local descriptors in the sample (all sample images failed?)")
-        mean, projection = learn_pca(X, dim=min(cfg.local_dim, X.shape[1], len(X) - 1))
-        save_arrays(uri, mean=mean, projection=projection, sample=np.int64(len(X)))
+def _stored(uri: str, params: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """A learned artefact, if it exists and was learned with ``params`` (else it is learned again)."""
+    if not exists(uri):
+        return None
     arrays = load_arrays(uri)
-    return LocalPCA(arrays["mean"].astype(np.float32), arrays["projection"].astype(np.float32))
+    return arrays if str(arrays.get("params", "")) == json.dumps(params, sort_keys=True) else None
+
+
+def learn_before_extraction(spec: ImageStageSpec, manifest: pa.Table, resources: ActorResources) -> ImageStageSpec:
+    """The artefacts extraction needs before its first shard, learned on a stable sample of the corpus in one
+    pass of the backbone: the PCA of local descriptors and the per-class CAM whitening (seed 004's order)."""
+    cfg, layout = spec.extract, RunLayout(spec.root)
+    pca_params = {"images": cfg.local_pca_images, "dim": cfg.local_dim, "scales": list(cfg.local_scales),
+                  "max_side": cfg.max_side, "backbone": cfg.backbone, "weights": cfg.weights}
+    cam_params = {"images": cfg.cam_pca_images, "dim": cfg.cam_pca_dim, "max_side": cfg.max_side,
+                  "backbone": cfg.backbone, "weights": cfg.weights}
+    pca = _stored(layout.artefact("local_pca"), pca_params) if cfg.n_locals > 0 else None
+    cam = _stored(layout.artefact("cam_whitening"), cam_params) if cfg.cam_whitened else None
+    need_pca, need_cam = cfg.n_locals > 0 and pca is None, cfg.cam_whitened and cam is None
+    if need_pca or need_cam:
+        all_ids = manifest.column("image_id").to_pylist()
+        local_ids = set(subset_ids(all_ids, cfg.local_pca_images, seed=1)) if need_pca else set()
+        ids = local_ids | (set(subset_ids(all_ids, cfg.cam_pca_images, seed=1)) if need_cam else set())
+        rows = [r for r in manifest.to_pylist() if r["image_id"] in ids]
+        sample = run_on_one(spec.root, spec.stage, ExtractMapperFactory(spec), resources, "sample_learning_data",
+                            rows, local_ids, LOCAL_PCA_SAMPLE_PER_IMAGE)
+        if need_pca:
+            X = sample["locals"]
+            if len(X) < 2:
+                raise StageFailed("local PCA: no local descriptors in the sample (all sample images failed?)")
+            mean, projection = learn_pca(X, dim=min(cfg.local_dim, X.shape[1], len(X) - 1))
+            save_arrays(layout.artefact("local_pca"), mean=mean, projection=projection, sample=np.int64(len(X)),
+                        params=np.array(json.dumps(pca_params, sort_keys=True)))
+            pca = load_arrays(layout.artefact("local_pca"))
+        V = whitening_sample(sample["cam"][:, None, :], n_pca=1) if need_cam and len(sample["cam"]) else None
+        if V is not None and len(V) >= 8:  # one top class vector per image (N_pca = 1), dead ones dropped
+            white = learn_cam_whitening(V, dim=int(min(cfg.cam_pca_dim, V.shape[1], max(2, len(V) // 4))))
+            save_arrays(layout.artefact("cam_whitening"), **white.to_arrays(), sample=np.int64(len(V)),
+                        params=np.array(json.dumps(cam_params, sort_keys=True)))
+            cam = load_arrays(layout.artefact("cam_whitening"))
+    return replace(spec, local_pca=None if pca is None else LocalPCA(pca["mean"].astype(np.float32),
+                                                                     pca["projection"].astype(np.float32)),
+                   cam_whitening=None if cam is None else Whitening.from_arrays(cam))
 
 
 def run_image_stage(spec: ImageStageSpec, manifest: pa.Table, resources: ActorResources,
@@ -276,11 +315,13 @@ def run_image_stage(spec: ImageStageSpec, manifest: pa.Table, resources: ActorRe
 def run_extract_stage(root: str, config: ExtractConfig, manifest: pa.Table, resources: ActorResources
                       ) -> dict[str, Any]:
     """The ``extract`` stage: local PCA (when locals are on), then every shard of the corpus."""
-    spec = ImageStageSpec(root, "extract", config, torch_threads=resources.torch_threads)
+    spec = learn_before_extraction(ImageStageSpec(root, "extract", config, torch_threads=resources.torch_threads),
+                                   manifest, resources)
     extra: dict[str, Any] = {}
-    if config.n_locals > 0:
-        spec = replace(spec, local_pca=learn_local_pca(spec, manifest, resources))
+    if spec.local_pca is not None:
         extra["pca_dim"] = spec.local_pca.dim
+    if spec.cam_whitening is not None:
+        extra["cam_whitening_dim"] = spec.cam_whitening.out_dim
     out = run_image_stage(spec, manifest, resources, ExtractMapperFactory(spec))
     if out["images"] == 0 and out["skipped_shards"] == 0:
         raise StageFailed(f"extract: no image could be processed ({out['errors']} errors: {out['error_reasons']})")
@@ -288,4 +329,4 @@ def run_extract_stage(root: str, config: ExtractConfig, manifest: pa.Table, reso
 
 
 __all__ = ["ImageShardMapper", "ImageStageSpec", "LocalPCA", "ExtractMapperFactory", "run_extract_stage",
-           "run_image_stage", "learn_local_pca", "StageFailed"]
+           "run_image_stage", "learn_before_extraction", "StageFailed"]

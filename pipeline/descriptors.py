@@ -3,8 +3,10 @@
 * ``rmac`` = ``L2( sum_R w(m_A(R)) )`` over the full-image and R-MAC grid regions (seed 003, ALGORITHMS.md §1);
 * ``fs_egm`` / ``os_egm`` / ``os_egm4`` = ``w( sum_R L2(m_A(R)) )`` over the detected regions (seed 001 §3.9):
   the sums are computed at extraction time (``fs_egm_sum``, ``os_egm_sum``, ``os_egm4_sum``) and whitened here;
-* MAC uses the regional whitening (same space as regional MACs); GAP/sum-pooled globals (GeM, SPoC, CroW,
-  CAM-OfA) live in other spaces and get their own whitening (``global-<method>``).
+* MAC uses the regional whitening (same space as regional MACs); GAP/sum-pooled globals (GeM, SPoC, CroW, and
+  ``cam_ofa_sum``: CAM class vectors summed, then whitened) live in other spaces and get their own whitening
+  (``global-<method>``); ``cam_ofa`` / ``cam_ona`` were whitened class vector by class vector at extraction, in
+  seed 004's order, and are only L2-normalised here.
 
 The same function serves the database (per shard) and queries, so both sides are encoded identically.
 """
@@ -18,9 +20,11 @@ import numpy as np
 from pipeline.pooling import l2n_np
 from pipeline.whitening import Whitening
 
-FINAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "rmac", "fs_egm", "os_egm", "os_egm4")
+FINAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "cam_ona", "rmac", "fs_egm", "os_egm",
+                 "os_egm4")
 MAC_FAMILY = ("mac", "rmac", "fs_egm", "os_egm", "os_egm4")
-OWN_WHITENING = ("gem", "spoc", "crow", "cam_ofa")
+OWN_WHITENING = ("gem", "spoc", "crow", "cam_ofa_sum")
+PRE_WHITENED = ("cam_ofa", "cam_ona")   # whitened class vector by class vector at extraction (seed 004): L2 only
 SUM_INPUTS = {"fs_egm": "fs_egm_sum", "os_egm": "os_egm_sum", "os_egm4": "os_egm4_sum"}
 RMAC_SOURCES = ("full", "grid")
 
@@ -60,7 +64,10 @@ class FinalDescriptors:
 
 
 def whitening_for(method: str, whitenings: Mapping[str, Whitening]) -> Whitening | None:
-    """The whitening a final method uses: its own for GAP/sum-pooled globals, else the regional one."""
+    """The whitening a final method uses: none for pre-whitened ones, its own for GAP/sum-pooled globals, else
+    the regional one."""
+    if method in PRE_WHITENED:
+        return None
     return whitenings.get(f"global-{method}") if method in OWN_WHITENING else whitenings["regions"]
 
 

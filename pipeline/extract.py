@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipeline import cam as cam_mod
+from pipeline import cam_aggregation as cam_agg
 from pipeline import crow as crow_mod
 from pipeline import egm as egm_mod
 from pipeline import local_features as lf
@@ -20,8 +21,10 @@ from pipeline import pooling
 from pipeline import saliency as sal_mod
 from pipeline.egm import FS_EGM, EGMParams
 from pipeline.regions import cells_to_pixels, to_cells
+from pipeline.whitening import Whitening
 
-GLOBAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
+GLOBAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "cam_ona", "fs_egm_sum")
+CAM_WHITENED = ("cam_ofa", "cam_ona")  # class vectors whitened one by one at extraction (seed 004's order)
 REGION_SOURCES = ("full", "grid", "fs_egm", "cam")
 MAX_LOCAL_SCALE = 2.0  # local-only scales may upscale (finer cells give more, more distinct locals), up to 2x
 
@@ -40,11 +43,14 @@ class ExtractConfig:
     max_side: int = 1024                # longest side of the network input (images are never upscaled at scale 1)
     scales: tuple[float, ...] = (1.0,)  # multi-scale globals (each <= 1)
     regions: tuple[str, ...] = ("full", "grid", "fs_egm", "cam")
-    globals: tuple[str, ...] = ("mac", "gem", "spoc", "crow", "cam_ofa", "fs_egm_sum")
+    globals: tuple[str, ...] = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "fs_egm_sum")
     gem_p: float = 3.0
     rmac_levels: int = 3
     fs: EGMParams = FS_EGM              # FS map sharpening + EGM (seed 001 §4.2)
-    cam_classes: int = 64
+    cam_classes: int = 64               # N_C of CAM-OfA (seed 004 §4.4)
+    cam_ona_classes: tuple[int, ...] = ()  # predefined ImageNet class list of ``cam_ona`` (seed 004 §4.3)
+    cam_pca_images: int = 1000          # images whose top class vector (N_pca = 1, §4.4) learns the per-class PCA
+    cam_pca_dim: int = 256              # its output dimension (at most a quarter of the sample)
     cam_thresholds: tuple[float, ...] = (0.01, 0.1, 0.2, 0.3, 0.4)
     local_features: int | None = None   # top-N local descriptors per image (0: no locals table; None: 1000 when
                                         # the asmk stage runs, else 0 -- resolved by IndexConfig.validated)
@@ -86,6 +92,11 @@ class ExtractConfig:
         if self.weights is None and self.backbone in ("mobilenet_v2", "efficientnet_lite0"):
             return f"builtin:{self.backbone}"
         return self.weights
+
+    @property
+    def cam_whitened(self) -> bool:
+        """Whether a per-class CAM whitening must be learned before extraction (``cam_ofa`` / ``cam_ona``)."""
+        return any(m in self.globals for m in CAM_WHITENED)
 
     @property
     def forward_scales(self) -> tuple[float, ...]:
@@ -135,7 +146,8 @@ def _grid_levels(height: int, width: int, levels: int) -> tuple[np.ndarray, np.n
 
 
 def extract_features(activations: list[torch.Tensor], config: ExtractConfig, image_hw: tuple[int, int],
-                     classifier: tuple[torch.Tensor, torch.Tensor] | None = None) -> ImageFeatures:
+                     classifier: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     cam_whitening: Whitening | None = None) -> ImageFeatures:
     """Compute one image's descriptors from its activation maps at each scale of ``config.forward_scales``.
 
     ``activations[0]`` (scale 1) drives regions and saliency; global descriptors sum the L2-normalised
@@ -169,9 +181,16 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
         out.globals["spoc"] = multi(pooling.spoc)
     if "crow" in gm:
         out.globals["crow"] = multi(crow_mod.crow)
-    if "cam_ofa" in gm and classifier is not None:
+    if classifier is not None:
         weight, bias = classifier
-        out.globals["cam_ofa"] = multi(lambda a: cam_mod.cam_ofa(a, weight, bias, n_classes=config.cam_classes))
+        if "cam_ofa_sum" in gm:  # class vectors L2-normalised and summed; the descriptors stage whitens the sum
+            out.globals["cam_ofa_sum"] = multi(lambda a: cam_mod.cam_ofa(a, weight, bias, n_classes=config.cam_classes))
+        if cam_whitening is not None and "cam_ofa" in gm:  # seed 004: each class vector L2, whitened, L2; sum; L2
+            out.globals["cam_ofa"] = multi(lambda a: torch.from_numpy(
+                cam_agg.cam_ofa_descriptor(a, weight, bias, cam_whitening, config.cam_classes)))
+        if cam_whitening is not None and "cam_ona" in gm and config.cam_ona_classes:
+            out.globals["cam_ona"] = multi(lambda a: torch.from_numpy(
+                cam_agg.cam_predefined_whitened(a, weight, config.cam_ona_classes, cam_whitening)))
 
     # ---- region proposals on the scale-1 map: (source, level, cell boxes, scores)
     proposals: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -225,6 +244,14 @@ def extract_features(activations: list[torch.Tensor], config: ExtractConfig, ima
         out.local_scale = scale.astype(np.float32)
         out.local_desc = desc.astype(np.float32)
     return out
+
+
+def cam_whitening_sample(A: torch.Tensor, classifier: tuple[torch.Tensor, torch.Tensor] | None) -> np.ndarray:
+    """The image's top class vector (seed 004 §4.4: N_pca = 1 per image), raw; the sample the per-class CAM
+    whitening is learned on. Empty without a classifier."""
+    if classifier is None:
+        return np.zeros((0, A.shape[0]), np.float32)
+    return cam_agg.cam_class_vectors(A.float(), classifier[0], classifier[1], 1)
 
 
 def scaled_sizes(width: int, height: int, config: ExtractConfig) -> list[tuple[int, int]]:

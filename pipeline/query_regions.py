@@ -128,7 +128,8 @@ def egm_boxes(A: torch.Tensor, image_hw: tuple[int, int], cfg: ProposalConfig = 
     return _cap(_filter_boxes(px, image_hw, cfg.min_side), cfg)
 
 
-def grid_boxes(feat_hw: tuple[int, int], image_hw: tuple[int, int], cfg: ProposalConfig = ProposalConfig()) -> np.ndarray:
+def grid_boxes(feat_hw: tuple[int, int], image_hw: tuple[int, int],
+               cfg: ProposalConfig = ProposalConfig()) -> np.ndarray:
     """R-MAC grid regions (without the full image, which votes separately as ``sim_img``) as pixel boxes."""
     cells = pooling.rmac_grid(feat_hw[0], feat_hw[1], levels=cfg.grid_levels, include_full=False)
     return _cap(_filter_boxes(cells_to_pixels(cells, feat_hw, image_hw), image_hw, cfg.min_side), cfg)
@@ -136,7 +137,8 @@ def grid_boxes(feat_hw: tuple[int, int], image_hw: tuple[int, int], cfg: Proposa
 
 def propose(cfg: ProposalConfig, image_hw: tuple[int, int], image_rgb: np.ndarray | None = None,
             A: torch.Tensor | None = None) -> np.ndarray:
-    """Patch boxes (P, 4) float32 pixels from ``cfg.source``: selective search needs ``image_rgb``, egm/grid need ``A``."""
+    """Patch boxes (P, 4) float32 pixels from ``cfg.source``: selective search needs ``image_rgb``, egm and grid
+    need ``A``."""
     if cfg.source == "selective_search":
         if image_rgb is None:
             raise ValueError("selective_search proposals need the RGB image")

@@ -209,7 +209,8 @@ class RegionScorer:
         return int(self.coef.shape[0])
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, groups: np.ndarray, cfg: ScorerConfig = ScorerConfig()) -> "RegionScorer":
+    def fit(cls, X: np.ndarray, y: np.ndarray, groups: np.ndarray,
+            cfg: ScorerConfig = ScorerConfig()) -> "RegionScorer":
         """Choose ``C`` from ``cfg.Cs`` by grouped K-fold CV (lowest out-of-fold MSE; ties: the smaller C), then
         refit on all rows. ``groups`` = source photo of each row. ``cv`` holds the curve
         (``Cs``, ``mse``) and the out-of-fold predictions ``oof`` at the chosen C."""

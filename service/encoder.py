@@ -23,10 +23,12 @@ from pipeline.local_features import apply_pca
 from pipeline.object_saliency import ObjectSaliencyComputer
 from pipeline.preprocess import to_network_input
 from pipeline.saliency import feature_saliency
-from pipeline.whitening import whitenings_from_arrays
+from pipeline.whitening import Whitening, whitenings_from_arrays
 from service.errors import UserError
-from storage.artefacts import has_graph, load_graph_artefacts, load_local_pca, load_whitening_arrays
+from storage.artefacts import has_graph, load_cam_whitening, load_graph_artefacts, load_local_pca, \
+    load_whitening_arrays
 from storage.run import load_run_config
+from storage.shard_writer import pad_width
 from storage.weights import load_state_dict
 
 
@@ -118,6 +120,8 @@ class QueryEncoder:
                                              faiss.deserialize_index(g["index_bytes"]), self.cfg.object_saliency,
                                              self.cfg.graph_beta)
         self.local_pca = load_local_pca(root)
+        cam = load_cam_whitening(root)
+        self.cam_whitening = Whitening.from_arrays(cam) if cam is not None else None
 
     def _regions(self, q: QueryDescriptors, feats: list[ImageFeatures]) -> None:
         """Regional descriptors per source, whitened like the database's."""
@@ -137,7 +141,7 @@ class QueryEncoder:
             x = to_network_input(img, size=(w, h)).to(self.device)
             acts.append(self.backbone(x[None])[0])
         hw = (img.height, img.width)
-        feats = extract_features(acts, self.config, hw, self.classifier)
+        feats = extract_features(acts, self.config, hw, self.classifier, self.cam_whitening)
         q = QueryDescriptors(image_size=(img.width, img.height))
         q.fs_map = feature_saliency(acts[0].float()).cpu().numpy()
         per_pass = [feats]
@@ -152,8 +156,9 @@ class QueryEncoder:
         n_reg, names = len(feats.region_source), list(globals_raw)
         regions = DescriptorRows(np.array(["q"] * n_reg), np.asarray(feats.region_source, dtype=str),
                                  np.asarray(feats.region_desc, np.float32))
+        width = max(len(v) for v in globals_raw.values())
         raw = DescriptorRows(np.array(["q"] * len(names)), np.asarray(names, dtype=str),
-                             np.stack([np.asarray(globals_raw[n], np.float32) for n in names]))
+                             np.stack([pad_width(np.asarray(globals_raw[n], np.float32), width) for n in names]))
         final = final_descriptors(regions, raw, self.methods, self.whitenings)
         q.globals = {m: final.X[i] for i, m in enumerate(final.methods)}
         if feats.local_desc is not None and self.local_pca is not None:

@@ -58,5 +58,12 @@ def load_local_pca(root: str) -> dict[str, np.ndarray] | None:
     return load_arrays(uri) if exists(uri) else None
 
 
+def load_cam_whitening(root: str) -> dict[str, np.ndarray] | None:
+    """The run's per-class CAM whitening (``mean``, ``projection``), or None when it has none."""
+    uri = RunLayout(root).artefact("cam_whitening")
+    return load_arrays(uri) if exists(uri) else None
+
+
 __all__ = ["load_whitening_arrays", "save_graph_artefacts", "load_graph_artefacts", "has_graph", "load_local_pca",
+           "load_cam_whitening",
            "GLOBAL_WHITENING_PREFIX"]

@@ -28,6 +28,7 @@ ARTEFACT_FILES: dict[str, tuple[str, str]] = {
     "whitening_regions": ("whitening", "regions.npz"),
     "whitening_info": ("whitening", "info.json"),
     "local_pca": ("local_pca", "pca.npz"),
+    "cam_whitening": ("cam_whitening", "whitening.npz"),
     "graph_V": ("graph", "V.npy"),
     "graph_f": ("graph", "f.npy"),
     "graph_g": ("graph", "g.npy"),

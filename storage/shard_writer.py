@@ -19,6 +19,12 @@ from storage.uri import redact
 IMAGE_TABLES = ("images", "regions", "globals", "locals", "errors")
 
 
+def pad_width(vec: np.ndarray, width: int) -> np.ndarray:
+    """``vec`` zero-padded to ``width`` (a table column holds one width; padding keeps norms and inner products)."""
+    vec = np.asarray(vec)
+    return vec if len(vec) >= width else np.pad(vec, (0, width - len(vec)))
+
+
 class ShardTables:
     """Rows of one shard for the tables in ``tables`` (a subset of :data:`IMAGE_TABLES`)."""
 
@@ -65,9 +71,10 @@ class ShardTables:
         self.region_desc.append(desc)
 
     def add_globals(self, image_id: str, vectors: Mapping[str, np.ndarray]) -> None:
+        """One row per method; narrower vectors are zero-padded to the table's width (inner products unchanged)."""
         for method, vec in vectors.items():
             self.globals.append((image_id, method))
-            self.global_desc.append(vec)
+            self.global_desc.append(pad_width(vec, self.channels))
 
     def add_locals(self, image_id: str, xy: np.ndarray, scale: np.ndarray, strength: np.ndarray,
                    desc: np.ndarray) -> None:
@@ -110,4 +117,4 @@ class ShardTables:
         return files
 
 
-__all__ = ["ShardTables", "IMAGE_TABLES"]
+__all__ = ["ShardTables", "IMAGE_TABLES", "pad_width"]
