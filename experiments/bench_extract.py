@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shutil
 import sys
 import tempfile
@@ -133,7 +134,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-side", type=int, default=None, help="sets extract.max_side")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                    help="auto: a GPU per worker when the Ray cluster has GPUs")
+                    help="auto: a GPU per worker when the Ray cluster has GPUs; cpu hides the GPUs from the local "
+                         "Ray this script starts")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the actor and the reference (default: the resource plan's)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args, extract__max_side=args.max_side).extract
     paths = pick_images(args.images, args.n)
+    if args.device == "cpu":
+        # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for workers that asked for no GPU, so an actor would still
+        # find the GPU: hide it from the local Ray started below (and from every worker it starts)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     init_ray()
     res = plan_resources(use_gpu={"auto": None, "cpu": False, "cuda": True}[args.device])
     if args.device == "cuda" and res.num_gpus == 0:
