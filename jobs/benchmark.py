@@ -48,6 +48,11 @@ from storage.uri import read_bytes
 
 log = logging.getLogger("benchmark")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "benchmark.yaml"
+QUERY_EGM_NOTE = {
+    "box": "Queries with a box use the box itself as their FS.EGM / OS.EGM region, as seed 001 does "
+           "(--query-egm box); queries without a box detect their regions in the whole photo.",
+    "detect": "Queries with a box detect their FS.EGM / OS.EGM regions inside the box (--query-egm detect); "
+              "queries without a box detect them in the whole photo."}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -64,6 +69,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--synthetic-methods", default=None,
                    help="methods run with synthetic distractors (default: every global and regional method)")
     p.add_argument("--max-side", type=int, default=512)
+    p.add_argument("--query-egm", choices=("box", "detect"), default="box",
+                   help="FS/OS.EGM regions of a query given with a box: the box as is (seed 001) or EGM inside it")
     p.add_argument("--limit-queries", type=int, default=None, help="first N queries of each track")
     p.add_argument("--examples", type=int, default=4, help="example queries per track in the HTML report")
     p.add_argument("--reuse", action="store_true", help="reuse a complete index and cached query encodings")
@@ -255,12 +262,14 @@ def run(args: argparse.Namespace) -> int:
     pos = {p: i for i, p in enumerate(paths)}
     for t in tracks:
         t.db_union = np.array([pos[canonical(p)] for p in t.dataset.image_paths()], np.int64)
-    service = SearchService(index_root)
+    service = SearchService(index_root, query_egm=args.query_egm)
+    notes.append(QUERY_EGM_NOTE[args.query_egm])
     specs = choose_methods(args, service, notes)
     items, qkeys = query_items(tracks)
     print(f"[queries] {len(items)} distinct queries to encode", flush=True)
     version = (RunManifest(index_root).stage("descriptors") or {}).get("output_version", "x")
-    qdesc, encode_s = encode_queries(service, items, str(out / "queries" / "cache" / str(version)), args.reuse)
+    cache = out / "queries" / "cache" / f"{version}-{args.query_egm}"
+    qdesc, encode_s = encode_queries(service, items, str(cache), args.reuse)
     synth_ns = add_synthetic_tracks(args, tracks, qkeys)
     bench = Benchmark(service, tracks, union_ids, qdesc, qkeys, args.topk, args.seed, build_seconds(index_root))
     results = run_methods(args, bench, specs)
@@ -270,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
         "index": index_summary(index_root, args, index_wall, len(paths), sum(i is not None for i in union_ids)),
         "queries": {"distinct": len(items), "encode_seconds": encode_s,
                     "seconds_per_query": encode_s / max(1, len(items))},
-        "methods": [s.name for s in specs], "tracks": {}}
+        "methods": [s.name for s in specs], "query_egm": args.query_egm, "tracks": {}}
     evaluate(args, out, bench, results, specs, synth_ns, items, report)
     write_report(args, out, report)
     return 0

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qe", choices=("none", "avg", "alpha"), default="none", help="same as --rerank aqe|alphaqe")
     p.add_argument("--diffusion", action="store_true", help="same as --rerank diffusion")
     p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--query-egm", choices=("box", "detect"), default="box",
+                   help="with --bbox: use the box as the query's FS/OS.EGM region (seed 001) or detect regions in it")
     p.add_argument("--html", type=Path, default=None, help="also write the results as an HTML page")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         bbox = parse_bbox(args.bbox)
-        service = SearchService(args.index)
+        service = SearchService(args.index, query_egm=args.query_egm)
         method = method_name(args)
         service.spec(method)  # an unknown method fails before the query is read
         results, _ = service.search(read_bytes(args.query), bbox, method, args.top_k)

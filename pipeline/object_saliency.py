@@ -201,3 +201,27 @@ class ObjectSaliencyComputer:
         sub = pooling.regional_mac(A, subgrid_cells(cells))
         out.globals["os_egm4_sum"] = pooling.l2n(sub).sum(0).cpu().numpy().astype(np.float32)
         return out
+
+
+def given_box_features(A: torch.Tensor, image_hw: tuple[int, int]) -> ImageFeatures:
+    """Seed 001's query side: a query given with a box is not searched for regions -- the box (the whole cropped
+    query) is its one FS.EGM and OS.EGM region. Returns that region for both sources and the raw sums of
+    ``fs_egm`` / ``os_egm`` / ``os_egm4`` computed over it (OS.EGM-4 pools the box's 2-scale grid)."""
+    A = A.float()
+    C, H, W = A.shape
+    cells = np.array([[0, 0, W, H]], np.int64)
+    desc = pooling.regional_mac(A, cells)
+    out = ImageFeatures(feat_hw=(H, W), proc_hw=(0, 0), sparsity=np.zeros(C, np.float32),
+                        act_mean=float(A.mean()), act_max=float(A.max()))
+    box = cells_to_pixels(cells, (H, W), image_hw)
+    out.region_desc = np.repeat(desc.cpu().numpy().astype(np.float32), 2, axis=0)
+    out.region_source = ["fs_egm", "os_egm"]
+    out.region_level = np.zeros(2, np.int16)
+    out.region_score = np.ones(2, np.float32)
+    out.region_saliency = np.ones(2, np.float32)
+    out.region_boxes = np.repeat(box, 2, axis=0)
+    total = pooling.l2n(desc).sum(0).cpu().numpy().astype(np.float32)
+    out.globals = {"fs_egm_sum": total, "os_egm_sum": total.copy(),
+                   "os_egm4_sum": pooling.l2n(pooling.regional_mac(A, subgrid_cells(cells))).sum(0)
+                   .cpu().numpy().astype(np.float32)}
+    return out

@@ -20,7 +20,7 @@ from pipeline.descriptors import OWN_WHITENING, DescriptorRows, final_descriptor
 from pipeline.backbone import build_backbone
 from pipeline.extract import ImageFeatures, extract_features, scaled_sizes
 from pipeline.local_features import apply_pca
-from pipeline.object_saliency import ObjectSaliencyComputer
+from pipeline.object_saliency import ObjectSaliencyComputer, given_box_features
 from pipeline.preprocess import to_network_input
 from pipeline.saliency import feature_saliency
 from pipeline.whitening import Whitening, whitenings_from_arrays
@@ -97,11 +97,21 @@ def crop(image: Image.Image, bbox: Iterable[float] | None) -> Image.Image:
     return image.crop((x0, y0, x1, y1))
 
 
-class QueryEncoder:
-    """Encodes queries in the descriptor spaces of the index run at ``root``."""
+QUERY_EGM = ("box", "detect")
 
-    def __init__(self, root: str, device: str | None = None) -> None:
-        self.root = root
+
+class QueryEncoder:
+    """Encodes queries in the descriptor spaces of the index run at ``root``.
+
+    ``query_egm`` says what a query given with a box uses as its FS.EGM / OS.EGM regions: ``"box"`` (seed 001:
+    regions are detected on database images only, the given box is used as is) or ``"detect"`` (EGM runs inside
+    the box, as on database images). A query without a box always runs EGM on the whole photo.
+    """
+
+    def __init__(self, root: str, device: str | None = None, query_egm: str = "box") -> None:
+        if query_egm not in QUERY_EGM:
+            raise UserError(f"query_egm must be one of {QUERY_EGM}, got {query_egm!r}")
+        self.root, self.query_egm = root, query_egm
         self.cfg: IndexConfig = config_from_dict(load_run_config(root))
         self.config = self.cfg.extract
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -151,6 +161,13 @@ class QueryEncoder:
             osf = self.os.features(acts[0], hw, saliency=q.os_map)
             per_pass.append(osf)
             globals_raw.update(osf.globals)
+        if bbox is not None and self.query_egm == "box":  # the given box replaces the detected regions
+            boxf = given_box_features(acts[0], hw)
+            keep = [s not in ("fs_egm", "os_egm") for s in feats.region_source]
+            per_pass = [_select_regions(f, [s not in ("fs_egm", "os_egm") for s in f.region_source])
+                        for f in per_pass] + [boxf]
+            globals_raw.update({k: v for k, v in boxf.globals.items() if k in globals_raw})
+            feats = _select_regions(feats, keep)
         self._regions(q, per_pass)
         # final globals through the same code as the database's descriptors stage
         n_reg, names = len(feats.region_source), list(globals_raw)
@@ -167,4 +184,16 @@ class QueryEncoder:
         return q
 
 
-__all__ = ["QueryEncoder", "QueryDescriptors", "crop", "parse_bbox"]
+def _select_regions(f: ImageFeatures, keep: list[bool]) -> ImageFeatures:
+    """A copy of ``f`` with only the regions flagged in ``keep``."""
+    m = np.asarray(keep, bool)
+    g = ImageFeatures(f.feat_hw, f.proc_hw, f.sparsity, f.act_mean, f.act_max, dict(f.globals))
+    g.region_source = [s for s, k in zip(f.region_source, keep) if k]
+    g.region_level, g.region_boxes, g.region_score = f.region_level[m], f.region_boxes[m], f.region_score[m]
+    g.region_saliency, g.region_desc = f.region_saliency[m], f.region_desc[m]
+    g.local_xy, g.local_scale, g.local_strength, g.local_desc = f.local_xy, f.local_scale, f.local_strength, \
+        f.local_desc
+    return g
+
+
+__all__ = ["QueryEncoder", "QueryDescriptors", "crop", "parse_bbox", "QUERY_EGM"]

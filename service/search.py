@@ -125,9 +125,9 @@ class SearchService:
     """Loads an index run once and answers image queries with any method the run published."""
 
     def __init__(self, root: str, device: str | None = None, encoder: QueryEncoder | None = None,
-                 indexes: dict[str, LoadedIndex] | None = None) -> None:
+                 indexes: dict[str, LoadedIndex] | None = None, query_egm: str = "box") -> None:
         self.root = root
-        self.encoder = encoder if encoder is not None else QueryEncoder(root, device=device)
+        self.encoder = encoder if encoder is not None else QueryEncoder(root, device=device, query_egm=query_egm)
         self._indexes: dict[str, LoadedIndex] = dict(indexes or {})
         self._asmk: dict[str, LoadedASMK] = {}
         self._pins = pin_release(root)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.object_saliency import given_box_features
+from pipeline.pooling import l2n
 from pipeline.saliency import box_saliency, channel_weights, feature_saliency, sharpen
 
 torch.set_num_threads(1)
@@ -84,3 +86,19 @@ def test_box_saliency_matches_slices() -> None:
         expected = S[y0:y1, x0:x1].mean() if (x1 > x0 and y1 > y0) else torch.tensor(0.0)
         assert float(got[r]) == pytest.approx(float(expected), abs=1e-6)
     assert box_saliency(S, np.zeros((0, 4), dtype=np.int64)).shape == (0,)
+
+
+def test_a_given_query_box_is_the_queries_one_egm_region():
+    """Seed 001: a query with a box uses the box as is: FS.EGM = OS.EGM = w(L2(MAC of the whole crop)), and
+    OS.EGM-4 sums the box and its four quarters."""
+    A = torch.zeros(3, 4, 6)
+    A[0, 0, 0], A[1, 3, 5], A[2, 1, 2] = 2.0, 1.0, 4.0
+    f = given_box_features(A, (40, 60))
+    mac = np.array([2.0, 1.0, 4.0], np.float32)
+    np.testing.assert_allclose(f.globals["fs_egm_sum"], mac / np.linalg.norm(mac), rtol=1e-6)
+    np.testing.assert_allclose(f.globals["os_egm_sum"], f.globals["fs_egm_sum"])
+    quarters = [A[:, :2, :3], A[:, :2, 3:], A[:, 2:, :3], A[:, 2:, 3:]]
+    expect = l2n(torch.tensor(mac)) + sum(l2n(q.amax(dim=(1, 2))) for q in quarters)
+    np.testing.assert_allclose(f.globals["os_egm4_sum"], expect.numpy(), rtol=1e-6)
+    assert f.region_source == ["fs_egm", "os_egm"]
+    np.testing.assert_allclose(f.region_boxes, [[0, 0, 60, 40]] * 2)
