@@ -17,20 +17,24 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from pipeline.diffusion import DiffusionConfig, build_diffusion_graph, diffusion_scores, query_vector
 from pipeline.evaluation import compute_map, protocol_gnd
 from pipeline.query_expansion import diffusion_rerank
+from storage.schemas import descriptors_to_numpy
+from storage.tables import TableStore
+
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks"
 
 
 def load_globals(root: Path, method: str, imlist: list[str]) -> np.ndarray:
-    t = pq.read_table(root / "tables" / "globals", filters=[("method", "=", method)],
-                      columns=["image_id", "descriptor"])
+    """The raw (unwhitened) extracted globals of ``method`` in ``imlist`` order."""
+    t = TableStore(str(root)).read("globals", ["extract"], columns=["image_id", "method", "descriptor"],
+                                   filter_expr=pc.field("method") == method)
     ids = t.column("image_id").to_pylist()
-    X = np.stack([np.asarray(v, np.float32) for v in t.column("descriptor").to_pylist()])
+    X = descriptors_to_numpy(t.column("descriptor"))
     pos = {i: n for n, i in enumerate(ids)}
     X = X[[pos[i] for i in imlist]]
     return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)

@@ -23,6 +23,7 @@ import yaml
 from actors.asmk import run_asmk_stage
 from actors.common import init_ray, light_resources
 from actors.descriptors import run_descriptors_stage
+from actors.diffusion import run_diffusion_stage
 from actors.engine import Stage, StageFailed, prepare_manifest, publish_indexes, run_pipeline
 from actors.extract import run_extract_stage
 from actors.graph import run_graph_stage
@@ -55,6 +56,7 @@ DAG: tuple[Stage, ...] = (
     Stage("faiss", lambda c, m, r: run_faiss_stage(c.out, c.faiss), lambda c: c.faiss),
     Stage("asmk", lambda c, m, r: run_asmk_stage(c.out, c.asmk, reuse_codebook=c.reindex.reuse_codebook),
           lambda c: c.asmk),
+    Stage("diffusion", lambda c, m, r: run_diffusion_stage(c.out, c.diffusion), lambda c: c.diffusion),
 )
 assert tuple(s.name for s in DAG) == STAGES
 

@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.asmk import AsmkIndexConfig
 from pipeline.descriptors import DescriptorsConfig
+from pipeline.diffusion import DiffusionStageConfig
 from pipeline.extract import ExtractConfig
 from pipeline.faiss_index import FaissConfig
 from pipeline.katz import KatzConfig
@@ -27,7 +28,7 @@ from pipeline.object_saliency import ObjectSaliencyConfig
 from pipeline.whitening import WhitenConfig
 
 DEFAULT_LOCAL_FEATURES = 1000  # top-N locals per image when ASMK is on and the config does not say (issue 5)
-STAGES = ("extract", "whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk")
+STAGES = ("extract", "whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk", "diffusion")
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,7 @@ class IndexConfig:
     descriptors: DescriptorsConfig = field(default_factory=DescriptorsConfig)
     faiss: FaissConfig = field(default_factory=FaissConfig)
     asmk: AsmkIndexConfig = field(default_factory=AsmkIndexConfig)
+    diffusion: DiffusionStageConfig = field(default_factory=DiffusionStageConfig)
     reindex: ReindexConfig = field(default_factory=ReindexConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
 

@@ -90,6 +90,14 @@ class DiffusionConfig:
         return cls(**{"k": 200, "kq": 200, **overrides})
 
 
+@dataclass(frozen=True)
+class DiffusionStageConfig:
+    """The ``diffusion`` stage: which final global methods get an offline diffusion graph, and its parameters."""
+
+    methods: tuple[str, ...] = ("gem", "os_egm")
+    params: DiffusionConfig = DiffusionConfig()
+
+
 # ----------------------------------------------------------------------------------------- graph (offline)
 def affinity_from_knn(ids: np.ndarray, sims: np.ndarray, n: int, cfg: DiffusionConfig) -> sp.csr_matrix:
     """Mutual k-NN affinity ``W`` (n, n) from each vertex's k-NN lists (``ids``/``sims`` (n, >= k+1), self
@@ -287,6 +295,7 @@ def rank(scores: np.ndarray, top: int | None = None) -> np.ndarray:
     return order if top is None else order[:top]
 
 
-__all__ = ["DiffusionConfig", "POOLINGS", "affinity_from_knn", "build_diffusion_graph", "diffuse_query",
+__all__ = ["DiffusionConfig", "DiffusionStageConfig", "POOLINGS",
+           "affinity_from_knn", "build_diffusion_graph", "diffuse_query",
            "diffusion_scores", "gmp_weights", "graph_arrays", "image_scores", "query_vector", "query_vector_exact",
            "rank", "restrict_graph"]

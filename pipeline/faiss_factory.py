@@ -92,7 +92,7 @@ def choose_factory(
     2. only with ``prefer_hnsw`` and ``n <= hnsw_max_n``: ``IDMap2,HNSW{M}`` - lowest single-query latency
        for small k when memory is plentiful. Not the default: its graph build is slow (no batching),
        shards cannot be merged cheaply (merging re-inserts every vector), and for recall@100 >= 0.95 it
-       lost to IVF-Flat in ``jobs.bench_faiss --quick`` (clustered 100k x 512: efSearch 768 at 9.1 ms/query
+       lost to IVF-Flat in ``experiments.bench_faiss --quick`` (clustered 100k x 512: efSearch 768 at 9.1 ms/query
        and a 5x longer build, versus nprobe 64/1024 at 2.1 ms/query).
     3. ``IVF{nlist},Flat`` - exact vectors, recall set by ``nprobe``; shards share the trained quantizer and
        merge in O(n). ``nlist`` = power of two near ``4 sqrt(n)`` (:func:`ivf_nlist`), HNSW quantizer

@@ -125,7 +125,7 @@ def _find_hnsw(index: faiss.Index) -> Any | None:
 def default_search_params(index: faiss.Index) -> dict[str, int]:
     """Defaults applied after training: IVF ``nprobe = max(8, nlist/16)``, HNSW ``efSearch = 128``.
 
-    ``nlist/16`` reaches recall@100 >= 0.95 on the clustered data of ``jobs.bench_faiss`` (500 held-out
+    ``nlist/16`` reaches recall@100 >= 0.95 on the clustered data of ``experiments.bench_faiss`` (500 held-out
     queries, exact brute-force ground truth): 1M x 512 ``IVF4096,Flat`` nprobe 256 -> 0.978 (128 -> 0.964,
     64 -> 0.934); 5M x 128 ``IVF8192,Flat`` nprobe 512 -> 0.956 (256 -> 0.933: the margin is thin here, so
     do not lower this default). :func:`tune` then picks the cheapest value meeting a target on held-out

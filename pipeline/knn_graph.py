@@ -10,7 +10,7 @@ k-NN search uses FAISS with inner-product metric. The index type is chosen from 
 (coarse k-means quantiser, exact inner products inside the probed lists, so the similarities returned are
 the true ``v_i . v_j``) up to a few million, and ``IVF<nlist>_HNSW32,Flat`` beyond, where the flat coarse
 quantiser would dominate the cost. ``nlist ~ 4 sqrt(n)`` (power of two) keeps list scans and quantiser cost
-balanced; ``nprobe`` trades recall for time (``jobs.bench_graph`` measures the recall).
+balanced; ``nprobe`` trades recall for time (``experiments.bench_graph`` measures the recall).
 When FAISS sees GPUs the trained index is moved to all of them with ``faiss.index_cpu_to_all_gpus``.
 
 Graphs are (de)serialised as plain CSR arrays (no pickle): :func:`graph_to_arrays` / :func:`graph_from_arrays`.

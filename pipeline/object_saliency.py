@@ -14,7 +14,7 @@ the graph, ``k = 50`` as the graph's k.
 Patch side ``a``: the paper does not give a value for ``a``. We default to ``a = 3`` cells: the smallest odd
 (hence truly centred) side that pools more than the single cell it is centred on, so neighbouring cells'
 maps differ only by what the patch sees and the map keeps the feature-grid resolution that EGM then works
-on; ``jobs.bench_saliency`` reports the OS box-mass precision for sides 3 and 5 so the choice is checked on
+on; ``experiments.bench_saliency`` reports the OS box-mass precision for sides 3 and 5 so the choice is checked on
 real images. An even ``a`` is allowed: the window then extends one more cell down/right.
 
 Patch pooling is vectorised: the max over every ``a x a`` window is one ``max_pool2d`` with stride 1. The map

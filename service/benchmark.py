@@ -41,9 +41,9 @@ def default_methods(available: Iterable[str]) -> list[str]:
     g = [m for m in FINAL_METHODS if m in have]
     out = list(g)
     out += [f"{m}+aqe" for m in ("gem", "os_egm") if m in g]
-    diff = "os_egm" if "os_egm" in g else ("gem" if "gem" in g else None)
-    if diff:
-        out.append(f"{diff}+diffusion")
+    for m in ("gem", "os_egm"):  # seed 001's diffusion where its graph was published, and the local variant
+        if m in g:
+            out += ([f"{m}+diffusion"] if f"diffusion_{m}" in have else []) + [f"{m}+local_diffusion"]
     for s in REGIONAL_SOURCES:
         if f"regional:{s}" in have:
             out += [f"regional:{s}", f"regional:{s}@full"]

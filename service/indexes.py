@@ -17,6 +17,7 @@ import numpy as np
 from pipeline import faiss_index as fi
 from pipeline.asmk import InvertedFile, aggregate_queries
 from pipeline.codebook import assign
+from pipeline.diffusion import DiffusionConfig
 from pipeline.ranking import RegionSet, rank_scores, regional_image_scores
 from service.errors import NotFound
 from storage.arrays import npy_from_bytes
@@ -236,4 +237,27 @@ def open_asmk(root: str, kernel: str, snap: Snapshot | None = None) -> LoadedASM
                       int(params.get("query_multiple", 1)))
 
 
-__all__ = ["LoadedIndex", "LoadedASMK", "open_index", "open_asmk"]
+@dataclass
+class LoadedDiffusion:
+    """A published offline diffusion graph (``diffusion_<method>``): normalised affinity as CSR arrays, the
+    parameters it was built with, and the image id of every vertex."""
+
+    graph: dict[str, np.ndarray]
+    image_ids: np.ndarray
+    params: DiffusionConfig
+
+    def vertices_of(self, image_ids: Sequence[str]) -> np.ndarray:
+        """Graph vertex of each image id (-1 when the graph does not hold it)."""
+        pos = {str(i): v for v, i in enumerate(self.image_ids)}
+        return np.array([pos.get(str(i), -1) for i in image_ids], np.int64)
+
+
+def open_diffusion(root: str, method: str, snap: Snapshot | None = None) -> LoadedDiffusion:
+    """Open snapshot ``diffusion_<method>`` (the given version, else ``LATEST``)."""
+    snap = snap or _open(root, f"diffusion_{method}")
+    arrays = {f[:-4]: _read_npy(snap, f) for f in snap.files if f.endswith(".npy") and f != SnapshotFiles.IMAGE_IDS}
+    params = DiffusionConfig(**snap.manifest.get("parameters", {}).get("params", {}))
+    return LoadedDiffusion(arrays, _read_npy(snap, SnapshotFiles.IMAGE_IDS), params)
+
+
+__all__ = ["LoadedIndex", "LoadedASMK", "LoadedDiffusion", "open_index", "open_asmk", "open_diffusion"]

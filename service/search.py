@@ -9,7 +9,9 @@ Method names (``--method``):
   database item). ``regional:<source>@full`` uses the query's full view only (the paper's asymmetric case);
 * an ASMK kernel (``asmk_star``, ``d2r_asmk_star``, ``r_asmk_star`` ...): the ``asmk_<kernel>`` inverted file;
 * followed by re-rankings, applied in order: ``+aqe[:n]`` (average QE over the top n, default 10, seed 003),
-  ``+alphaqe[:n]`` (alpha-QE), ``+diffusion[:m]`` (local diffusion over the top m, default 100).
+  ``+alphaqe[:n]`` (alpha-QE), ``+diffusion`` (seed 001's diffusion as published: the query's k nearest
+  neighbours seed CG on the offline graph ``diffusion_<method>`` of the whole database), ``+local_diffusion[:m]``
+  (a diffusion re-ranking of the top m results only, default 100, on a graph built among them at query time).
 
 Rankings can be restricted to a subset of the database (``allowed``): the benchmark evaluates each track on
 its own database this way, through the same code users run.
@@ -25,11 +27,12 @@ from PIL import Image
 
 from pipeline.asmk import KERNEL_CONFIGS
 from pipeline.descriptors import FINAL_METHODS
+from pipeline.diffusion import diffuse_query
 from pipeline.query_expansion import alpha_qe, gather
 from pipeline.ranking import AQE_N, DIFFUSION_M, diffusion_reorder, query_expand
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
-from service.indexes import LoadedASMK, LoadedIndex, open_asmk, open_index
+from service.indexes import LoadedASMK, LoadedDiffusion, LoadedIndex, open_asmk, open_diffusion, open_index
 from storage.images import decode_image
 from storage.readers import read_globals
 from storage.snapshot import list_names
@@ -39,7 +42,7 @@ from storage.uri import StorageError, redact
 log = logging.getLogger("indexer")
 
 REGIONAL_SOURCES = ("fs_egm", "os_egm", "grid", "cam")
-RERANKS = ("aqe", "alphaqe", "diffusion")
+RERANKS = ("aqe", "alphaqe", "diffusion", "local_diffusion")
 
 
 def pin_release(root: str) -> dict[str, PinnedSnapshot]:
@@ -125,11 +128,13 @@ class SearchService:
     """Loads an index run once and answers image queries with any method the run published."""
 
     def __init__(self, root: str, device: str | None = None, encoder: QueryEncoder | None = None,
-                 indexes: dict[str, LoadedIndex] | None = None, query_egm: str = "box") -> None:
+                 indexes: dict[str, LoadedIndex] | None = None, query_egm: str = "box",
+                 diffusion: dict[str, LoadedDiffusion] | None = None) -> None:
         self.root = root
         self.encoder = encoder if encoder is not None else QueryEncoder(root, device=device, query_egm=query_egm)
         self._indexes: dict[str, LoadedIndex] = dict(indexes or {})
         self._asmk: dict[str, LoadedASMK] = {}
+        self._diffusion: dict[str, LoadedDiffusion] = dict(diffusion or {})
         self._pins = pin_release(root)
 
     def close(self) -> None:
@@ -204,11 +209,45 @@ class SearchService:
             name, n = rerank_name(r)
             if name in ("aqe", "alphaqe"):
                 n = n or AQE_N
-                Qe = query_expand(Q, X, I, n) if name == "aqe" else alpha_qe(Q, gather(X, I[:, :n]), n=n)
-                D, I = idx.search(Qe, depth, allowed)
+                Q = query_expand(Q, X, I, n) if name == "aqe" else alpha_qe(Q, gather(X, I[:, :n]), n=n)
+                D, I = idx.search(Q, depth, allowed)
             elif name == "diffusion":
+                D, I = self._diffuse(Q, spec, idx, depth, allowed)
+            elif name == "local_diffusion":
                 D, I = diffusion_reorder(Q, X, D, I, m=n or DIFFUSION_M)
         return D, I
+
+    def diffusion_graph(self, method: str) -> LoadedDiffusion:
+        """The published offline diffusion graph of a global method (``diffusion_<method>``)."""
+        if method not in self._diffusion:
+            self._diffusion[method] = open_diffusion(self.root, method, self._snapshot(f"diffusion_{method}"))
+        return self._diffusion[method]
+
+    def _diffuse(self, Q: np.ndarray, spec: MethodSpec, idx: LoadedIndex, depth: int | None,
+                 allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Seed 001's diffusion: y from each query's kq nearest database images, CG on (I - alpha S) f = y over the
+        whole database's graph, then the images ranked by f (restricted to ``allowed``)."""
+        g = self.diffusion_graph(spec.base)
+        to_vertex = g.vertices_of(idx.image_ids)               # index int id -> graph vertex
+        to_index = idx.rows(g.image_ids)                        # graph vertex -> index int id
+        sims, ids = idx.search(Q, g.params.kq)
+        mask = idx.allowed_mask(allowed)
+        n_ok = len(idx.image_ids) if mask is None else int(mask.sum())
+        k = n_ok if depth is None else min(int(depth), n_ok)
+        out_d = np.full((len(Q), k), -np.inf, np.float32)
+        out_i = np.full((len(Q), k), -1, np.int64)
+        for r in range(len(Q)):
+            vids = np.where(ids[r] >= 0, to_vertex[np.clip(ids[r], 0, None)], -1)
+            f, _ = diffuse_query(g.graph, sims[r][None], vids[None], g.params)
+            score = np.full(len(idx.image_ids), -np.inf)
+            ok = to_index >= 0
+            score[to_index[ok]] = f[ok]
+            if mask is not None:
+                score[~mask] = -np.inf
+            top = np.lexsort((np.arange(len(score)), -score))[:k]
+            top = top[np.isfinite(score[top])]
+            out_d[r, :len(top)], out_i[r, :len(top)] = score[top], top
+        return out_d, out_i
 
     def _rank_regional(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, depth: int | None,
                        allowed: np.ndarray | None, idx: LoadedIndex) -> tuple[np.ndarray, np.ndarray]:

@@ -51,10 +51,10 @@ def test_parse_method_names():
 
 def test_default_methods_follow_what_the_index_has():
     m = default_methods({"gem", "mac", "fs_egm", "regional:fs_egm", "regional:grid"})
-    assert m == ["mac", "gem", "fs_egm", "gem+aqe", "gem+diffusion", "regional:fs_egm", "regional:fs_egm@full",
-                 "regional:grid", "regional:grid@full"]
-    m = default_methods({"gem", "os_egm", "regional:os_egm", *ASMK_ORDER})
-    assert "os_egm+diffusion" in m and "gem+diffusion" not in m
+    assert m == ["mac", "gem", "fs_egm", "gem+aqe", "gem+local_diffusion", "regional:fs_egm",
+                 "regional:fs_egm@full", "regional:grid", "regional:grid@full"]
+    m = default_methods({"gem", "os_egm", "regional:os_egm", "diffusion_os_egm", *ASMK_ORDER})
+    assert "os_egm+diffusion" in m and "gem+diffusion" not in m and "os_egm+local_diffusion" in m
     assert m[-3:] == list(ASMK_ORDER)
 
 
@@ -210,10 +210,37 @@ def test_synthetic_rows_are_appended_as_negative_ids():
     assert np.array_equal(I[:, : S.shape[1] - 1], np.argsort(-S, axis=1, kind="stable")[:, : S.shape[1] - 1])
 
 
-def test_diffusion_keeps_the_result_set():
+def test_published_diffusion_through_the_service_equals_a_dense_solve():
+    """``+diffusion``: y = max(s, 0)^gamma on the query's kq nearest images, f = (I - alpha S)^-1 y over the whole
+    database's graph, images ranked by f (seed 001 / Iscen et al.); checked with numpy.linalg.solve."""
+    import scipy.sparse as sp
+
+    from pipeline.diffusion import DiffusionConfig, build_diffusion_graph
+    from service.indexes import LoadedDiffusion
+
+    b, t, X, Q, missing = _fake_bench(n_db=30, seed=4)
+    idx = b.service.index(parse_method("gem"))
+    params = DiffusionConfig(k=4, kq=3, maxiter=500, tol=1e-12)
+    Xi = idx.vectors()
+    b.service._diffusion["gem"] = LoadedDiffusion(build_diffusion_graph(Xi, params), idx.image_ids, params)
+    got = b.service.rank([b.qdesc["k0"]], "gem+diffusion")[0]
+    S = sp.csr_matrix((b.service._diffusion["gem"].graph["data"], b.service._diffusion["gem"].graph["indices"],
+                       b.service._diffusion["gem"].graph["indptr"]), shape=(len(Xi), len(Xi))).toarray()
+    s = Xi @ np.pad(Q[0], (0, Xi.shape[1] - len(Q[0])))
+    y = np.zeros(len(Xi))
+    top = np.argsort(-s, kind="stable")[:3]
+    y[top] = np.maximum(s[top], 0) ** 3
+    f = np.linalg.solve(np.eye(len(Xi)) - 0.99 * S, y)
+    order = np.lexsort((np.arange(len(f)), -f))
+    expect = [str(idx.image_ids[i]) for i in order if np.isfinite(f[i])]
+    assert got.image_ids == expect
+    np.testing.assert_allclose(got.scores, f[order], rtol=1e-4, atol=1e-6)
+
+
+def test_local_diffusion_keeps_the_result_set():
     b, t, X, Q, missing = _fake_bench(n_db=30, seed=4)
     r0 = b.run(t, parse_method("gem"))
-    rd = b.run(t, parse_method("gem+diffusion"))
+    rd = b.run(t, parse_method("gem+local_diffusion"))
     for a, c in zip(r0.ids, rd.ids):
         assert sorted(a.tolist()) == sorted(c.tolist())
 
