@@ -11,7 +11,9 @@ Method names (``--method``):
 * followed by re-rankings, applied in order: ``+aqe[:n]`` (average QE over the top n, default 10, seed 003),
   ``+alphaqe[:n]`` (alpha-QE), ``+diffusion`` (seed 001's diffusion as published: the query's k nearest
   neighbours seed CG on the offline graph ``diffusion_<method>`` of the whole database), ``+local_diffusion[:m]``
-  (a diffusion re-ranking of the top m results only, default 100, on a graph built among them at query time).
+  (a diffusion re-ranking of the top m results only, default 100, on a graph built among them at query time),
+  ``+cam[:R]`` (seed 004's CAM-box re-ranking: the top R, default 1000, re-ordered by each image's best-matching
+  CAM box, from the ``regional_cam`` index).
 
 Rankings can be restricted to a subset of the database (``allowed``): the benchmark evaluates each track on
 its own database this way, through the same code users run.
@@ -26,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.asmk import KERNEL_CONFIGS
+from pipeline.cam_aggregation import cam_rerank
 from pipeline.descriptors import FINAL_METHODS
 from pipeline.diffusion import diffuse_query
 from pipeline.query_expansion import alpha_qe, gather
@@ -42,7 +45,8 @@ from storage.uri import StorageError, redact
 log = logging.getLogger("indexer")
 
 REGIONAL_SOURCES = ("fs_egm", "os_egm", "grid", "cam")
-RERANKS = ("aqe", "alphaqe", "diffusion", "local_diffusion")
+RERANKS = ("aqe", "alphaqe", "diffusion", "local_diffusion", "cam")
+CAM_RERANK_TOP = 1000   # seed 004 Table 2b: R = 1000
 
 
 def pin_release(root: str) -> dict[str, PinnedSnapshot]:
@@ -198,8 +202,8 @@ class SearchService:
         out[rows[rows >= 0]] = X[rows >= 0, : idx.dim]
         return out
 
-    def _rank_global(self, Q: np.ndarray, spec: MethodSpec, depth: int | None, allowed: np.ndarray | None,
-                     idx: LoadedIndex) -> tuple[np.ndarray, np.ndarray]:
+    def _rank_global(self, qs: Sequence[QueryDescriptors], Q: np.ndarray, spec: MethodSpec, depth: int | None,
+                     allowed: np.ndarray | None, idx: LoadedIndex) -> tuple[np.ndarray, np.ndarray]:
         Q = np.ascontiguousarray(Q[:, : idx.dim], np.float32)
         D, I = idx.search(Q, depth, allowed)
         if not spec.reranks:
@@ -215,7 +219,29 @@ class SearchService:
                 D, I = self._diffuse(Q, spec, idx, depth, allowed)
             elif name == "local_diffusion":
                 D, I = diffusion_reorder(Q, X, D, I, m=n or DIFFUSION_M)
+            elif name == "cam":
+                D, I = self._cam_rerank(qs, idx, D, I, n or CAM_RERANK_TOP)
         return D, I
+
+    def _cam_rerank(self, qs: Sequence[QueryDescriptors], idx: LoadedIndex, D: np.ndarray, I: np.ndarray,
+                    top: int) -> tuple[np.ndarray, np.ndarray]:
+        """Seed 004 §4.5: the top ``top`` results re-ordered by their best CAM box (boxes at 1/10/20/30/40 % of the
+        top-2 CAM). Boxes are described like every stored region (whitened regional MAC, the ``regional_cam``
+        index) and compared with the query's full view in that space -- the paper describes them with
+        class-weighted vectors instead; we reuse the stored regions rather than recomputing CAMs at query time."""
+        cam = self.index(parse_method("regional:cam"))
+        X, img = cam.vectors(), np.asarray(cam.region_image)
+        rows_of = {int(i): np.flatnonzero(img == i) for i in np.unique(img)}
+        out_d, out_i = D.copy(), I.copy()
+        for r, q in enumerate(qs):
+            if "full" not in q.regions:
+                raise UserError("+cam needs the run's full-image regions (extract.regions must include 'full')")
+            ids = I[r][I[r] >= 0]
+            cam_ids = cam.rows([str(x) for x in idx.image_ids[ids[:top]]])
+            boxes = {int(i): X[rows_of.get(int(c), np.zeros(0, np.int64))] for i, c in zip(ids[:top], cam_ids)}
+            new_ids, new_scores = cam_rerank(q.regions["full"][0, : cam.dim], ids, boxes, top, D[r][: len(ids)])
+            out_i[r, : len(ids)], out_d[r, : len(ids)] = new_ids, new_scores
+        return out_d, out_i
 
     def diffusion_graph(self, method: str) -> LoadedDiffusion:
         """The published offline diffusion graph of a global method (``diffusion_<method>``)."""
@@ -292,7 +318,7 @@ class SearchService:
             D, I = self._rank_regional(qs, spec, depth, allowed_arr, idx)
         else:
             Q = np.stack([self._query_vector(q, spec) for q in qs])
-            D, I = self._rank_global(Q, spec, depth, allowed_arr, idx)
+            D, I = self._rank_global(qs, Q, spec, depth, allowed_arr, idx)
         ids = idx.image_ids
         out = []
         for d, i in zip(D, I):
