@@ -30,7 +30,7 @@ from storage.images import decode_image
 from storage.readers import read_regions
 from storage.uri import exists, join, read_bytes
 
-BASELINES = ("mac", "gem", "spoc", "crow", "cam_ofa", "rmac")     # the classic poolings ("global baseline")
+BASELINES = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "rmac")     # the classic poolings ("global baseline")
 ASMK_ORDER = ("asmk_star", "d2r_asmk_star", "r_asmk_star")
 PR_CURVES = 8           # methods drawn in a track's precision-recall plot
 
@@ -44,6 +44,8 @@ def default_methods(available: Iterable[str]) -> list[str]:
     for m in ("gem", "os_egm"):  # seed 001's diffusion where its graph was published, and the local variant
         if m in g:
             out += ([f"{m}+diffusion"] if f"diffusion_{m}" in have else []) + [f"{m}+local_diffusion"]
+    if "cam_ofa" in g and "regional:cam" in have:  # seed 004's CAM-box re-ranking of its own first ranking
+        out.append("cam_ofa+cam")
     for s in REGIONAL_SOURCES:
         if f"regional:{s}" in have:
             out += [f"regional:{s}", f"regional:{s}@full"]
