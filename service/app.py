@@ -82,7 +82,8 @@ def error(status: int, message: str) -> JSONResponse:
 
 class BodyLimit:
     """ASGI middleware: refuses bodies over ``limit`` bytes with 413, from ``Content-Length`` before reading any
-    of it, or as soon as a streamed body (chunked, or lying about its length) passes the limit."""
+    of it, or as soon as a streamed body (chunked, or lying about its length) passes the limit: reading it then
+    raises :class:`BodyTooLarge`, which the app's exception handler answers with 413."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -96,7 +97,6 @@ class BodyLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await too_large(scope, receive, send)
         seen = 0
-        started = False
 
         async def limited_receive() -> dict:
             nonlocal seen
@@ -104,19 +104,10 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge()
+                    raise BodyTooLarge(f"request body over the {self.limit} byte limit")
             return message
 
-        async def tracked_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracked_send)
-        except BodyTooLarge:
-            if not started:
-                await too_large(scope, receive, send)
+        await self.app(scope, limited_receive, send)
 
 
 class Browser:
@@ -220,6 +211,10 @@ def _handler(exc_type: type[BaseException]) -> Callable[[Request, Exception], Aw
     return handle
 
 
+async def _too_large(request: Request, exc: Exception) -> Response:
+    return error(413, str(exc))
+
+
 def create_app(root: str, service: SearchService | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, workers: int = 1, max_pending: int = 64,
                preload: bool = True) -> ASGIApp:
@@ -234,7 +229,8 @@ def create_app(root: str, service: SearchService | None = None, max_upload_bytes
     b = Browser(search, max_pixels, workers, max_pending)
     routes = [Route("/", b.page), Route("/methods", b.methods), Route("/search", b.search_route, methods=["POST"]),
               Route("/images", b.list_images), Route("/images/{image_id:path}", b.image)]
-    handlers = {t: _handler(t) for t in EXPECTED}
+    handlers: dict[Any, Any] = {t: _handler(t) for t in EXPECTED}
+    handlers[BodyTooLarge] = _too_large
     app = Starlette(routes=routes, exception_handlers=handlers)
     app.state.browser = b
     return BodyLimit(app, max_upload_bytes)

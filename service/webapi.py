@@ -118,7 +118,7 @@ def parse_request(fields: Mapping[str, Any], data: bytes | None = None, max_top_
         raise UserError("rerank must be a name or a list of names")
     extra = [p.strip() for r in reranks for p in re.split(r"[+,]", str(r)) if p.strip()]
     try:
-        top_k = int(fields.get("top_k") or 10)
+        top_k = int(fields["top_k"]) if fields.get("top_k") not in (None, "") else 10
     except (TypeError, ValueError):
         raise UserError(f"top_k must be an integer, got {fields.get('top_k')!r}") from None
     if not 1 <= top_k <= max_top_k:
