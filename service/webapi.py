@@ -315,9 +315,9 @@ class BrowserSearch:
         results = []
         for k, (i, s) in enumerate(zip(ids, ranking.scores[: req.top_k])):
             w, h = self.catalog.size(i)
-            res = {"rank": k + 1, "image_id": i, "score": round(float(s), 5) if np.isfinite(s) else None, "width": w, "height": h,
-                   "boxes": [boxes[i][0]] if i in boxes else [], "box_score": round(boxes[i][1], 4) if i in boxes
-                   else None}
+            res = {"rank": k + 1, "image_id": i, "score": round(float(s), 5) if np.isfinite(s) else None,
+                   "width": w, "height": h, "boxes": [boxes[i][0]] if i in boxes else [],
+                   "box_score": round(boxes[i][1], 4) if i in boxes else None}
             if i in matches:
                 res["matches"] = matches[i]
             results.append(res)

@@ -10,11 +10,9 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,9 +53,7 @@ def serve_run(museum, ray_local, tmp_path_factory):
     """(run root, query photo, [(box, painting id)] of both paintings in it)."""
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("serve_run")
-    if os.environ.get("DEVRUN"):  # DEV ONLY
-        out = Path(os.environ["DEVRUN"])
-    rc = 0 if os.environ.get("DEVRUN") else index_job.main([
+    rc = index_job.main([
         "--images", str(museum / "jpg"), "--out", str(out), "--limit", "30", "--max-side", "320",
         "--shard-size", "16", "--stages", "extract,whiten,graph,object_saliency,descriptors,faiss",
         "--set", "include=['painting_00258*','painting_00035*','painting_0010*','painting_0012*']",
@@ -316,3 +312,156 @@ def test_bombs_non_images_and_corrupt_files_get_4xx(client, serve_run):
     for name, (data, status, reason) in cases.items():
         r = client.post("/search", files={"file": (name, data, "application/octet-stream")}, data={"method": "gem"})
         assert r.status_code == status and reason in r.json()["error"], (name, r.text)
+
+
+# ------------------------------------------------------------------------------------------ the real server
+@pytest.fixture(scope="module")
+def live(serve_run):
+    """``python -m jobs.serve`` on a free port (default host): its URL; stopped by pid afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--index", str(serve_run[0]), "--port", "0",
+                             "--threads", "2"], cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline, seen = None, time.time() + 240, []
+        while url is None and time.time() < deadline and proc.poll() is None:
+            line = proc.stdout.readline()
+            seen.append(line)
+            m = re.search(r"open (http://\S+/)", line)
+            url = m.group(1) if m else None
+        assert url, "".join(seen)
+        assert url.startswith("http://127.0.0.1:")  # loopback unless --host says otherwise
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _raw_get(url: str, path: str) -> bytes:
+    host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_raw_dot_segments_are_refused_by_the_server(live):
+    for path in ("/images/../../../../etc/passwd", "/images/..%2f..%2f..%2fetc%2fpasswd", "/images//etc/passwd",
+                 "/images/painting_00035/../../../etc/passwd"):
+        data = _raw_get(live, path)
+        status = int(data.split(b" ", 2)[1])
+        assert status in (400, 404) and b"root:" not in data, (path, data[:200])
+    assert _raw_get(live, "/images/painting_00035?size=32").split(b" ", 2)[1] == b"200"
+
+
+def test_cli_refuses_a_missing_index_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jobs.serve", "--index", str(tmp_path / "none"), "--port", "0"],
+                          cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and proc.stderr.startswith("jobs.serve: error:"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_fifty_concurrent_searches(live, serve_run, capsys):
+    """50 concurrent uploads (distinct boxes, so every one is encoded): no error, the boxed painting first."""
+    _, photo, boxes = serve_run
+    data = photo.read_bytes()
+
+    def one(k: int) -> tuple[int, float, str, str]:
+        box, painting = boxes[k % 2]
+        jitter = k // 2  # 0..24 pixels: 50 distinct queries
+        b = (box[0] + jitter % 5, box[1] + jitter // 5, box[2] - jitter % 5, box[3] - jitter // 5)
+        t = time.perf_counter()
+        r = httpx.post(live + "search", files={"file": (photo.name, data, "image/jpeg")},
+                       data={"bbox": _box(b), "method": "gem", "top_k": "5"}, timeout=600)
+        dt = time.perf_counter() - t
+        return r.status_code, dt, (r.json()["results"][0]["image_id"] if r.status_code == 200 else r.text), painting
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=50) as ex:
+        out = list(ex.map(one, range(50)))
+    wall = time.perf_counter() - t0
+    assert [o[0] for o in out] == [200] * 50, [o for o in out if o[0] != 200][:3]
+    assert all(o[2] == o[3] for o in out), [o for o in out if o[2] != o[3]][:3]
+    lat = np.array([o[1] for o in out])
+    p50, p99 = np.percentile(lat, [50, 99])
+    with capsys.disabled():
+        print(f"\n[load] 50 concurrent POST /search (upload + box, gem, top 5): p50 {p50:.2f} s, p99 {p99:.2f} s, "
+              f"max {lat.max():.2f} s, wall {wall:.1f} s, {50 / wall:.2f} searches/s")
+
+
+def _green_pixels(png: bytes) -> int:
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((a[..., 1] > 180) & (a[..., 0] < 90) & (a[..., 2] < 90)).sum())
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium not installed")
+def test_browser_upload_draw_box_and_find_the_painting(live, serve_run, tmp_path):
+    """Headless Chromium (Playwright): upload the photo, draw each painting's box with the mouse, search; the boxed
+    painting comes first. Then a result is used as the query, and verified matches (injected into the /search
+    answer, as a ``+sv`` ranking will send them) are drawn as lines."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    _, photo, boxes = serve_run
+    with Image.open(photo) as im:
+        width = im.width
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(live)
+            page.wait_for_selector("body[data-ready='1']")
+            assert page.eval_on_selector_all("#method option", "os => os.map(o => o.value)") == [
+                "gem", "os_egm", "regional:fs_egm"]
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("#search:not([disabled])")
+            for box, painting in reversed(boxes):
+                frame = page.locator("#query").bounding_box()
+                k = frame["width"] / width
+                page.mouse.move(frame["x"] + box[0] * k, frame["y"] + box[1] * k)
+                page.mouse.down()
+                page.mouse.move(frame["x"] + box[2] * k, frame["y"] + box[3] * k, steps=5)
+                page.mouse.up()
+                drawn = [float(v) for v in page.inner_text("#boxtext").split()[1].split(",")]
+                assert np.allclose(drawn, box, atol=2 / k + 1), (drawn, box)
+                page.click("#search")
+                page.wait_for_selector("body[data-state='done']", timeout=120_000)
+                page.wait_for_selector("#results figure:not([data-loaded])", state="detached", timeout=60_000)
+                ids = page.eval_on_selector_all("#results figure", "fs => fs.map(f => f.dataset.imageId)")
+                assert ids[0] == painting, (painting, ids)
+                assert page.eval_on_selector_all("#results figure", "fs => fs.map(f => f.dataset.loaded)") == [
+                    "1"] * len(ids)  # every thumbnail decoded and drawn
+                assert page.get_attribute("#saliency", "data-drawn") == "os"
+            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            shot = np.asarray(Image.open(tmp_path / "page.png").convert("RGB"))
+            assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 1000  # photos drawn, not a blank page
+
+            def with_matches(route):  # what a "+sv" ranking would add: 3 point pairs on the first result
+                response = route.fetch()
+                body = response.json()
+                x0, y0, x1, y1 = body["query"]["extent"]
+                body["results"][0]["matches"] = [[x0 + 5, y0 + 5, 10, 10], [(x0 + x1) / 2, (y0 + y1) / 2, 300, 400],
+                                                 [x1 - 5, y1 - 5, 700, 900]]
+                route.fulfill(response=response, json=body)
+
+            # Playwright drops an intercepted request's file part, so this search queries a database image: click the
+            # first result (the page's "use as query"), then search with the answer augmented
+            page.click("#results figure >> nth=0")
+            page.wait_for_selector(f"#status:has-text('database image {ids[0]}')")
+            page.route("**/search", with_matches)
+            page.click("#search")
+            page.wait_for_selector("#results canvas.matches[data-matches='3']", timeout=120_000)
+            lines = page.locator("#results canvas.matches").screenshot()
+            assert _green_pixels(lines) > 150, _green_pixels(lines)  # three lines, ~200+ px each
+            assert page.locator("#results canvas.matches").count() == 1
+            assert _green_pixels(page.locator("#results figure").nth(1).screenshot()) < 20
+        finally:
+            browser.close()
+    assert not errors, errors
