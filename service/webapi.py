@@ -250,8 +250,10 @@ class BrowserSearch:
             spec = self.service.spec(m)
             if spec.family == "asmk":
                 self.service.asmk(spec.base)
-            else:
-                self.service.index(spec)
+                continue
+            idx = self.service.index(spec)
+            if idx.exact:  # the vectors QE / diffusion / regional scoring read, gathered once
+                idx.vectors()
 
     # ------------------------------------------------------------------ the query
     def query_bytes(self, req: SearchRequest) -> bytes:

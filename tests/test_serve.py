@@ -143,7 +143,7 @@ def test_the_drawn_box_decides_which_painting_comes_first(client, service, serve
         j = r.json()
         assert j["results"][0]["image_id"] == painting, (painting, [x["image_id"] for x in j["results"]])
         # the same numbers as the Python API (one ranking path)
-        ref, _ = service.search(photo.read_bytes(), box, "gem", top_k=5)
+        ref, q = service.search(photo.read_bytes(), box, "gem", top_k=5)
         assert [x["image_id"] for x in j["results"]] == [x.image_id for x in ref]
         assert np.allclose([x["score"] for x in j["results"]], [x.score for x in ref], atol=1e-4)
         with Image.open(photo) as im:
@@ -152,7 +152,6 @@ def test_the_drawn_box_decides_which_painting_comes_first(client, service, serve
         assert (x0, y0) == (int(box[0]), int(box[1])) and (x1, y1) == (int(np.ceil(box[2])), int(np.ceil(box[3])))
         # saliency grids on the feature grid of the cropped query, normalised to max 1
         fs = np.array(j["query"]["saliency"]["fs"])
-        q = service.encode(photo.read_bytes(), box)
         assert fs.shape == q.fs_map.shape and fs.max() == pytest.approx(1.0)
         assert np.array(j["query"]["saliency"]["os"]).shape == q.os_map.shape
         for src, regs in j["query"]["regions"].items():  # the query's regions sit inside the box
@@ -359,6 +358,7 @@ def test_raw_dot_segments_are_refused_by_the_server(live):
     assert _raw_get(live, "/images/painting_00035?size=32").split(b" ", 2)[1] == b"200"
 
 
+@pytest.mark.slow  # 5-20 s: a fresh interpreter importing torch
 def test_cli_refuses_a_missing_index_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jobs.serve", "--index", str(tmp_path / "none"), "--port", "0"],
                           cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=180)
