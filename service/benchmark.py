@@ -30,7 +30,8 @@ from storage.images import decode_image
 from storage.readers import read_regions
 from storage.uri import exists, join, read_bytes
 
-BASELINES = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "rmac")     # the classic poolings ("global baseline")
+# the classic poolings ("global baseline")
+BASELINES = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "rmac")
 ASMK_ORDER = ("asmk_star", "d2r_asmk_star", "r_asmk_star")
 PR_CURVES = 8           # methods drawn in a track's precision-recall plot
 

@@ -332,14 +332,25 @@ class SearchService:
             raise UserError(f"method {spec.base!r} not available for this query; built: {sorted(q.globals)}")
         return np.asarray(q.globals[spec.base], np.float32)
 
+    @staticmethod
+    def depth_for(spec: MethodSpec, top_k: int) -> int:
+        """How deep to rank for ``top_k`` results: re-rankings that reorder the top m need m results."""
+        deep = [rerank_name(r)[1] or DIFFUSION_M for r in spec.reranks if rerank_name(r)[0] == "local_diffusion"]
+        return max([top_k, *deep])
+
+    def search_ranking(self, q: QueryDescriptors, method: str | MethodSpec, top_k: int = 10) -> Ranking:
+        """The top ``top_k`` of one encoded query, with whatever the method attaches (boxes, matches)."""
+        spec = self.spec(method)
+        r = self.rank([q], spec, depth=self.depth_for(spec, top_k))[0]
+        return Ranking(r.image_ids[:top_k], r.scores[:top_k], r.extra)
+
     def search(self, image: bytes | Image.Image, bbox: Iterable[float] | None = None, method: str = "gem",
                top_k: int = 10) -> tuple[list[SearchResult], QueryDescriptors]:
         """Ranked database images for one query image (optionally cropped to ``bbox``)."""
         spec = self.spec(method)
         q = self.encode(image, bbox)
-        diffusion = [rerank_name(r)[1] or DIFFUSION_M for r in spec.reranks if rerank_name(r)[0] == "diffusion"]
-        r = self.rank([q], spec, depth=max([top_k, *diffusion]))[0]
-        return [SearchResult(i, float(s), k) for k, (i, s) in enumerate(zip(r.image_ids[:top_k], r.scores[:top_k]))], q
+        r = self.search_ranking(q, spec, top_k)
+        return [SearchResult(i, float(s), k) for k, (i, s) in enumerate(zip(r.image_ids, r.scores))], q
 
 
 __all__ = ["SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS"]

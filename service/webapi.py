@@ -30,10 +30,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from pipeline.ranking import DIFFUSION_M
 from service.encoder import QueryDescriptors, parse_bbox
 from service.errors import NotFound, UserError
-from service.search import MethodSpec, Ranking, SearchService, rerank_name
+from service.search import MethodSpec, Ranking, SearchService
 from storage.images import DEFAULT_MAX_PIXELS, decode_image
 from storage.readers import available_sources, read_regions
 from storage.tables import TableStore
@@ -307,8 +306,7 @@ class BrowserSearch:
         spec = self.service.spec(req.method)  # an unknown method fails before the image is read
         q, size, cached = self.encode(self.query_bytes(req), req.bbox)
         t1 = time.perf_counter()
-        diffusion = [rerank_name(r)[1] or DIFFUSION_M for r in spec.reranks if rerank_name(r)[0] == "diffusion"]
-        ranking = self.service.rank([q], spec, depth=max([req.top_k, *diffusion]))[0]
+        ranking = self.service.search_ranking(q, spec, req.top_k)
         ids = ranking.image_ids[: req.top_k]
         t2 = time.perf_counter()
         x0, y0, x1, y1 = crop_extent(size, req.bbox)
