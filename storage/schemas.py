@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
-TABLES = ("images", "regions", "globals", "locals", "errors")
+TABLES = ("images", "regions", "globals", "locals", "keypoints", "errors")
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
@@ -59,6 +59,15 @@ def locals_schema(dim: int, dtype: str = "float16") -> pa.Schema:
         ("image_id", pa.string()), ("local_id", pa.int32()), ("x", pa.float32()), ("y", pa.float32()),
         ("scale", pa.float32()), ("strength", pa.float32()), ("descriptor", descriptor_type(dim, dtype)),
     ], metadata=_meta("locals"))
+
+
+def keypoints_schema(dim: int, dtype: str = "float16") -> pa.Schema:
+    """One row per learned keypoint (XFeat / ALIKED / CNN locals): position in original-image pixels, detector
+    score, descriptor (float16 by default)."""
+    return pa.schema([
+        ("image_id", pa.string()), ("keypoint_id", pa.int32()), ("x", pa.float32()), ("y", pa.float32()),
+        ("score", pa.float32()), ("descriptor", descriptor_type(dim, dtype)),
+    ], metadata=_meta("keypoints"))
 
 
 ERRORS_SCHEMA = pa.schema([
