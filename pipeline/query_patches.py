@@ -15,6 +15,9 @@ training set), :func:`out_of_fold_scores` (unaries for ``lambda`` from models th
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,6 +75,11 @@ def encode_patches(A: torch.Tensor, image_hw: tuple[int, int], whiten, cfg: Prop
     return boxes.astype(np.float32), desc.astype(np.float32), feats.astype(np.float32)
 
 
+def proposal_tag(cfg: ProposalConfig) -> str:
+    """Short hash of a proposal config: names cached query encodings whose patches were proposed that way."""
+    return hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+
+
 def select_patches(psi: np.ndarray, desc: np.ndarray, k: int, lam: float) -> np.ndarray:
     """Greedy diverse top-``k`` (seed 000 §4.2) with ``sim`` = cosine of the (unit) patch descriptors."""
     D = np.asarray(desc, np.float32)
@@ -122,15 +130,22 @@ def out_of_fold_scores(X: np.ndarray, y: np.ndarray, groups: np.ndarray, C: floa
     per photo than the training rows (the SVR is trained on a per-photo sample; ``lambda`` is searched on all
     patches, as at query time). Rows of a photo absent from ``groups`` are an error.
     """
-    groups, groups_all = np.asarray(groups), np.asarray(groups_all)
+    groups_all = np.asarray(groups_all)
     out = np.full(len(X_all), np.nan)
-    for tr, te in grouped_folds(groups, cfg.n_folds):
-        model = RegionScorer.fit_fixed(X[tr], y[tr], C, cfg)
-        rows = np.flatnonzero(np.isin(groups_all, np.unique(groups[te])))
+    for held_out, model in fold_scorers(X, y, groups, C, cfg):
+        rows = np.flatnonzero(np.isin(groups_all, held_out))
         out[rows] = model.predict(X_all[rows])
     if np.isnan(out).any():
         raise ValueError("some rows belong to photos without training rows")
     return out
+
+
+def fold_scorers(X: np.ndarray, y: np.ndarray, groups: np.ndarray, C: float, cfg: ScorerConfig = ScorerConfig()
+                 ) -> list[tuple[np.ndarray, RegionScorer]]:
+    """(held-out photos, model fitted at ``C`` without them) of each fold of the scorer's grouped CV."""
+    groups = np.asarray(groups)
+    return [(np.unique(groups[te]), RegionScorer.fit_fixed(X[tr], y[tr], C, cfg))
+            for tr, te in grouped_folds(groups, cfg.n_folds)]
 
 
 def lambda_aps(psi: np.ndarray, desc: np.ndarray, full: np.ndarray, X: np.ndarray, region_image: np.ndarray,
@@ -166,5 +181,5 @@ def pick_lambda(lambdas: Sequence[float], maps: Sequence[float]) -> float:
     return float(lam[np.lexsort((lam, np.abs(lam), -np.round(m, 12)))[0]])
 
 
-__all__ = ["PatchSearchConfig", "PAPER_LAMBDA", "encode_patches", "select_patches", "vote_rankings", "source_photo",
-           "noboxfree_queries", "out_of_fold_scores", "lambda_aps", "pick_lambda"]
+__all__ = ["PatchSearchConfig", "PAPER_LAMBDA", "encode_patches", "proposal_tag", "select_patches", "vote_rankings",
+           "source_photo", "noboxfree_queries", "out_of_fold_scores", "fold_scorers", "lambda_aps", "pick_lambda"]

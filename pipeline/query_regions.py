@@ -59,9 +59,9 @@ class ProposalConfig:
     ss_inc_k: int = 150
     ss_sigma: float = 0.8
     grid_levels: int = 3
-    egm_tau: float = egm_mod.FS["tau"]
-    egm_rho: float = egm_mod.FS["rho"]
-    egm_sigma: float = egm_mod.FS["sigma"]
+    egm_tau: float = egm_mod.FS_EGM.tau
+    egm_rho: float = egm_mod.FS_EGM.rho
+    egm_sigma: float = egm_mod.FS_EGM.sigma
     seed: int = 0
 
     def __post_init__(self) -> None:
