@@ -104,10 +104,13 @@ def publish_itq(root: str, regional_name: str, regional: dict[str, Any], X: np.n
     manifest names the regional version the rows belong to (the service ignores a mismatched pair)."""
     t0 = time.time()
     n, d = X.shape
-    bits = min(cfg.itq_bits, d - d % 8)
+    bits = min(cfg.itq_bits, d - d % 8, n - n % 8)  # PCA gives at most min(d, n) axes (pipeline.itq)
     if bits != cfg.itq_bits:
-        log.warning("[faiss] %s: %d-bit ITQ needs descriptors of >= %d dimensions (have %d): using %d bits",
-                    regional_name, cfg.itq_bits, cfg.itq_bits, d, bits)
+        log.warning("[faiss] %s: %d-bit ITQ needs >= %d dimensions and rows (have %d x %d): using %d bits",
+                    regional_name, cfg.itq_bits, cfg.itq_bits, n, d, bits)
+    if bits < 8:
+        log.warning("[faiss] %s: too few rows for ITQ: no prefilter published", regional_name)
+        return {"bits": 0, "vectors": n}
     itq = learn_itq(X, bits=bits, max_train=cfg.itq_train)
     nlist = default_nlist(n)
     index = build_binary_index(itq.encode(X), nlist=nlist)
@@ -155,7 +158,9 @@ def run_faiss_stage(root: str, cfg: FaissConfig) -> dict[str, Any]:
                                 X.shape[1], len(rid), region_image), "seconds": time.time() - t0}
         if cfg.itq_bits:
             exact = factory.endswith("Flat") and "IVF" not in factory
-            out[SnapshotFiles.itq_name(name)] = publish_itq(root, name, out[name], X, cfg, exact)
+            itq = publish_itq(root, name, out[name], X, cfg, exact)
+            if itq.get("bits"):
+                out[SnapshotFiles.itq_name(name)] = itq
     return out
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import faiss
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
