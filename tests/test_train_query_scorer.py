@@ -109,8 +109,12 @@ def test_train_then_search_with_patches(tmp_path, ray_local, capsys):
     assert bm.main([*common, "--reuse", "--methods", "regional:os_egm,patches:3"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["query_scorer"]["config"]["lam"] == info["lambda"]
-    for track in ("mini", "no-box"):
+    for track in ("root", "no-box"):
         m = report["tracks"][track]["methods"]
         assert set(m) == {"regional:os_egm", "patches:3"} and m["patches:3"]["medium"]["map"] is not None
-    saved = np.load(out / "rankings" / "mini.npz", allow_pickle=False)[slug("patches:3")]
+    saved = np.load(out / "rankings" / "root.npz", allow_pickle=False)[slug("patches:3")]
     assert saved.shape[0] == len(ds.queries)
+    for i in (0, len(ds.queries) - 1):  # the benchmark ranks through the same service (index ids = imlist names)
+        qd = svc.encode(decode_image(open(ds.query_path(i), "rb").read()), ds.query_bbox(i), patches=True)
+        want = svc.rank([qd], "patches:3")[0].image_ids
+        assert [ds.images[j] for j in saved[i] if j >= 0] == want
