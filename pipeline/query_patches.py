@@ -160,7 +160,7 @@ def lambda_aps(psi: np.ndarray, desc: np.ndarray, full: np.ndarray, X: np.ndarra
     only), so the cost is that of ~k x L patches, not P.
     """
     D = np.asarray(desc, np.float32)
-    S = D @ D.T
+    S = (D @ D.T).astype(np.float64)  # greedy works in float64: convert once, not once per lambda
     chosen = [greedy_diverse_topk(psi, S, k, float(lam)) for lam in lambdas]
     used = np.unique(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
     spi = sim_patch_img(np.concatenate([np.asarray(full, np.float32).reshape(1, -1), D[used]]), X, region_image,

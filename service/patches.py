@@ -89,6 +89,7 @@ class PatchSearch:
             items = ([np.asarray(q.regions["full"], np.float32)[:1]] if "full" in q.regions else []) + \
                 [np.asarray(q.patch_desc, np.float32)[c:c + 1] for c in chosen]
             if not items:
+                extras.append({})
                 continue
             S, ids = idx.search_regional(items, per_item, allowed)
             d, i = vote_rankings(S, ids, n_img, width, mask)
