@@ -15,12 +15,14 @@ import logging
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 import ray
 
 from actors.whiten import load_whitenings
 from pipeline import faiss_index as fi
 from pipeline.faiss_index import FaissConfig
+from pipeline.itq import build_binary_index, default_nlist, learn_itq
 from storage.arrays import npy_bytes
 from storage.layout import SnapshotFiles
 from storage.readers import read_globals, read_regions
@@ -94,6 +96,41 @@ def _publish(root: str, name: str, kind: str, method: str, shards: list[np.ndarr
             "bytes_per_vector": nbytes / max(n_vectors, 1)}
 
 
+def publish_itq(root: str, regional_name: str, regional: dict[str, Any], X: np.ndarray, cfg: FaissConfig,
+                exact: bool) -> dict[str, Any]:
+    """Learn ITQ codes of a regional index's rows (seed 000 §4.2) and publish ``itq_<regional_name>``: the ITQ
+    arrays and a FAISS binary index over the codes (ids = region rows). The exact rows for the re-rank come from
+    the regional snapshot when it is exact (``Flat``); otherwise they are stored here (``vectors.npy``). The
+    manifest names the regional version the rows belong to (the service ignores a mismatched pair)."""
+    t0 = time.time()
+    n, d = X.shape
+    bits = min(cfg.itq_bits, d - d % 8, n - n % 8)  # PCA gives at most min(d, n) axes (pipeline.itq)
+    if bits != cfg.itq_bits:
+        log.warning("[faiss] %s: %d-bit ITQ needs >= %d dimensions and rows (have %d x %d): using %d bits",
+                    regional_name, cfg.itq_bits, cfg.itq_bits, n, d, bits)
+    if bits < 8:
+        log.warning("[faiss] %s: too few rows for ITQ: no prefilter published", regional_name)
+        return {"bits": 0, "vectors": n}
+    itq = learn_itq(X, bits=bits, max_train=cfg.itq_train)
+    nlist = default_nlist(n)
+    index = build_binary_index(itq.encode(X), nlist=nlist)
+    data = faiss.serialize_index_binary(index)
+    name = SnapshotFiles.itq_name(regional_name)
+    params = {"kind": "itq", "bits": bits, "prefilter": cfg.itq_prefilter, "nlist": nlist,
+              "nprobe": int(getattr(index, "nprobe", 0)), "regional_version": regional["version"],
+              "dim": d, "own_vectors": not exact, "final_loss": float(itq.loss[-1]) if len(itq.loss) else None}
+    with SnapshotWriter(root, name, method=regional_name, factory=f"ITQ{bits}," + ("BIVF" if nlist else "BFlat"),
+                        counts={"vectors": n}, parameters=params) as w:
+        w.write_bytes(SnapshotFiles.ITQ_MEAN, npy_bytes(itq.mean))
+        w.write_bytes(SnapshotFiles.ITQ_PROJECTION, npy_bytes(itq.projection))
+        w.write_bytes(SnapshotFiles.ITQ_ROTATION, npy_bytes(itq.rotation))
+        w.write_bytes(SnapshotFiles.BINARY_INDEX, npy_bytes(data))
+        if not exact:
+            w.write_bytes(SnapshotFiles.VECTORS, npy_bytes(np.ascontiguousarray(X, np.float32)))
+    return {"version": w.version, "bits": bits, "vectors": n, "index_bytes": int(data.nbytes),
+            "seconds": time.time() - t0}
+
+
 def run_faiss_stage(root: str, cfg: FaissConfig) -> dict[str, Any]:
     """Build and publish one snapshot per ``cfg.methods`` global method and per ``cfg.regional`` source."""
     out: dict[str, Any] = {}
@@ -116,10 +153,15 @@ def run_faiss_stage(root: str, cfg: FaissConfig) -> dict[str, Any]:
             continue
         image_ids, region_image = np.unique(np.asarray(rid, dtype=str), return_inverse=True)
         shards, factory, params = build_index(X, cfg)
-        out[f"regional_{source}"] = {**_publish(root, f"regional_{source}", "regional", source, shards, factory,
-                                                params, list(image_ids), X.shape[1], len(rid), region_image),
-                                     "seconds": time.time() - t0}
+        name = f"regional_{source}"
+        out[name] = {**_publish(root, name, "regional", source, shards, factory, params, list(image_ids),
+                                X.shape[1], len(rid), region_image), "seconds": time.time() - t0}
+        if cfg.itq_bits:
+            exact = factory.endswith("Flat") and "IVF" not in factory
+            itq = publish_itq(root, name, out[name], X, cfg, exact)
+            if itq.get("bits"):
+                out[SnapshotFiles.itq_name(name)] = itq
     return out
 
 
-__all__ = ["run_faiss_stage", "build_index", "load_regional"]
+__all__ = ["run_faiss_stage", "build_index", "load_regional", "publish_itq"]

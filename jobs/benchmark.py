@@ -13,7 +13,9 @@
    ``--reuse`` skips a complete index.
 3. **Queries** are encoded once by the run's own encoder, cropped to their ``bbx`` (cached with ``--reuse``).
 4. **Methods** (``--methods``; default every one the index published): global methods and their ``+aqe`` /
-   ``+diffusion`` re-rankings, ``regional:<source>[@full]`` and ASMK kernels. Each is ranked through
+   ``+diffusion`` re-rankings, ``regional:<source>[@full]``, ASMK kernels and, with a trained query-region scorer
+   (``--scorer``, default the run's own from ``jobs.train_query_scorer``), ``patches[:k]`` (seed 000; its
+   queries are also encoded with their patches). Each is ranked through
    :class:`service.search.SearchService` -- the code ``jobs.search`` runs -- restricted to the track's database.
 5. **Evaluation** (Revisited-Oxford Easy/Medium/Hard mAP, mP@k), ``<out>/report.json``,
    ``<out>/rankings/<track>.npz`` and ``<out>/report.html`` (tables, PR curves, example rankings with the
@@ -35,6 +37,7 @@ import numpy as np
 
 from jobs.index import index, setup_logging
 from pipeline.config import STAGES, load_config
+from pipeline.query_patches import proposal_tag
 from service.benchmark import (FULL_RANK_MAX, Benchmark, Result, add_examples, clean, default_methods,
                                encode_queries, evaluate_track, print_table, synthetic_summary)
 from service.errors import UserError, run_cli
@@ -81,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray the index job starts")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scorer", default=None,
+                   help="query-region scorer folder for patches[:k] (default: the index run's own, if trained)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if not args.render and not args.dataset:
@@ -138,13 +143,12 @@ def choose_methods(args: argparse.Namespace, service: SearchService, notes: list
     available = service.available_methods()
     specs = []
     for n in _split(args.methods) or default_methods(available):
-        spec = parse_method(n)
-        base = f"regional:{spec.base}" if spec.family == "regional" else spec.base
-        if base not in available:
-            notes.append(f"{n}: not available in this index run, skipped.")
-            log.warning("%s: not available in this index run, skipped", n)
-            continue
-        specs.append(spec)
+        parse_method(n)  # an unknown name is an error, not a skipped method
+        try:
+            specs.append(service.spec(n))
+        except UserError as exc:
+            notes.append(f"{n}: not available in this index run, skipped ({exc}).")
+            log.warning("%s: not available in this index run, skipped (%s)", n, exc)
     return specs
 
 
@@ -262,14 +266,17 @@ def run(args: argparse.Namespace) -> int:
     pos = {p: i for i, p in enumerate(paths)}
     for t in tracks:
         t.db_union = np.array([pos[canonical(p)] for p in t.dataset.image_paths()], np.int64)
-    service = SearchService(index_root, query_egm=args.query_egm)
+    service = SearchService(index_root, query_egm=args.query_egm, scorer=args.scorer)
     notes.append(QUERY_EGM_NOTE[args.query_egm])
     specs = choose_methods(args, service, notes)
     items, qkeys = query_items(tracks)
     print(f"[queries] {len(items)} distinct queries to encode", flush=True)
-    version = (RunManifest(index_root).stage("descriptors") or {}).get("output_version", "x")
-    cache = out / "queries" / "cache" / f"{version}-{args.query_egm}"
-    qdesc, encode_s = encode_queries(service, items, str(cache), args.reuse)
+    patches = any(s.family == "patches" for s in specs)
+    version = f"{(RunManifest(index_root).stage('descriptors') or {}).get('output_version', 'x')}-{args.query_egm}"
+    if patches:  # encodings with patches live apart: they depend on the scorer's proposals
+        version += f"-patches-{proposal_tag(service.patch_search().cfg.proposals)}"
+    qdesc, encode_s = encode_queries(service, items, str(out / "queries" / "cache" / version), args.reuse,
+                                     patches=patches)
     synth_ns = add_synthetic_tracks(args, tracks, qkeys)
     bench = Benchmark(service, tracks, union_ids, qdesc, qkeys, args.topk, args.seed, build_seconds(index_root))
     results = run_methods(args, bench, specs)
@@ -280,6 +287,8 @@ def run(args: argparse.Namespace) -> int:
         "queries": {"distinct": len(items), "encode_seconds": encode_s,
                     "seconds_per_query": encode_s / max(1, len(items))},
         "methods": [s.name for s in specs], "query_egm": args.query_egm, "tracks": {}}
+    if patches:
+        report["query_scorer"] = service.patch_search().describe()
     evaluate(args, out, bench, results, specs, synth_ns, items, report)
     write_report(args, out, report)
     return 0

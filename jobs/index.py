@@ -30,6 +30,7 @@ from actors.graph import run_graph_stage
 from actors.indexes import run_faiss_stage
 from actors.object_saliency import run_object_saliency_stage
 from actors.whiten import run_whiten_stage
+from pipeline import faiss_index as fi
 from pipeline.config import STAGES, IndexConfig, load_config
 from service.errors import run_cli
 from storage.run import save_run_config
@@ -53,7 +54,7 @@ DAG: tuple[Stage, ...] = (
     Stage("object_saliency", run_object_saliency_stage, lambda c: (c.object_saliency, c.graph.beta)),
     Stage("descriptors", lambda c, m, r: run_descriptors_stage(c.out, _os_methods(c), c.extract.descriptor_dtype,
                                                                light_resources()), lambda c: c.descriptors),
-    Stage("faiss", lambda c, m, r: run_faiss_stage(c.out, c.faiss), lambda c: c.faiss),
+    Stage("faiss", lambda c, m, r: run_faiss_stage(c.out, c.faiss), lambda c: fi.stage_parameters(c.faiss)),
     Stage("asmk", lambda c, m, r: run_asmk_stage(c.out, c.asmk, reuse_codebook=c.reindex.reuse_codebook),
           lambda c: c.asmk),
     Stage("diffusion", lambda c, m, r: run_diffusion_stage(c.out, c.diffusion), lambda c: c.diffusion),

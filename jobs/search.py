@@ -1,12 +1,13 @@
 """Search an index run with a query image.
 
     python -m jobs.search --index <run uri> --query <image path/URI> [--bbox x0,y0,x1,y1] [--method NAME]
-                          [--rerank aqe|alphaqe|diffusion ...] [--top-k K] [--html results.html]
+                          [--rerank aqe|alphaqe|diffusion ...] [--top-k K] [--html results.html] [--scorer DIR]
 
 ``--method`` is a global method (``gem``, ``rmac``, ``os_egm`` ...), ``regional:<source>[@full]`` (D2R regional
-search over the run's ``<source>`` regions) or an ASMK kernel (``asmk_star``, ``r_asmk_star`` ...), optionally
-with re-rankings appended (``gem+aqe``) or given with ``--rerank``. The query goes through the run's own
-extraction (and object saliency against the stored region graph). The Python API is
+search over the run's ``<source>`` regions), an ASMK kernel (``asmk_star``, ``r_asmk_star`` ...) or
+``patches[:k]`` (seed 000: k query patches chosen by the scorer ``jobs.train_query_scorer`` trained, default the
+run's own, else ``--scorer``), optionally with re-rankings appended (``gem+aqe``) or given with ``--rerank``.
+The query goes through the run's own extraction (and object saliency against the stored region graph). The Python API is
 :class:`service.search.SearchService`. Bad input (a missing index, a non-image query, a malformed box, an
 unknown method) gives one line on stderr and exit status 2; ``-v`` shows the traceback.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 from service.encoder import parse_bbox
 from service.errors import run_cli
 from service.html import write_results_page
-from service.search import RERANKS, SearchService
+from service.search import SearchService, known_reranks
 from storage.readers import image_uris
 from storage.uri import read_bytes
 
@@ -31,12 +32,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--query", required=True, help="query image path or URI")
     p.add_argument("--bbox", default=None, help="x0,y0,x1,y1 in query pixels")
     p.add_argument("--method", default="gem")
-    p.add_argument("--rerank", action="append", default=[], choices=RERANKS, help="re-ranking(s), in order")
+    p.add_argument("--rerank", action="append", default=[], choices=known_reranks(), help="re-ranking(s), in order")
     p.add_argument("--qe", choices=("none", "avg", "alpha"), default="none", help="same as --rerank aqe|alphaqe")
     p.add_argument("--diffusion", action="store_true", help="same as --rerank diffusion")
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--query-egm", choices=("box", "detect"), default="box",
                    help="with --bbox: use the box as the query's FS/OS.EGM region (seed 001) or detect regions in it")
+    p.add_argument("--scorer", default=None, help="query-region scorer folder for patches (default: the run's own)")
     p.add_argument("--html", type=Path, default=None, help="also write the results as an HTML page")
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         bbox = parse_bbox(args.bbox)
-        service = SearchService(args.index, query_egm=args.query_egm)
+        service = SearchService(args.index, query_egm=args.query_egm, scorer=args.scorer)
         method = method_name(args)
         service.spec(method)  # an unknown method fails before the query is read
         results, _ = service.search(read_bytes(args.query), bbox, method, args.top_k)

@@ -23,7 +23,7 @@ ask for ``bits <= D`` (a multiple of 8) instead. The regional descriptors of thi
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import faiss
@@ -233,3 +233,54 @@ def prefilter_rerank(codes_index: faiss.IndexBinary, X_db: np.ndarray, q: np.nda
                                     cand.shape[1])
     scores[ids < 0] = -np.inf
     return scores, ids
+
+
+def pool_by_image(query_row: np.ndarray, image: np.ndarray, score: np.ndarray, nq: int, k: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Max-pool scored (query, image) pairs per image and keep each query's best ``k`` images.
+
+    Returns (scores (nq, k) float32 descending, image ids (nq, k) int64), ties by ascending image id, padded with
+    ``-inf`` / ``-1``. The pairs may repeat an image (several regions of it were retrieved)."""
+    q = np.asarray(query_row, np.int64).ravel()
+    img = np.asarray(image, np.int64).ravel()
+    s = np.asarray(score, np.float64).ravel()
+    o = np.lexsort((-s, img, q))  # group (query, image), best first
+    q, img, s = q[o], img[o], s[o]
+    first = np.ones(q.shape, bool)
+    first[1:] = (q[1:] != q[:-1]) | (img[1:] != img[:-1])
+    q, img, s = q[first], img[first], s[first]
+    o = np.lexsort((img, -s, q))  # rank images per query: score desc, id asc
+    q, img, s = q[o], img[o], s[o]
+    rank = np.arange(q.size) - np.searchsorted(q, q, side="left")
+    sel = rank < k
+    out_s = np.full((nq, k), -np.inf, np.float32)
+    out_i = np.full((nq, k), -1, np.int64)
+    out_s[q[sel], rank[sel]] = s[sel]
+    out_i[q[sel], rank[sel]] = img[sel]
+    return out_s, out_i
+
+
+def prefilter_regional_search(codes_index: faiss.IndexBinary, X_db: np.ndarray, itq: ITQ, region_image: np.ndarray,
+                              items: Sequence[np.ndarray], k: int, prefilter: int = ITQConfig.prefilter,
+                              allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Regional (D2R) image search through the Hamming prefilter: each query's items (m_q, d) keep their
+    ``prefilter`` nearest region codes, those are re-ranked with the exact rows of ``X_db`` (seed 000 §4.2), and an
+    image scores the max over (item, retrieved region of the image). Regions outside an item's prefilter do not
+    contribute, so images none of them reach are not ranked.
+
+    ``region_image`` (R,) maps a region row to its image id; ``allowed`` (n_images,) bool drops other images after
+    the re-rank. Returns (scores (nq, k), image ids (nq, k)) as :func:`pool_by_image`.
+    """
+    sizes = np.array([len(x) for x in items], np.int64)
+    nq = len(items)
+    if sizes.sum() == 0:
+        return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
+    Q = np.ascontiguousarray(np.concatenate([np.atleast_2d(np.asarray(x, np.float32)) for x in items if len(x)]))
+    depth = int(min(prefilter, X_db.shape[0]))
+    S, rows = prefilter_rerank(codes_index, X_db, Q, itq.encode(Q), prefilter=depth, k=depth)
+    qrow = np.repeat(np.repeat(np.arange(nq), sizes), depth).reshape(S.shape)
+    ok = rows >= 0
+    img = np.where(ok, np.asarray(region_image, np.int64)[np.clip(rows, 0, None)], -1)
+    if allowed is not None:
+        ok &= np.asarray(allowed, bool)[np.clip(img, 0, None)]
+    return pool_by_image(qrow[ok], img[ok], S[ok], nq, int(k))

@@ -233,6 +233,12 @@ class RegionScorer:
         return cls(coef=coef, intercept=intercept, x_mean=mean, x_scale=scale, C=Cs[best],
                    cv={"Cs": np.asarray(Cs), "mse": np.asarray(mse), "oof": oofs[best]})
 
+    @classmethod
+    def fit_fixed(cls, X: np.ndarray, y: np.ndarray, C: float, cfg: ScorerConfig = ScorerConfig()) -> "RegionScorer":
+        """Fit at a given ``C`` (no cross-validation): one fold's model, or a refit at a known regulariser."""
+        mean, scale, coef, intercept = _fit_linear_svr(np.asarray(X, np.float64), np.asarray(y, np.float64), C, cfg)
+        return cls(coef=coef, intercept=intercept, x_mean=mean, x_scale=scale, C=float(C))
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predicted DCG@10 ``psi`` of each row of ``X`` (N, F) -> (N,)."""
         X = np.asarray(X, dtype=np.float64)

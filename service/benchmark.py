@@ -23,7 +23,7 @@ from pipeline.distractors import calibrate_noise, negative_pool, synthetic_globa
 from pipeline.evaluation import PROTOCOLS, evaluate_all, mean_pr_curve, protocol_gnd
 from pipeline.ranking import FULL_RANK_MAX, RegionSet, best_region, rank_depth
 from service.encoder import QueryDescriptors, crop
-from service.search import REGIONAL_SOURCES, MethodSpec, Ranking, SearchService, parse_method
+from service.search import PATCHES, REGIONAL_SOURCES, MethodSpec, Ranking, SearchService, parse_method
 from service.tracks import Track, label_of
 from storage.arrays import load_arrays, save_arrays
 from storage.images import decode_image
@@ -51,19 +51,23 @@ def default_methods(available: Iterable[str]) -> list[str]:
         if f"regional:{s}" in have:
             out += [f"regional:{s}", f"regional:{s}@full"]
     out += [k for k in ASMK_ORDER if k in have] + sorted(k for k in have if k in KERNEL_CONFIGS and k not in ASMK_ORDER)
+    if PATCHES in have:
+        out.append(PATCHES)
     return out
 
 
 def encode_queries(service: SearchService, items: dict[str, tuple[str, Any]], cache_dir: str, reuse: bool,
-                   every: float = 5.0) -> tuple[dict[str, QueryDescriptors], float]:
+                   every: float = 5.0, patches: bool = False) -> tuple[dict[str, QueryDescriptors], float]:
     """Encode every ``key -> (path, bbox)`` query (progress lines: queries/s, ETA); cached encodings are read
-    back with ``reuse`` (their time is not counted). Returns descriptors by key and the encoding seconds."""
+    back with ``reuse`` (their time is not counted). ``patches``: with the query patches of the ``patches``
+    method (a cached encoding without them is redone). Returns descriptors by key and the encoding seconds."""
     out: dict[str, QueryDescriptors] = {}
     todo = []
     for key in items:
         uri = join(cache_dir, f"{key}.npz")
-        if reuse and exists(uri):
-            out[key] = QueryDescriptors.from_arrays(load_arrays(uri))
+        q = QueryDescriptors.from_arrays(load_arrays(uri)) if reuse and exists(uri) else None
+        if q is not None and (q.has_patches or not patches):
+            out[key] = q
         else:
             todo.append(key)
     if out:
@@ -73,7 +77,7 @@ def encode_queries(service: SearchService, items: dict[str, tuple[str, Any]], ca
     for n, key in enumerate(todo, 1):
         path, bbox = items[key]
         t = time.time()
-        q = service.encode(read_bytes(path), bbox)
+        q = service.encode(read_bytes(path), bbox, patches=patches)
         spent += time.time() - t
         save_arrays(join(cache_dir, f"{key}.npz"), **q.to_arrays())
         out[key] = q

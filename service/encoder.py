@@ -3,7 +3,9 @@
 :class:`QueryEncoder` loads what an index run stored (its config, backbone, whitenings, local PCA, and the
 graph artefacts for object saliency) and turns a query image, optionally cropped to a box, into the same
 descriptors the database has: final global descriptors of every method, whitened regional descriptors per
-source, saliency maps and boxes, and PCA-reduced local descriptors. Runs in-process (no Ray).
+source, saliency maps and boxes, and PCA-reduced local descriptors; on request (``patches=``, selective search
+costs ~2 s per image) also the query's patches for the ``patches`` method (seed 000): boxes, descriptors in the
+regional index's space and the region scorer's features. Runs in-process (no Ray).
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from pipeline.extract import ImageFeatures, extract_features, scaled_sizes
 from pipeline.local_features import apply_pca
 from pipeline.object_saliency import ObjectSaliencyComputer, given_box_features
 from pipeline.preprocess import to_network_input
+from pipeline.query_patches import encode_patches
+from pipeline.query_regions import ProposalConfig, feature_names
 from pipeline.saliency import feature_saliency
 from pipeline.whitening import Whitening, whitenings_from_arrays
 from service.errors import UserError
@@ -30,6 +34,9 @@ from storage.artefacts import has_graph, load_cam_whitening, load_graph_artefact
 from storage.run import load_run_config
 from storage.shard_writer import pad_width
 from storage.weights import load_state_dict
+
+
+_OPTIONAL = ("fs_map", "os_map", "local_xy", "local_desc", "patch_boxes", "patch_desc", "patch_feat")
 
 
 @dataclass
@@ -44,13 +51,20 @@ class QueryDescriptors:
     local_xy: np.ndarray | None = None
     local_desc: np.ndarray | None = None
     image_size: tuple[int, int] = (0, 0)
+    patch_boxes: np.ndarray | None = None   # (P, 4) pixel boxes of the query's patches (seed 000)
+    patch_desc: np.ndarray | None = None    # (P, d) their whitened regional MACs (the regional index's space)
+    patch_feat: np.ndarray | None = None    # (P, F) their region-scorer features
+
+    @property
+    def has_patches(self) -> bool:
+        return self.patch_feat is not None
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Flat dict of arrays (an ``.npz`` cache; no pickle)."""
         out: dict[str, np.ndarray] = {"image_size": np.asarray(self.image_size, np.int64)}
         for prefix, d in (("g__", self.globals), ("r__", self.regions), ("b__", self.boxes)):
             out.update({prefix + k: np.asarray(v, np.float32) for k, v in d.items()})
-        for k in ("fs_map", "os_map", "local_xy", "local_desc"):
+        for k in _OPTIONAL:
             v = getattr(self, k)
             if v is not None:
                 out[k] = np.asarray(v, np.float32)
@@ -63,7 +77,7 @@ class QueryDescriptors:
             for prefix, d in (("g__", q.globals), ("r__", q.regions), ("b__", q.boxes)):
                 if k.startswith(prefix):
                     d[k[len(prefix):]] = v
-        for k in ("fs_map", "os_map", "local_xy", "local_desc"):
+        for k in _OPTIONAL:
             if k in a:
                 setattr(q, k, a[k])
         return q
@@ -142,9 +156,17 @@ class QueryEncoder:
                 q.regions[str(s)] = np.asarray(self.whitenings["regions"].apply(f.region_desc[m]), np.float32)
                 q.boxes[str(s)] = f.region_boxes[m]
 
+    def patch_feature_names(self) -> list[str]:
+        """Column names of the patch features this run's queries get (FS mass, and OS mass with a region graph)."""
+        d = int(self.whitenings["regions"].projection.shape[1])
+        return feature_names(d, ("fs", "os") if self.os is not None else ("fs",))
+
     @torch.inference_mode()
-    def encode(self, image: Image.Image, bbox: Iterable[float] | None = None) -> QueryDescriptors:
-        """Descriptors of ``image`` (RGB), cropped to ``bbox`` first when given (Revisited-Oxford queries)."""
+    def encode(self, image: Image.Image, bbox: Iterable[float] | None = None,
+               patches: ProposalConfig | None = None) -> QueryDescriptors:
+        """Descriptors of ``image`` (RGB), cropped to ``bbox`` first when given (Revisited-Oxford queries);
+        with ``patches``, also the query's patches proposed that way (:func:`pipeline.query_patches.encode_patches`
+        on the scale-1 map the regions come from, saliency mass of the FS and OS maps)."""
         img = crop(image.convert("RGB"), bbox)
         acts = []
         for w, h in scaled_sizes(img.width, img.height, self.config):
@@ -178,6 +200,10 @@ class QueryEncoder:
                              np.stack([pad_width(np.asarray(globals_raw[n], np.float32), width) for n in names]))
         final = final_descriptors(regions, raw, self.methods, self.whitenings)
         q.globals = {m: final.X[i] for i, m in enumerate(final.methods)}
+        if patches is not None:
+            maps = [q.fs_map] + ([q.os_map] if q.os_map is not None else [])
+            q.patch_boxes, q.patch_desc, q.patch_feat = encode_patches(
+                acts[0].float(), hw, self.whitenings["regions"], patches, image_rgb=np.asarray(img), saliency_maps=maps)
         if feats.local_desc is not None and self.local_pca is not None:
             q.local_xy = feats.local_xy
             q.local_desc = apply_pca(feats.local_desc, self.local_pca["mean"], self.local_pca["projection"])

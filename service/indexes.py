@@ -5,24 +5,32 @@ service keeps answering from one consistent version while a reindex publishes th
 
 Exact indexes (``IDMap2,Flat``) are scored with a blocked matrix product over their stored vectors, which
 gives complete rankings, exact restriction to a subset of the database, and the same numbers as a numpy
-reference; approximate ones (IVF, HNSW, PQ) go through FAISS and are filtered afterwards.
+reference; approximate ones (IVF, HNSW, PQ) go through FAISS and are filtered afterwards. A regional index with a
+published ``itq_regional_<source>`` snapshot is searched through its Hamming prefilter and an exact re-rank of
+the candidates (seed 000 §4.2, :class:`LoadedITQ`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import faiss
 import numpy as np
 
 from pipeline import faiss_index as fi
 from pipeline.asmk import InvertedFile, aggregate_queries
 from pipeline.codebook import assign
 from pipeline.diffusion import DiffusionConfig
+from pipeline.itq import ITQ, prefilter_regional_search
 from pipeline.ranking import RegionSet, rank_scores, regional_image_scores
 from service.errors import NotFound
-from storage.arrays import npy_from_bytes
+from storage.arrays import load_npy, npy_from_bytes
 from storage.layout import SnapshotFiles
 from storage.snapshot import Snapshot, open_latest
+
+
+log = logging.getLogger("indexer")
 
 
 def _open(root: str, name: str) -> Snapshot:
@@ -48,6 +56,7 @@ class LoadedIndex:
     exact: bool = True                    # IDMap2,Flat: scored exactly over the stored vectors
     _vectors: np.ndarray | None = field(default=None, repr=False)
     _row_of: dict[str, int] | None = field(default=None, repr=False)
+    itq: "LoadedITQ | None" = None        # regional: Hamming prefilter + exact re-rank (search_regional uses it)
 
     @classmethod
     def from_vectors(cls, X: np.ndarray, image_ids: Sequence[str], region_image: np.ndarray | None = None
@@ -145,11 +154,16 @@ class LoadedIndex:
 
     def search_regional(self, items: Sequence[np.ndarray], k: int | None = None,
                         allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores = max over (query item, region of the image) inner products; (scores, int image ids)."""
+        """Image scores = max over (query item, region of the image) inner products; (scores, int image ids).
+
+        With an ITQ prefilter (:attr:`itq`) only the regions among each item's ``prefilter`` nearest codes
+        count (images none of them reach are not ranked: -1 padded)."""
         items = [np.ascontiguousarray(np.atleast_2d(x)[:, : self.dim], dtype=np.float32) for x in items]
         n_img = len(self.image_ids)
         mask = self.allowed_mask(allowed)
         k = (n_img if mask is None else int(mask.sum())) if k is None else int(k)
+        if self.itq is not None:
+            return self.itq.search(items, k, self.region_image, mask)
         if self.exact:
             S = regional_image_scores(items, self.region_set(allowed), n_img)
             return rank_scores(S, k)
@@ -193,6 +207,48 @@ def open_index(root: str, name: str, snap: Snapshot | None = None) -> LoadedInde
     factory = str(snap.manifest.get("factory", ""))
     return LoadedIndex(snap, fi.ShardedSearcher(indexes), _read_npy(snap, SnapshotFiles.IMAGE_IDS), region_image,
                        int(params.get("dim", indexes[0].d)), factory.endswith("Flat") and "IVF" not in factory)
+
+
+@dataclass
+class LoadedITQ:
+    """A published ``itq_regional_<source>`` snapshot: the ITQ hash, the FAISS binary index of the region rows'
+    codes and the exact rows (float32, C-contiguous; memory-mapped when stored locally) for the re-rank."""
+
+    itq: ITQ
+    index: faiss.IndexBinary
+    vectors: np.ndarray
+    prefilter: int
+
+    def search(self, items: Sequence[np.ndarray], k: int, region_image: np.ndarray, allowed: np.ndarray | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (nq, k), int image ids (nq, k)) of D2R regional search through the prefilter."""
+        return prefilter_regional_search(self.index, self.vectors, self.itq, region_image, items, k, self.prefilter,
+                                         allowed)
+
+
+def open_itq(root: str, regional: LoadedIndex, snap: Snapshot | None = None) -> LoadedITQ | None:
+    """The ITQ prefilter of a loaded regional index, or None when none is published or it belongs to another
+    version of the regional index (then a warning: rows would not match)."""
+    name = SnapshotFiles.itq_name(regional.snapshot.name)
+    try:
+        snap = snap or open_latest(root, name)
+    except FileNotFoundError:
+        return None
+    params = snap.manifest.get("parameters", {})
+    if params.get("regional_version") != regional.snapshot.version:
+        log.warning("%s was built for %s version %s, not the loaded %s: searching without the prefilter", name,
+                    regional.snapshot.name, params.get("regional_version"), regional.snapshot.version)
+        return None
+    itq = ITQ(mean=_read_npy(snap, SnapshotFiles.ITQ_MEAN), projection=_read_npy(snap, SnapshotFiles.ITQ_PROJECTION),
+              rotation=_read_npy(snap, SnapshotFiles.ITQ_ROTATION))
+    index = faiss.deserialize_index_binary(np.ascontiguousarray(_read_npy(snap, SnapshotFiles.BINARY_INDEX)))
+    if params.get("nprobe"):
+        index.nprobe = int(params["nprobe"])
+    if SnapshotFiles.VECTORS in snap.files:
+        X = load_npy(snap.uri(SnapshotFiles.VECTORS))
+    else:
+        X = np.ascontiguousarray(regional.vectors()[:, : itq.mean.shape[0]], np.float32)
+    return LoadedITQ(itq, index, X, int(params.get("prefilter", 1000)))
 
 
 @dataclass
@@ -260,4 +316,5 @@ def open_diffusion(root: str, method: str, snap: Snapshot | None = None) -> Load
     return LoadedDiffusion(arrays, _read_npy(snap, SnapshotFiles.IMAGE_IDS), params)
 
 
-__all__ = ["LoadedIndex", "LoadedASMK", "LoadedDiffusion", "open_index", "open_asmk", "open_diffusion"]
+__all__ = ["LoadedIndex", "LoadedITQ", "LoadedASMK", "LoadedDiffusion", "open_index", "open_itq", "open_asmk",
+           "open_diffusion"]

@@ -8,21 +8,25 @@ Method names (``--method``):
   query's items are its full view and its own ``<source>`` regions, an image scores the max over (query item,
   database item). ``regional:<source>@full`` uses the query's full view only (the paper's asymmetric case);
 * an ASMK kernel (``asmk_star``, ``d2r_asmk_star``, ``r_asmk_star`` ...): the ``asmk_<kernel>`` inverted file;
+* ``patches[:k]`` (seed 000): a trained region scorer picks ``k`` (default 5) diverse query patches, which vote
+  with the full query image over the ``regional_<source>`` index (:mod:`service.patches`);
 * followed by re-rankings, applied in order: ``+aqe[:n]`` (average QE over the top n, default 10, seed 003),
   ``+alphaqe[:n]`` (alpha-QE), ``+diffusion`` (seed 001's diffusion as published: the query's k nearest
   neighbours seed CG on the offline graph ``diffusion_<method>`` of the whole database), ``+local_diffusion[:m]``
   (a diffusion re-ranking of the top m results only, default 100, on a graph built among them at query time),
   ``+cam[:R]`` (seed 004's CAM-box re-ranking: the top R, default 1000, re-ordered by each image's best-matching
-  CAM box, from the ``regional_cam`` index).
+  CAM box, from the ``regional_cam`` index) for global methods, then any re-ranking of a ranked list
+  registered with :func:`register_reranker` (e.g. spatial verification ``+sv[:n]``), for every family.
 
 Rankings can be restricted to a subset of the database (``allowed``): the benchmark evaluates each track on
 its own database this way, through the same code users run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -32,12 +36,17 @@ from pipeline.cam_aggregation import cam_rerank
 from pipeline.descriptors import FINAL_METHODS
 from pipeline.diffusion import diffuse_query
 from pipeline.query_expansion import alpha_qe, gather
+from pipeline.query_patches import PatchSearchConfig
 from pipeline.ranking import AQE_N, DIFFUSION_M, diffusion_reorder, query_expand
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
-from service.indexes import LoadedASMK, LoadedDiffusion, LoadedIndex, open_asmk, open_diffusion, open_index
+from service.indexes import LoadedASMK, LoadedDiffusion, LoadedIndex, open_asmk, open_diffusion, open_index, \
+    open_itq
+from service.patches import PatchSearch
 from storage.images import decode_image
 from storage.readers import read_globals
+from storage.layout import SnapshotFiles
+from storage.query_scorer import resolve_location
 from storage.snapshot import list_names
 from storage.snapshot_pins import PinnedSnapshot, open_pinned_set
 from storage.uri import StorageError, redact
@@ -45,8 +54,29 @@ from storage.uri import StorageError, redact
 log = logging.getLogger("indexer")
 
 REGIONAL_SOURCES = ("fs_egm", "os_egm", "grid", "cam")
-RERANKS = ("aqe", "alphaqe", "diffusion", "local_diffusion", "cam")
+RERANKS = ("aqe", "alphaqe", "diffusion", "local_diffusion", "cam")   # re-rankings of global methods
 CAM_RERANK_TOP = 1000   # seed 004 Table 2b: R = 1000
+PATCHES = "patches"
+
+# re-rankings of any ranked list: name -> fn(service, queries, rankings, n or None, allowed ids or None) -> rankings
+ListReranker = Callable[["SearchService", Sequence[QueryDescriptors], list["Ranking"], "int | None",
+                         "np.ndarray | None"], list["Ranking"]]
+LIST_RERANKERS: dict[str, ListReranker] = {}
+LIST_RERANK_DEPTH: dict[str, int] = {}   # how many results a list re-ranking reads by default (sv: its shortlist)
+
+
+def register_reranker(name: str, fn: ListReranker, default_depth: int = 0) -> None:
+    """Make ``+<name>[:n]`` a re-ranking of every method family (e.g. spatial verification ``+sv``): ``fn``
+    re-orders each query's ranked list; it runs after the family's own ranking and global re-rankings, and reads
+    the top ``n`` (default ``default_depth``) results."""
+    if name in RERANKS or not name.isidentifier():
+        raise ValueError(f"bad re-ranking name {name!r}")
+    LIST_RERANKERS[name] = fn
+    LIST_RERANK_DEPTH[name] = int(default_depth)
+
+
+def known_reranks() -> list[str]:
+    return [*RERANKS, *sorted(LIST_RERANKERS)]
 
 
 def pin_release(root: str) -> dict[str, PinnedSnapshot]:
@@ -68,20 +98,31 @@ class MethodSpec:
     """A method parsed from its name (see the module docstring)."""
 
     name: str
-    family: str                 # "global" | "regional" | "asmk"
-    base: str                   # global method, region source or ASMK kernel
+    family: str                 # "global" | "regional" | "asmk" | "patches"
+    base: str                   # global method, region source or ASMK kernel (patches: the regional source,
+                                # filled in by SearchService.spec from the scorer's config)
     reranks: tuple[str, ...] = ()
     query_regions: bool = True  # regional: the query's regions are items too (False: "@full")
+    k: int | None = None        # patches: how many (None: the config's k)
 
     @property
     def index_name(self) -> str:
-        return {"global": f"global_{self.base}", "regional": f"regional_{self.base}",
-                "asmk": f"asmk_{self.base}"}[self.family]
+        kind = {"global": "global", "regional": "regional", "patches": "regional", "asmk": "asmk"}[self.family]
+        return f"{kind}_{self.base}"
+
+    @property
+    def vector_reranks(self) -> list[str]:
+        return [r for r in self.reranks if rerank_name(r)[0] in RERANKS]
+
+    @property
+    def list_reranks(self) -> list[str]:
+        return [r for r in self.reranks if rerank_name(r)[0] not in RERANKS]
 
 
 def method_names_help() -> str:
     return (f"globals {list(FINAL_METHODS)}, 'regional:<{'|'.join(REGIONAL_SOURCES)}>[@full]', ASMK kernels "
-            f"{sorted(KERNEL_CONFIGS)}, each optionally followed by re-rankings {['+' + r for r in RERANKS]}")
+            f"{sorted(KERNEL_CONFIGS)}, '{PATCHES}[:k]', each optionally followed by re-rankings "
+            f"{['+' + r for r in known_reranks()]}")
 
 
 def rerank_name(text: str) -> tuple[str, int | None]:
@@ -95,9 +136,14 @@ def rerank_name(text: str) -> tuple[str, int | None]:
 def parse_method(name: str) -> MethodSpec:
     """Parse ``gem``, ``gem+aqe``, ``os_egm+diffusion``, ``regional:fs_egm@full``, ``asmk_star`` ...."""
     base, *reranks = [p.strip() for p in name.strip().split("+")]
-    bad = [r for r in reranks if rerank_name(r)[0] not in RERANKS]
+    bad = [r for r in reranks if rerank_name(r)[0] not in known_reranks()]
     if bad:
-        raise UserError(f"unknown re-ranking {'+'.join(bad)!r} in {name!r}; available: {list(RERANKS)}")
+        raise UserError(f"unknown re-ranking {'+'.join(bad)!r} in {name!r}; available: {known_reranks()}")
+    if base == PATCHES or base.startswith(PATCHES + ":"):
+        _, _, arg = base.partition(":")
+        if arg and (not arg.isdigit() or int(arg) < 1):
+            raise UserError(f"{name!r}: the number of patches after '{PATCHES}:' must be a positive integer")
+        return MethodSpec(name.strip(), "patches", "", tuple(reranks), k=int(arg) if arg else None)
     if base in KERNEL_CONFIGS:
         return MethodSpec(name.strip(), "asmk", base, tuple(reranks))
     if base.startswith("regional:"):
@@ -133,12 +179,18 @@ class SearchService:
 
     def __init__(self, root: str, device: str | None = None, encoder: QueryEncoder | None = None,
                  indexes: dict[str, LoadedIndex] | None = None, query_egm: str = "box",
-                 diffusion: dict[str, LoadedDiffusion] | None = None) -> None:
+                 diffusion: dict[str, LoadedDiffusion] | None = None, scorer: str | None = None,
+                 patches: PatchSearchConfig | None = None) -> None:
+        """``scorer``: folder of a trained query-region scorer for ``patches`` (default: the run's own artefact);
+        ``patches``: query-time patch parameters replacing those the scorer was trained with; ``query_egm``: the
+        FS/OS.EGM regions of a query given with a box (:class:`service.encoder.QueryEncoder`)."""
         self.root = root
         self.encoder = encoder if encoder is not None else QueryEncoder(root, device=device, query_egm=query_egm)
         self._indexes: dict[str, LoadedIndex] = dict(indexes or {})
         self._asmk: dict[str, LoadedASMK] = {}
         self._diffusion: dict[str, LoadedDiffusion] = dict(diffusion or {})
+        self._scorer_uri, self._patch_cfg = scorer or root, patches
+        self._patches: PatchSearch | None = None
         self._pins = pin_release(root)
 
     def close(self) -> None:
@@ -163,13 +215,25 @@ class SearchService:
         out = []
         for name in sorted(set(list_names(self.root)) | set(self._indexes)):
             kind, _, base = name.partition("_")
-            out.append({"global": base, "regional": f"regional:{base}", "asmk": base}.get(kind, name))
+            if kind != "itq":  # a regional index's prefilter, not a method
+                out.append({"global": base, "regional": f"regional:{base}", "asmk": base}.get(kind, name))
+        if self._patches is not None or resolve_location(self._scorer_uri) is not None:
+            out.append(PATCHES)
         return out
 
     def index(self, spec: MethodSpec) -> LoadedIndex:
-        if spec.index_name not in self._indexes:
-            self._indexes[spec.index_name] = open_index(self.root, spec.index_name, self._snapshot(spec.index_name))
-        return self._indexes[spec.index_name]
+        name = spec.index_name
+        if name not in self._indexes:
+            idx = self._indexes[name] = open_index(self.root, name, self._snapshot(name))
+            if idx.kind == "regional":
+                idx.itq = open_itq(self.root, idx, self._snapshot(SnapshotFiles.itq_name(name)))
+        return self._indexes[name]
+
+    def patch_search(self) -> PatchSearch:
+        """The query-region scorer of ``patches`` (loaded once); :class:`UserError` when none was trained."""
+        if self._patches is None:
+            self._patches = PatchSearch.load(self._scorer_uri, self._patch_cfg)
+        return self._patches
 
     def asmk(self, kernel: str) -> LoadedASMK:
         if kernel not in self._asmk:
@@ -179,17 +243,21 @@ class SearchService:
     def spec(self, method: str | MethodSpec) -> MethodSpec:
         """Parse ``method`` and check that this run has its index (the error lists what it has)."""
         spec = parse_method(method) if isinstance(method, str) else method
+        if spec.family == "patches" and not spec.base:
+            spec = dataclasses.replace(spec, base=self.patch_search().cfg.source)
         have = self.available_methods()
-        base = spec.base if spec.family != "regional" else f"regional:{spec.base}"
+        base = f"regional:{spec.base}" if spec.family in ("regional", "patches") else spec.base
         if base not in have:
             raise UserError(f"method {spec.name!r} is not available in this index; available: {sorted(have)}")
         return spec
 
     # ------------------------------------------------------------------ encoding
-    def encode(self, image: bytes | Image.Image, bbox: Iterable[float] | None = None) -> QueryDescriptors:
-        """Decode (with the pipeline's bomb/corrupt guards) and encode a query, cropped to ``bbox``."""
+    def encode(self, image: bytes | Image.Image, bbox: Iterable[float] | None = None,
+               patches: bool = False) -> QueryDescriptors:
+        """Decode (with the pipeline's bomb/corrupt guards) and encode a query, cropped to ``bbox``; with
+        ``patches``, also its patches as the scorer's config proposes them (for ``patches[:k]``)."""
         img = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
-        return self.encoder.encode(img, bbox)
+        return self.encoder.encode(img, bbox, self.patch_search().cfg.proposals if patches else None)
 
     # ------------------------------------------------------------------ ranking
     def _global_vectors(self, idx: LoadedIndex, spec: MethodSpec) -> np.ndarray:
@@ -206,10 +274,10 @@ class SearchService:
                      allowed: np.ndarray | None, idx: LoadedIndex) -> tuple[np.ndarray, np.ndarray]:
         Q = np.ascontiguousarray(Q[:, : idx.dim], np.float32)
         D, I = idx.search(Q, depth, allowed)
-        if not spec.reranks:
+        if not spec.vector_reranks:
             return D, I
         X = self._global_vectors(idx, spec)
-        for r in spec.reranks:
+        for r in spec.vector_reranks:
             name, n = rerank_name(r)
             if name in ("aqe", "alphaqe"):
                 n = n or AQE_N
@@ -277,8 +345,6 @@ class SearchService:
 
     def _rank_regional(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, depth: int | None,
                        allowed: np.ndarray | None, idx: LoadedIndex) -> tuple[np.ndarray, np.ndarray]:
-        if spec.reranks:
-            raise UserError(f"{spec.name}: re-rankings {list(spec.reranks)} apply to global methods only")
         items = []
         for q in qs:
             parts = [q.regions["full"]] if "full" in q.regions else []
@@ -289,8 +355,6 @@ class SearchService:
 
     def _rank_asmk(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, depth: int | None,
                    allowed: np.ndarray | None) -> list[Ranking]:
-        if spec.reranks:
-            raise UserError(f"{spec.name}: re-rankings {list(spec.reranks)} apply to global methods only")
         if any(q.local_desc is None for q in qs):
             raise UserError("this run has no local features: ASMK methods need extract.local_features > 0")
         a = self.asmk(spec.base)
@@ -310,21 +374,34 @@ class SearchService:
         ``allowed`` restricts the database to those image ids; ``index`` replaces the published index of a
         global or regional method (e.g. one :meth:`LoadedIndex.extended` with synthetic distractors)."""
         spec = self.spec(method)
+        if spec.vector_reranks and spec.family != "global":
+            raise UserError(f"{spec.name}: re-rankings {spec.vector_reranks} apply to global methods only")
         allowed_arr = None if allowed is None else np.asarray(list(allowed), dtype=str)
         if spec.family == "asmk":
-            return self._rank_asmk(qs, spec, depth, allowed_arr)
+            return self._list_rerank(qs, spec, self._rank_asmk(qs, spec, depth, allowed_arr), allowed_arr)
         idx = index or self.index(spec)
+        extras: list[dict[str, Any]] = [{} for _ in qs]
         if spec.family == "regional":
             D, I = self._rank_regional(qs, spec, depth, allowed_arr, idx)
+        elif spec.family == "patches":
+            D, I, extras = self.patch_search().rank(qs, idx, spec.k, depth, allowed_arr)
         else:
             Q = np.stack([self._query_vector(q, spec) for q in qs])
             D, I = self._rank_global(qs, Q, spec, depth, allowed_arr, idx)
         ids = idx.image_ids
         out = []
-        for d, i in zip(D, I):
+        for d, i, extra in zip(D, I, extras):
             ok = i >= 0
-            out.append(Ranking([str(x) for x in ids[i[ok]]], np.asarray(d[ok], np.float32)))
-        return out
+            out.append(Ranking([str(x) for x in ids[i[ok]]], np.asarray(d[ok], np.float32), extra))
+        return self._list_rerank(qs, spec, out, allowed_arr)
+
+    def _list_rerank(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, rankings: list[Ranking],
+                     allowed: np.ndarray | None) -> list[Ranking]:
+        """The registered re-rankings of ranked lists (``+sv`` ...), in the order the method names them."""
+        for r in spec.list_reranks:
+            name, n = rerank_name(r)
+            rankings = LIST_RERANKERS[name](self, qs, rankings, n, allowed)
+        return rankings
 
     @staticmethod
     def _query_vector(q: QueryDescriptors, spec: MethodSpec) -> np.ndarray:
@@ -335,7 +412,13 @@ class SearchService:
     @staticmethod
     def depth_for(spec: MethodSpec, top_k: int) -> int:
         """How deep to rank for ``top_k`` results: re-rankings that reorder the top m need m results."""
-        deep = [rerank_name(r)[1] or DIFFUSION_M for r in spec.reranks if rerank_name(r)[0] == "local_diffusion"]
+        deep = []
+        for r in spec.reranks:
+            name, n = rerank_name(r)
+            if name == "local_diffusion":
+                deep.append(n or DIFFUSION_M)
+            elif name in LIST_RERANKERS:
+                deep.append(n or LIST_RERANK_DEPTH.get(name, 0))
         return max([top_k, *deep])
 
     def search_ranking(self, q: QueryDescriptors, method: str | MethodSpec, top_k: int = 10) -> Ranking:
@@ -348,9 +431,10 @@ class SearchService:
                top_k: int = 10) -> tuple[list[SearchResult], QueryDescriptors]:
         """Ranked database images for one query image (optionally cropped to ``bbox``)."""
         spec = self.spec(method)
-        q = self.encode(image, bbox)
+        q = self.encode(image, bbox, patches=spec.family == PATCHES)
         r = self.search_ranking(q, spec, top_k)
         return [SearchResult(i, float(s), k) for k, (i, s) in enumerate(zip(r.image_ids, r.scores))], q
 
 
-__all__ = ["SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS"]
+__all__ = ["SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS",
+           "PATCHES", "LIST_RERANKERS", "register_reranker", "known_reranks"]

@@ -38,6 +38,8 @@ ARTEFACT_FILES: dict[str, tuple[str, str]] = {
     "graph_info": ("graph", "info.json"),
     "asmk_codebook": ("asmk", "codebook.npy"),
     "asmk_info": ("asmk", "info.json"),
+    "query_scorer": ("query_scorer", "scorer.npz"),          # seed 000 region scorer (jobs.train_query_scorer)
+    "query_scorer_info": ("query_scorer", "info.json"),
 }
 
 
@@ -49,6 +51,17 @@ class SnapshotFiles:
     IMAGE_IDS = "image_ids.npy"          # int id -> image id
     REGION_IMAGE = "region_image.npy"    # regional indexes: region row -> int image id
     CODEBOOK = "codebook.npy"            # ASMK visual words
+    # itq_regional_<source>: ITQ codes of a regional index's rows (seed 000 §4.2 Hamming prefilter)
+    ITQ_MEAN = "itq_mean.npy"
+    ITQ_PROJECTION = "itq_projection.npy"
+    ITQ_ROTATION = "itq_rotation.npy"
+    BINARY_INDEX = "binary_index.npy"    # FAISS binary index serialised as uint8 (ids = region rows)
+    VECTORS = "vectors.npy"              # exact rows for the re-rank, when the regional index cannot give them
+
+    @staticmethod
+    def itq_name(regional_name: str) -> str:
+        """Snapshot name of the ITQ prefilter of a regional index (``regional_os_egm`` -> ``itq_regional_os_egm``)."""
+        return f"itq_{regional_name}"
 
     @staticmethod
     def shard(i: int) -> str:

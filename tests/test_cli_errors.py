@@ -83,6 +83,15 @@ def test_benchmark_unknown_dataset_and_track(tmp_path):
     assert_one_line(run("jobs.benchmark", "--dataset", tmp_path / "nothing", "--out", tmp_path / "b"), "gnd.json")
 
 
+def test_train_query_scorer_without_ground_truth_or_index(tmp_path):
+    assert_one_line(run("jobs.train_query_scorer", "--dataset", tmp_path / "nothing", "--index", tmp_path),
+                    "gnd.json", status=2)
+    gnd = '{"imlist": ["a"], "qimlist": ["q", "r"], "gnd": [{"easy": [0]}, {"easy": [0]}]}'
+    (tmp_path / "gnd.json").write_text(gnd)
+    assert_one_line(run("jobs.train_query_scorer", "--dataset", tmp_path, "--index", tmp_path / "nowhere"),
+                    "not an index", status=2)
+
+
 def test_download_unreachable_mirror(tmp_path):
     proc = run("jobs.download", "--dataset", "roxford5k", "--root", tmp_path, "--base-url", "http://127.0.0.1:9")
     assert_one_line(proc)
