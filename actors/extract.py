@@ -398,10 +398,11 @@ def run_image_stage(spec: ImageStageSpec, manifest: pa.Table, resources: ActorRe
     return out
 
 
-def run_extract_stage(root: str, config: ExtractConfig, manifest: pa.Table, resources: ActorResources
-                      ) -> dict[str, Any]:
-    """The ``extract`` stage: local PCA (when locals are on), then every shard of the corpus."""
-    spec = ImageStageSpec(root, "extract", config, torch_threads=resources.torch_threads)
+def run_extract_stage(root: str, config: ExtractConfig, manifest: pa.Table, resources: ActorResources,
+                      lanes: int = 0) -> dict[str, Any]:
+    """The ``extract`` stage: local PCA (when locals are on), then every shard of the corpus (``lanes``: see
+    :class:`ImageStageSpec`, 0 = auto)."""
+    spec = ImageStageSpec(root, "extract", config, torch_threads=resources.torch_threads, lanes=lanes)
     extra: dict[str, Any] = {}
     if config.n_locals > 0:
         spec = replace(spec, local_pca=learn_local_pca(spec, manifest, resources))
