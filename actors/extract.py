@@ -142,6 +142,8 @@ class ImageShardMapper:
         self.lane_pool = ThreadPoolExecutor(max_workers=self.n_lanes, thread_name_prefix="lane",
                                             initializer=self._init_lane)
         self._device_decode = cuda and spec.device_decode
+        self.decoded_on_device = 0  # images the GPU decoded (the rest went through Pillow), for reports
+        self._count_lock = threading.Lock()
         # numpy's BLAS (local PCA, EGM) single-threaded: same results, and no spinning workers next to torch's
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         if cuda:
@@ -213,6 +215,8 @@ class ImageShardMapper:
             return True
         d.inputs = [tensor_to_network_input(img, (w, h)) for w, h in scaled_sizes(ow, oh, self.config)]
         torch.cuda.current_stream(self.device).synchronize()  # ready before a lane's stream reads them
+        with self._count_lock:
+            self.decoded_on_device += 1
         return True
 
     def _decoded_stream(self, rows: list[dict[str, Any]]) -> Iterator[_Decoded]:

@@ -8,9 +8,10 @@ own cost): read + sha1, decode (``storage.images.decode_image``, draft mode), ne
 normalise, every forward scale), forward (the actor's batches), features (``pipeline.extract.extract_features``
 with a cProfile breakdown by function), rows (``_add``: local PCA and the row buffers) and the Parquet write.
 CPU time is ``time.process_time`` (every thread of the process), so a busy machine inflates the wall clock but
-not these numbers much; the forward's CPU time includes torch's intra-op threads. Then the real mapper runs
-the same shard (decode threads overlapping the network) and its wall and CPU time are printed next to the sum
-of the parts: what the overlap costs or saves.
+not these numbers much; the serial steps run with the torch thread count of one of the mapper's lanes
+(``--threads`` split over its lanes: one thread each by default, where no intra-op thread spins). Then the real
+mapper runs the same shard (decode threads and lanes overlapping) and its wall and CPU time are printed next to
+the sum of the parts: what the overlap costs or saves.
 """
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", type=Path, default=DEFAULT_DATA / "jpg")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--max-side", type=int, default=None, help="sets extract.max_side")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (as the 2-core actor)")
+    ap.add_argument("--threads", type=int, default=2, help="the actor's torch threads (as the 2-core actor)")
+    ap.add_argument("--lanes", type=int, default=0, help="the mapper's lanes (0: auto)")
     ap.add_argument("--cprofile", type=int, default=25, help="functions listed for the features step")
     ap.add_argument("--json", type=Path, default=None)
     return ap.parse_args(argv)
@@ -115,19 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     paths = pick_images(args.images, args.n)
     rows = [{"image_id": p.stem, "uri": str(p), "shard": 0} for p in paths]
     with tempfile.TemporaryDirectory(prefix="profile_extract_") as root:
-        spec = ImageStageSpec(root, "extract", cfg, torch_threads=args.threads)
+        spec = ImageStageSpec(root, "extract", cfg, torch_threads=args.threads, lanes=args.lanes)
         m = ImageShardMapper(spec)
         if cfg.n_locals > 0:
             m.spec.local_pca = random_pca(m.backbone.channels, min(cfg.local_dim, m.backbone.channels))
         m(0, rows[: min(8, len(rows))])  # warm-up (allocators, oneDNN kernels)
+        torch.set_num_threads(m.lane_threads)
         clock, prof = serial_profile(m, rows, args.cprofile)
+        torch.set_num_threads(args.threads)
         c0, w0 = time.process_time(), time.perf_counter()
         m(1, rows)
         pipe_cpu, pipe_wall = time.process_time() - c0, time.perf_counter() - w0
     n = len(rows)
     total = sum(clock.cpu.values())
     print(f"{n} images, max side {cfg.max_side}, forward scales {cfg.forward_scales}, {cfg.backbone}, "
-          f"{args.threads} torch thread(s), locals {cfg.n_locals}")
+          f"mapper {m.n_lanes} lane(s) x {m.lane_threads} torch thread(s) (serial steps likewise), "
+          f"locals {cfg.n_locals}")
     print(f"{'step':<24}{'CPU ms/img':>12}{'share':>8}{'wall ms/img':>13}")
     for k, v in clock.cpu.items():
         print(f"{k:<24}{1e3 * v / n:>12.1f}{v / total:>8.1%}{1e3 * clock.wall[k] / n:>13.1f}")

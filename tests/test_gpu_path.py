@@ -1,0 +1,108 @@
+"""The pieces of the GPU extraction path that run anywhere: header probe (the bomb guard before device decoding),
+EXIF orientation of a decoded tensor, the tensor twin of the network input, the backbone's mixed-precision
+switch (never on the CPU), and the synthetic photos of ``experiments.gpu_check``. The device itself is exercised
+by ``experiments/gpu_check.sh`` on a GPU machine (and by the CUDA test below when one is present).
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from experiments.gpu_check import SIZES, synthetic_jpegs
+from pipeline.backbone import build_backbone
+from pipeline.preprocess import orient, tensor_to_network_input, to_network_input
+from storage.images import ImageError, decode_image, probe_image
+from tests.helpers_images import ORIENTATION_TAG, encode, textured_rgb
+
+torch.set_num_threads(1)
+
+
+def _jpeg(width: int, height: int, orientation: int = 1, mode: str = "RGB") -> bytes:
+    img = Image.fromarray(textured_rgb(width, height)).convert(mode)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[ORIENTATION_TAG] = orientation
+    return encode(img, "JPEG", quality=95, exif=exif.tobytes())
+
+
+def test_probe_reads_the_header_without_decoding() -> None:
+    head = probe_image(_jpeg(64, 40, orientation=6))
+    assert (head.format, head.mode, head.width, head.height, head.orientation) == ("JPEG", "RGB", 64, 40, 6)
+    assert head.oriented_size == (40, 64) and head.device_decodable
+    assert probe_image(_jpeg(64, 40, mode="L")).device_decodable
+    assert not probe_image(_jpeg(64, 40, mode="CMYK")).device_decodable
+    assert not probe_image(encode(Image.new("RGB", (20, 20)), "PNG")).device_decodable
+
+
+def test_probe_fails_like_the_decoder() -> None:
+    """Same reason codes as decode_image for what a header shows; a bomb is refused before any pixel."""
+    data = _jpeg(200, 100)
+    for bad, reason in ((b"", "empty"), (b"not an image at all", "not_image")):
+        with pytest.raises(ImageError) as probed:
+            probe_image(bad)
+        with pytest.raises(ImageError) as decoded:
+            decode_image(bad)
+        assert probed.value.reason == decoded.value.reason == reason
+    with pytest.raises(ImageError) as exc:
+        probe_image(data, max_pixels=200 * 100 - 1)
+    assert exc.value.reason == "too_large"
+    assert probe_image(data, max_pixels=200 * 100).width == 200
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pillow_exif_transpose(orientation: int) -> None:
+    data = _jpeg(24, 16, orientation)
+    stored = Image.open(io.BytesIO(data))
+    stored.load()
+    expected = np.asarray(ImageOps.exif_transpose(stored))
+    got = orient(torch.from_numpy(np.array(stored.convert("RGB"))).permute(2, 0, 1), orientation)
+    assert np.array_equal(got.permute(1, 2, 0).numpy(), expected)
+    assert tuple(got.shape[1:][::-1]) == probe_image(data).oriented_size
+
+
+def test_tensor_input_matches_the_pillow_input() -> None:
+    """Same size: the same numbers as the CPU path; resized: the same picture up to the resampling filters."""
+    img = Image.fromarray(textured_rgb(320, 240))
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+    assert torch.allclose(tensor_to_network_input(x, (320, 240)), to_network_input(img, 320), atol=1e-6)
+    small_t, small_p = tensor_to_network_input(x, (160, 120)), to_network_input(img, 160)
+    assert small_t.shape == small_p.shape == (3, 120, 160)
+    assert float((small_t - small_p).abs().mean()) < 0.05  # normalised units (~4 grey levels / 255 / 0.22)
+    grey = torch.full((1, 10, 12), 128, dtype=torch.uint8)
+    assert tensor_to_network_input(grey, (12, 10)).shape == (3, 10, 12)
+
+
+def test_mixed_precision_is_never_used_on_the_cpu() -> None:
+    bb = build_backbone("mobilenet_v2", None)
+    assert bb.amp_dtype is None
+    x = torch.randn(1, 3, 64, 64)
+    ref = bb(x)
+    bb.use_mixed_precision(torch.bfloat16)  # CUDA inputs only: a CPU input keeps the float32 path
+    conv = next(p for p in bb.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    out = bb(x)
+    assert out.dtype == torch.float32 and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_synthetic_photos_come_in_runs_of_equal_size(tmp_path: Path) -> None:
+    paths = synthetic_jpegs(tmp_path, 10, run=3, scale=0.05)
+    sizes = [Image.open(p).size for p in paths]
+    keys = [(max(32, int(w * 0.05)), max(32, int(h * 0.05))) for w, h in SIZES]
+    assert sizes == [keys[(i // 3) % len(keys)] for i in range(10)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_decoding_matches_pillow_on_cuda() -> None:
+    data = _jpeg(256, 192, orientation=6)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    got = orient(decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                             device="cuda"), probe_image(data).orientation).cpu()
+    ref = torch.from_numpy(np.asarray(decode_image(data)).copy()).permute(2, 0, 1)
+    assert got.shape == ref.shape
+    assert float((got.float() - ref.float()).abs().mean()) < 2.0  # IDCT differences only
