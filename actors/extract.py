@@ -331,13 +331,14 @@ class ImageShardMapper:
                 else:
                     self._add(rows, d, feats)  # type: ignore[arg-type]
 
+        lanes_busy = self.n_lanes + 1
         for good, bad in self._batches(rows_in):
             if bad:
                 queue.append(bad)
             if good:
                 queue.append(self.lane_pool.submit(self._lane, good))
             # one batch more than lanes waits in the pool, so that a lane never idles while rows are added
-            while sum(isinstance(q, Future) for q in queue) > self.n_lanes + 1 or (queue and isinstance(queue[0], list)):
+            while queue and (isinstance(queue[0], list) or sum(isinstance(q, Future) for q in queue) > lanes_busy):
                 add_next()
         while queue:
             add_next()

@@ -307,12 +307,14 @@ def markdown(summary: dict[str, Any]) -> str:
         bare = b["bare"]["images_per_s"]
         for name, r in b["phases"].items():
             util = "-" if r.get("gpu_util") is None else f"{r['gpu_util']:.0f}"
+            on_gpu = r.get("decoded_on_device", "-")
             lines.append(f"| {b['backbone']} | {b['weights']} | {name} | {r['images_per_s']:.1f} | "
-                         f"{r['images_per_s'] / bare:.3f} | {util} | {r['images']} | {r.get('decoded_on_device', '-')} |")
+                         f"{r['images_per_s'] / bare:.3f} | {util} | {r['images']} | {on_gpu} |")
     for b in summary["backbones"]:
         if b.get("min_cosine_vs_cpu"):
             pairs = ", ".join(f"{k} {v:.4f}" for k, v in b["min_cosine_vs_cpu"].items())
-            lines += ["", f"{b['backbone']}: smallest cosine, descriptors on {summary['device']} vs float32 CPU: {pairs}"]
+            lines += ["", f"{b['backbone']}: min cosine, {summary['device']} vs float32 CPU descriptors: "
+                          + pairs]
     lines += ["", f"total {summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget"]
     return "\n".join(lines) + "\n"
 

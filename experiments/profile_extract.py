@@ -35,7 +35,6 @@ from pipeline.extract import scaled_sizes
 from pipeline.preprocess import to_network_input
 from storage.images import decode_image
 from storage.shard_writer import ShardTables
-from storage.tables import TableStore
 
 
 class Clock:
