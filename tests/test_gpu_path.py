@@ -106,3 +106,18 @@ def test_device_decoding_matches_pillow_on_cuda() -> None:
     ref = torch.from_numpy(np.asarray(decode_image(data)).copy()).permute(2, 0, 1)
     assert got.shape == ref.shape
     assert float((got.float() - ref.float()).abs().mean()) < 2.0  # IDCT differences only
+
+
+def test_network_input_is_the_float32_formula_bit_for_bit() -> None:
+    """``to_network_input`` (one conversion pass, in-place normalisation) gives exactly the numbers of the plain
+    numpy formula ``(x / 255 - mean) / std`` in float32, now in a contiguous (3, H, W) tensor."""
+    img = Image.fromarray(textured_rgb(203, 150, seed=3))
+    for side in (203, 120):
+        got = to_network_input(img, side)
+        small = img.resize(got.shape[1:][::-1], Image.Resampling.BILINEAR, reducing_gap=2.0) if side != 203 else img
+        arr = np.asarray(small, dtype=np.float32) / 255.0
+        mean = np.array([0.485, 0.456, 0.406], np.float32)
+        std = np.array([0.229, 0.224, 0.225], np.float32)
+        ref = ((arr - mean) / std).transpose(2, 0, 1)
+        assert got.is_contiguous() and got.dtype == torch.float32
+        assert np.array_equal(got.numpy().view(np.uint32), np.ascontiguousarray(ref).view(np.uint32))
