@@ -142,6 +142,8 @@ class ImageShardMapper:
         self.lane_pool = ThreadPoolExecutor(max_workers=self.n_lanes, thread_name_prefix="lane",
                                             initializer=self._init_lane)
         self._device_decode = cuda and spec.device_decode
+        if self._device_decode:  # torchvision >= 0.29 deprecates its decoders (for torchcodec): once per call
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
         self.decoded_on_device = 0  # images the GPU decoded (the rest went through Pillow), for reports
         self._count_lock = threading.Lock()
         # numpy's BLAS (local PCA, EGM) single-threaded: same results, and no spinning workers next to torch's
@@ -199,10 +201,8 @@ class ImageShardMapper:
         from torchvision.io import ImageReadMode, decode_jpeg  # heavy and optional: only with a GPU
 
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torchvision 0.29 deprecates its decoders in favour of torchcodec
-                img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                                  device=self.device)
+            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                              device=self.device)
             img = orient(img, head.orientation)
         except Exception:  # noqa: BLE001 - e.g. a JPEG variant nvjpeg does not support: Pillow decodes it
             return False
