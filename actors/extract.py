@@ -17,9 +17,10 @@ pooling), which one two-threaded lane leaves to one core between forward passes;
 thread (its spinning workers otherwise compete with torch's). Float results depend on torch's intra-op thread
 count (reduction order), as they always did: ``lanes=1`` reproduces the single-lane results bit for bit.
 
-On a GPU, plain RGB / grayscale JPEGs are decoded on the device (``torchvision.io.decode_jpeg``) after the
-header has passed the same bomb guard as Pillow's path (:func:`storage.images.probe_image`), and resized and
-normalised there; any other file, and any JPEG the device decoder rejects, goes through Pillow as on the CPU.
+On a GPU, plain RGB / grayscale JPEGs are decoded on the device (``torchvision.io.decode_jpeg``, one batched
+call per group of ``batch_size`` images) after the header has passed the same bomb guard as Pillow's path
+(:func:`storage.images.probe_image`), and resized and normalised there; any other file, and any JPEG the device
+decoder rejects, goes through Pillow as on the CPU.
 Batches of CPU-decoded inputs are staged in pinned memory and copied asynchronously.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ from pipeline.local_features import apply_pca, learn_pca
 from pipeline.preprocess import orient, tensor_to_network_input, to_network_input
 from storage.arrays import load_arrays, save_arrays
 from storage.corpus import rows_by_shard, subset_ids
-from storage.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, probe_image
+from storage.images import DEFAULT_MAX_PIXELS, ImageError, ImageHeader, decode_image, probe_image
 from storage.layout import RunLayout
 from storage.shard_writer import IMAGE_TABLES, ShardTables
 from storage.tables import TableStore
@@ -159,53 +160,88 @@ class ImageShardMapper:
 
     # ---------------------------------------------------------------- reader (background threads)
     def _decode(self, row: dict[str, Any]) -> _Decoded:
+        """Read and decode one image into its network inputs (or its error)."""
+        return self._decode_many([row])[0]
+
+    def _decode_many(self, rows: list[dict[str, Any]]) -> list[_Decoded]:
+        """Read and decode a group of images: on a GPU the plain JPEGs among them in one batched device call (the
+        device decoder serialises its callers), everything else with Pillow."""
+        items = [self._read(r) for r in rows]
+        on_device: list[tuple[_Decoded, ImageHeader, bytes]] = []
+        for d, data in items:
+            if data is None:
+                continue
+            if getattr(self, "_device_decode", False):
+                try:
+                    head = probe_image(data, self.spec.max_pixels)  # the bomb guard, before any pixel is decoded
+                except ImageError as exc:
+                    d.error = (exc.reason, exc.detail)
+                    continue
+                # truncated files (no end-of-image marker) go to Pillow, which names the problem
+                if head.device_decodable and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                    on_device.append((d, head, data))
+                    continue
+            self._decode_pil(d, data)
+        if on_device:
+            images = self._device_decode_jpegs([data for _, _, data in on_device])
+            for (d, head, data), img in zip(on_device, images):
+                if img is None or not self._device_inputs(d, head, img):
+                    self._decode_pil(d, data)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # ready before a lane's stream reads them
+        return [d for d, _ in items]
+
+    def _read(self, row: dict[str, Any]) -> tuple[_Decoded, bytes | None]:
         d = _Decoded(row=row)
         try:
             data = read_bytes(row["uri"])
         except FileNotFoundError:
             d.error = ("missing", f"no such file or object: {redact(row['uri'])}")
-            return d
+            return d, None
         except Exception as exc:  # noqa: BLE001 - recorded as the image's error, the shard goes on
             d.error = ("missing", redact(f"{type(exc).__name__}: {exc}"))
-            return d
+            return d, None
         d.n_bytes, d.sha1 = len(data), hashlib.sha1(data).hexdigest()
-        if getattr(self, "_device_decode", False) and self._decode_on_device(d, data):
-            return d
+        return d, data
+
+    def _decode_pil(self, d: _Decoded, data: bytes) -> None:
         try:
             img = decode_image(data, max_pixels=self.spec.max_pixels, max_side=self.config.decode_side)
         except ImageError as exc:
             d.error = (exc.reason, exc.detail)
-            return d
+            return
         except Exception as exc:  # noqa: BLE001
             d.error = ("corrupt", f"{type(exc).__name__}: {exc}")
-            return d
+            return
         ow, oh = img.info.get("original_size", img.size)  # full resolution even when JPEG draft decoding shrank img
         d.image_hw = (oh, ow)
         if min(img.width, img.height) < 16:
             d.error = ("unsupported", f"image too small: {img.width}x{img.height} pixels")
-            return d
+            return
         for w, h in scaled_sizes(img.width, img.height, self.config):
             d.inputs.append(to_network_input(img, max(w, h)))
-        return d
 
-    def _decode_on_device(self, d: _Decoded, data: bytes) -> bool:
-        """Decode a plain JPEG on the GPU into ``d`` (True), or leave it to Pillow (False: not a JPEG the device
-        decodes, no end-of-image marker, or the device decoder failed). Header errors are recorded (True)."""
-        try:
-            head = probe_image(data, self.spec.max_pixels)  # the bomb guard, before any pixel is decoded
-        except ImageError as exc:
-            d.error = (exc.reason, exc.detail)
-            return True
-        if not head.device_decodable or not data.rstrip(b"\0").endswith(b"\xff\xd9"):
-            return False  # truncated files go to Pillow, which names the problem
+    def _device_decode_jpegs(self, datas: list[bytes]) -> list[torch.Tensor | None]:
+        """uint8 (3, H, W) tensors on the GPU, None for a file the device decoder rejects (Pillow then decodes it,
+        or names its problem)."""
         from torchvision.io import ImageReadMode, decode_jpeg  # heavy and optional: only with a GPU
 
+        tensors = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in datas]
         try:
-            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB,
-                              device=self.device)
-            img = orient(img, head.orientation)
-        except Exception:  # noqa: BLE001 - e.g. a JPEG variant nvjpeg does not support: Pillow decodes it
-            return False
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+        except Exception:  # noqa: BLE001 - one bad file fails the batched call: decode one by one to find it
+            pass
+        out: list[torch.Tensor | None] = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
+            except Exception:  # noqa: BLE001 - e.g. a JPEG variant nvjpeg does not support
+                out.append(None)
+        return out
+
+    def _device_inputs(self, d: _Decoded, head: ImageHeader, img: torch.Tensor) -> bool:
+        """Network inputs of a device-decoded image (resized and normalised there); False: leave it to Pillow."""
+        img = orient(img, head.orientation)
         ow, oh = head.oriented_size
         if tuple(img.shape) != (3, oh, ow):
             return False
@@ -214,19 +250,22 @@ class ImageShardMapper:
             d.error = ("unsupported", f"image too small: {ow}x{oh} pixels")
             return True
         d.inputs = [tensor_to_network_input(img, (w, h)) for w, h in scaled_sizes(ow, oh, self.config)]
-        torch.cuda.current_stream(self.device).synchronize()  # ready before a lane's stream reads them
         with self._count_lock:
             self.decoded_on_device += 1
         return True
 
     def _decoded_stream(self, rows: list[dict[str, Any]]) -> Iterator[_Decoded]:
-        """Decode ahead of the network by ``prefetch`` images (at least a batch per lane), preserving order."""
+        """Decode ahead of the network by ``prefetch`` images (at least a batch per lane), preserving order; on a GPU
+        in groups of a batch (one device decoder call each)."""
         window = max(1, self.spec.prefetch, self.config.batch_size * getattr(self, "n_lanes", 1))
-        futures = [self.pool.submit(self._decode, r) for r in rows[:window]]
-        for i in range(len(rows)):
-            if i + window < len(rows):
-                futures.append(self.pool.submit(self._decode, rows[i + window]))
-            yield futures[i].result()
+        group = self.config.batch_size if getattr(self, "_device_decode", False) else 1
+        groups = [rows[i:i + group] for i in range(0, len(rows), group)]
+        ahead = max(1, -(-window // group))
+        futures = [self.pool.submit(self._decode_many, g) for g in groups[:ahead]]
+        for i in range(len(groups)):
+            if i + ahead < len(groups):
+                futures.append(self.pool.submit(self._decode_many, groups[i + ahead]))
+            yield from futures[i].result()
             futures[i] = None  # type: ignore[call-overload]  # free decoded tensors early
 
     def _batches(self, rows: list[dict[str, Any]]) -> Iterator[tuple[list[_Decoded], list[_Decoded]]]:

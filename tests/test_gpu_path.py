@@ -6,6 +6,7 @@ by ``experiments/gpu_check.sh`` on a GPU machine (and by the CUDA test below whe
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +14,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from actors.extract import ImageShardMapper, ImageStageSpec
 from experiments.gpu_check import SIZES, synthetic_jpegs
 from pipeline.backbone import build_backbone
+from pipeline.extract import ExtractConfig
 from pipeline.preprocess import orient, tensor_to_network_input, to_network_input
 from storage.images import ImageError, decode_image, probe_image
-from tests.helpers_images import ORIENTATION_TAG, encode, textured_rgb
+from tests.helpers_images import ORIENTATION_TAG, bad_files, encode, odd_files, sample_jpeg, textured_rgb
 
 torch.set_num_threads(1)
 
@@ -121,3 +124,33 @@ def test_network_input_is_the_float32_formula_bit_for_bit() -> None:
         ref = ((arr - mean) / std).transpose(2, 0, 1)
         assert got.is_contiguous() and got.dtype == torch.float32
         assert np.array_equal(got.numpy().view(np.uint32), np.ascontiguousarray(ref).view(np.uint32))
+
+
+def test_device_decode_path_on_the_cpu_decoder(tmp_path: Path) -> None:
+    """The mapper's device-decoding path (probe, one batched decode_jpeg call, EXIF orientation, tensor resize,
+    Pillow fallback), run with torchvision's CPU decoder: every good file gets inputs of the Pillow path's shape
+    and close values, every bad file the Pillow path's reason, and only plain complete JPEGs skip Pillow."""
+    files = {"plain.jpg": sample_jpeg(200, 150), "wide.jpg": sample_jpeg(300, 120, seed=1),
+             **{k: v for k, (v, _) in odd_files().items()}, **{k: v for k, (v, _) in bad_files().items()}}
+    rows = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        rows.append({"image_id": name, "uri": str(tmp_path / name), "shard": 0})
+    cfg = ExtractConfig(max_side=128, batch_size=4, local_features=0)
+    m = ImageShardMapper.__new__(ImageShardMapper)  # only the reader: no backbone
+    m.spec, m.config, m.device = ImageStageSpec(str(tmp_path), "extract", cfg), cfg, torch.device("cpu")
+    m._count_lock, m.decoded_on_device = threading.Lock(), 0
+    m._device_decode = False
+    ref = m._decode_many(rows)
+    m._device_decode = True
+    got = m._decode_many(rows)
+    for r, g in zip(ref, got):
+        name = r.row["image_id"]
+        assert (r.error and r.error[0]) == (g.error and g.error[0]), name
+        if r.error is None:
+            assert r.image_hw == g.image_hw, name
+            assert [t.shape for t in r.inputs] == [t.shape for t in g.inputs], name
+            assert float((r.inputs[0] - g.inputs[0]).abs().mean()) < 0.1, name
+    device_names = {"plain.jpg", "wide.jpg", "odd_exif6.jpg"}  # CMYK, PNGs and broken files went to Pillow
+    assert m.decoded_on_device == len(device_names)
+    assert {d.row["image_id"] for d in got if d.error is None} >= device_names
