@@ -3,7 +3,7 @@
     bash experiments/gpu_check.sh                      # on a GPU machine, < 8 minutes
     python -m experiments.gpu_check [--device auto|cuda|cpu] [--n 512] [--max-side 1024] [--batch-size 32]
                                     [--backbones mobilenet_v2,resnet101] [--lanes 2,6] [--locals 1000]
-                                    [--images DIR] [--budget-s 420] [--out DIR]
+                                    [--images DIR] [--budget-s 360] [--out DIR]
 
 For each backbone (random weights unless the offline ImageNet ones are installed: timing only) it measures,
 on one device:
@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -264,7 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
                     help="the actor's torch threads (a GPU actor gets at most 4)")
     ap.add_argument("--images", type=Path, default=None, help="JPEG folder (default: synthetic photos)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="seconds for everything, setup included")
+    ap.add_argument("--budget-s", type=float, default=360.0, help="seconds for everything, setup included")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     return ap.parse_args(argv)
 
@@ -304,23 +305,85 @@ def markdown(summary: dict[str, Any]) -> str:
              "| backbone | weights | measure | images/s | ratio to bare | GPU util % | images | decoded on GPU |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for b in summary["backbones"]:
-        bare = b["bare"]["images_per_s"]
+        bare = b["phases"].get("bare forward", {}).get("images_per_s")
         for name, r in b["phases"].items():
+            if "error" in r:
+                lines.append(f"| {b['backbone']} | {b['weights']} | {name} | failed: {r['error'][:80]} | | | | |")
+                continue
             util = "-" if r.get("gpu_util") is None else f"{r['gpu_util']:.0f}"
-            on_gpu = r.get("decoded_on_device", "-")
-            lines.append(f"| {b['backbone']} | {b['weights']} | {name} | {r['images_per_s']:.1f} | "
-                         f"{r['images_per_s'] / bare:.3f} | {util} | {r['images']} | {on_gpu} |")
+            ratio = f"{r['images_per_s'] / bare:.3f}" if bare else "-"
+            lines.append(f"| {b['backbone']} | {b['weights']} | {name} | {r['images_per_s']:.1f} | {ratio} | {util} | "
+                         f"{r['images']} | {r.get('decoded_on_device', '-')} |")
     for b in summary["backbones"]:
         if b.get("min_cosine_vs_cpu"):
             pairs = ", ".join(f"{k} {v:.4f}" for k, v in b["min_cosine_vs_cpu"].items())
-            lines += ["", f"{b['backbone']}: min cosine, {summary['device']} vs float32 CPU descriptors: "
-                          + pairs]
+            lines += ["", f"{b['backbone']}: min cosine, {summary['device']} vs float32 CPU descriptors: " + pairs]
     lines += ["", f"total {summary['seconds']:.0f} s of a {summary['budget_s']:.0f} s budget"]
     return "\n".join(lines) + "\n"
 
 
+def guarded(label: str, fn: Callable[[], Any]) -> Any:
+    """Run one phase; a failure is recorded (and the check goes on with the next phase) instead of ending it."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one broken phase must not cost the other figures
+        log(f"{label} FAILED: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=12)}
+
+
+def write_summary(out: Path | None, summary: dict[str, Any], final: bool) -> None:
+    """JSON after every phase (a killed run keeps what it measured), markdown at the end."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
+    if final:
+        (out / "gpu_check.md").write_text(markdown(summary))
+
+
+def check_backbone(bname: str, args: argparse.Namespace, ctx: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Every phase of one backbone, filling ``entry['phases']`` (and the summary file) as they finish."""
+    device, paths, work, lanes = ctx["device"], ctx["paths"], ctx["work"], ctx["lanes"]
+    weights, entry["weights"] = weights_for(bname, work, paths, device)
+    cfg = ExtractConfig(backbone=bname, weights=weights, max_side=ctx["max_side"], batch_size=args.batch_size,
+                        shard_size=args.shard_size, local_features=args.locals)
+    phases = entry["phases"]
+
+    def slice_s() -> float:
+        left = args.budget_s - (time.perf_counter() - ctx["t0"])
+        return max(1.0, 0.8 * left / max(1, ctx["phases_left"]))
+
+    runs: list[tuple[str, Callable[[float], dict[str, Any]]]] = [
+        ("bare forward", lambda sec: bare_forward(cfg, paths, device, sec)),
+        ("decode+forward", lambda sec: mapper_run(cfg, paths, str(work / "run" / bname / "lite"), sec, lanes[0],
+                                                  _no_features, args.threads))]
+    for n in lanes:
+        runs.append((f"mapper, lanes={n or 'auto'}",
+                     lambda sec, n=n: mapper_run(cfg, paths, str(work / "run" / bname / f"lanes{n}"), sec, n, None,
+                                                 args.threads)))
+    for label, run in runs:
+        sec = slice_s()
+        log(f"{bname}: {label} ({sec:.0f} s at most)")
+        phases[label] = r = guarded(f"{bname}: {label}", lambda: run(sec))
+        ctx["phases_left"] -= 1
+        if "error" not in r:
+            bare = phases["bare forward"].get("images_per_s")
+            log(f"{bname}: {label} {r['images_per_s']:.1f} images/s"
+                + (f" ({r['images_per_s'] / bare:.3f} of bare)" if bare else "")
+                + f", GPU util {r['gpu_util']}, {r['images']} images"
+                + (f", {r['errors']} errors, {r['decoded_on_device']} decoded on the GPU" if "errors" in r else ""))
+        ctx["save"](final=False)
+    if ctx["consistency"]:
+        ctx["consistency"] = False
+        log(f"{bname}: descriptors on {device} against float32 on the CPU (8 images)")
+        entry["min_cosine_vs_cpu"] = guarded(f"{bname}: consistency", lambda: consistency(
+            cfg, paths[:: max(1, len(paths) // 8)][:8], str(work / "run" / "consistency")))
+        ctx["phases_left"] -= 1
+        log(f"{bname}: smallest cosine per method {entry['min_cosine_vs_cpu']}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA is initialised: the mapper picks its own device
@@ -334,57 +397,34 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({platform.processor() or platform.machine()})"
     log(f"device {name}; {max_side} px; backbones {backbones}; lanes {lanes}; budget {args.budget_s:.0f} s")
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    summary: dict[str, Any] = {"device": str(device), "device_name": name, "max_side": max_side,
+                               "batch_size": args.batch_size, "locals": args.locals, "torch": torch.__version__,
+                               "torchvision": torchvision.__version__, "cpus": os.cpu_count(),
+                               "budget_s": args.budget_s, "seconds": 0.0, "backbones": []}
+
+    def save(final: bool) -> None:
+        summary["seconds"] = time.perf_counter() - t0
+        write_summary(args.out, summary, final)
+
     try:
         if args.images:
-            paths, source = real_jpegs(args.images, args.n), str(args.images)
+            paths, summary["images"] = real_jpegs(args.images, args.n), str(args.images)
         else:
             paths = synthetic_jpegs(work / "images", args.n, args.batch_size, scale=max_side / 1024)
-            source = "synthetic " + ", ".join(f"{w}x{h}" for w, h in dict.fromkeys(SIZES)) + \
-                     ("" if max_side == 1024 else f" scaled by {max_side / 1024:g}")
-        log(f"{len(paths)} images ({source}) ready after {time.perf_counter() - t_start:.0f} s")
-        n_phases = len(backbones) * (2 + len(lanes)) + 1
-        results = []
+            summary["images"] = "synthetic " + ", ".join(f"{w}x{h}" for w, h in dict.fromkeys(SIZES)) + \
+                ("" if max_side == 1024 else f" scaled by {max_side / 1024:g}")
+        log(f"{len(paths)} images ({summary['images']}) ready after {time.perf_counter() - t0:.0f} s")
+        ctx = {"device": device, "paths": paths, "work": work, "lanes": lanes, "max_side": max_side, "t0": t0,
+               "phases_left": len(backbones) * (2 + len(lanes)) + 1, "consistency": True, "save": save}
         for bname in backbones:
-            weights, wlabel = weights_for(bname, work, paths, device)
-            cfg = ExtractConfig(backbone=bname, weights=weights, max_side=max_side, batch_size=args.batch_size,
-                                shard_size=args.shard_size, local_features=args.locals)
-            phases: dict[str, dict[str, Any]] = {}
-
-            def slice_s() -> float:
-                left = args.budget_s - (time.perf_counter() - t_start)
-                return max(1.0, 0.8 * left / max(1, n_phases - sum(len(r["phases"]) for r in results) - len(phases)))
-
-            log(f"{bname}: bare forward ({slice_s():.0f} s at most)")
-            bare = bare_forward(cfg, paths, device, slice_s())
-            phases["bare forward"] = bare
-            log(f"{bname}: bare {bare['images_per_s']:.1f} images/s, GPU {bare['gpu_util']}")
-            runs = [("decode+forward", lanes[0], _no_features)] + [(f"mapper, lanes={n or 'auto'}", n, None)
-                                                                  for n in lanes]
-            for label, n, compute in runs:
-                log(f"{bname}: {label} ({slice_s():.0f} s at most)")
-                r = mapper_run(cfg, paths, str(work / "run" / bname / label.replace(" ", "_")), slice_s(), n,
-                               compute, args.threads)
-                phases[label] = r
-                log(f"{bname}: {label} {r['images_per_s']:.1f} images/s ({r['images_per_s'] / bare['images_per_s']:.3f}"
-                    f" of bare), GPU {r['gpu_util']}, {r['images']} images, {r['errors']} errors, "
-                    f"{r['decoded_on_device']} decoded on the GPU")
-            entry = {"backbone": bname, "weights": wlabel, "bare": bare, "phases": phases}
-            if bname == backbones[0]:
-                log(f"{bname}: descriptors on {device} against float32 on the CPU ({min(8, len(paths))} images)")
-                entry["min_cosine_vs_cpu"] = consistency(cfg, paths[:: max(1, len(paths) // 8)][:8],
-                                                         str(work / "run" / "consistency"))
-                log(f"{bname}: smallest cosine per method {entry['min_cosine_vs_cpu']}")
-            results.append(entry)
-        summary = {"device": str(device), "device_name": name, "max_side": max_side, "batch_size": args.batch_size,
-                   "locals": args.locals, "images": source, "torch": torch.__version__,
-                   "torchvision": torchvision.__version__, "cpus": os.cpu_count(),
-                   "budget_s": args.budget_s, "seconds": time.perf_counter() - t_start, "backbones": results}
-        md = markdown(summary)
-        print(md)
+            entry: dict[str, Any] = {"backbone": bname, "weights": "", "phases": {}}
+            summary["backbones"].append(entry)
+            failed = guarded(bname, lambda: check_backbone(bname, args, ctx, entry))
+            if failed:
+                entry["error"] = failed
+        save(final=True)
+        print(markdown(summary))
         if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
-            (args.out / "gpu_check.md").write_text(md)
             log(f"summary in {args.out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -6,7 +6,7 @@
 #
 # Installs nothing: runs $PYTHON (default: python3 on PATH, which holds torch on the GPU image) from the
 # repository root. The summary goes to $OUT (gpu_check.json, gpu_check.md, gpu_check.log) when OUT is set.
-# BUDGET_S (default 420) is the Python side's own budget; the whole script is stopped at TIMEOUT_S (470).
+# BUDGET_S (default 360) is the Python side's own budget; the whole script is stopped at TIMEOUT_S (420).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -15,6 +15,6 @@ if [ -n "${OUT:-}" ]; then mkdir -p "$OUT"; LOG="$OUT/gpu_check.log"; else LOG=/
 {
   echo "host $(hostname) $(date -u +%FT%TZ) python $("$PY" -c 'import sys; print(sys.version.split()[0])')"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  timeout "${TIMEOUT_S:-470}" "$PY" -m experiments.gpu_check --budget-s "${BUDGET_S:-420}" "$@"
+  timeout "${TIMEOUT_S:-420}" "$PY" -m experiments.gpu_check --budget-s "${BUDGET_S:-360}" "$@"
 } 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"
