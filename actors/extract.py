@@ -7,20 +7,40 @@ runs, batches images of equal input size, computes each image's features with it
 :meth:`pipeline.object_saliency.ObjectSaliencyComputer.features` for object saliency), and writes the rows
 with :class:`storage.shard_writer.ShardTables`. A bad image becomes an ``errors`` row with its reason and the
 shard goes on. The ``extract`` stage itself (local PCA first, then every shard) is :func:`run_extract_stage`.
+
+Overlap: decoding runs ``decode_threads`` ahead of the network, and batches are mapped by ``lanes`` threads,
+each running the forward pass *and* the per-image features of its batch (on a GPU each lane has its own CUDA
+stream), while the actor's thread adds the finished rows in corpus order, so the tables do not depend on the
+number of lanes. On the CPU each lane gets ``torch_threads // lanes`` intra-op threads: two single-threaded
+lanes keep two cores busy with convolutions *and* with the many small per-image operations (CAM, EGM,
+pooling), which one two-threaded lane leaves to one core between forward passes; numpy's BLAS is limited to one
+thread (its spinning workers otherwise compete with torch's). Float results depend on torch's intra-op thread
+count (reduction order), as they always did: ``lanes=1`` reproduces the single-lane results bit for bit.
+
+On a GPU, plain RGB / grayscale JPEGs are decoded on the device (``torchvision.io.decode_jpeg``, one batched
+call per group of ``batch_size`` images) after the header has passed the same bomb guard as Pillow's path
+(:func:`storage.images.probe_image`), and resized and normalised there; any other file, and any JPEG the device
+decoder rejects, goes through Pillow as on the CPU.
+Batches of CPU-decoded inputs are staged in pinned memory and copied asynchronously.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import torch
+from threadpoolctl import threadpool_limits
 
 from actors.common import ActorResources, Progress, StageFailed
 from actors.runner import ShardResult, run_on_one, run_shards
@@ -28,11 +48,11 @@ from pipeline.backbone import build_backbone
 from pipeline.cam_aggregation import learn_cam_whitening, whitening_sample
 from pipeline.extract import ExtractConfig, ImageFeatures, cam_whitening_sample, extract_features, scaled_sizes
 from pipeline.local_features import apply_pca, learn_pca
-from pipeline.preprocess import to_network_input
+from pipeline.preprocess import orient, tensor_to_network_input, to_network_input
 from pipeline.whitening import Whitening
 from storage.arrays import load_arrays, save_arrays
 from storage.corpus import rows_by_shard, subset_ids
-from storage.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from storage.images import DEFAULT_MAX_PIXELS, ImageError, ImageHeader, decode_image, probe_image
 from storage.layout import RunLayout
 from storage.shard_writer import IMAGE_TABLES, ShardTables
 from storage.tables import TableStore
@@ -43,6 +63,8 @@ log = logging.getLogger("indexer")
 
 # (activation maps per forward scale, original image (h, w)) -> features; a pipeline function
 ComputeFn = Callable[[list[torch.Tensor], tuple[int, int]], ImageFeatures]
+# what a lane returns per image: the decoded record, its features or None, an (reason, detail) error or None
+LaneResult = list[tuple["_Decoded", ImageFeatures | None, tuple[str, str] | None]]
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,19 @@ class ImageStageSpec:
     torch_threads: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     prefetch: int = 6
+    lanes: int = 0              # batches mapped at once (forward + features), one thread each; 0: auto
+    decode_threads: int = 0     # reader/decoder threads; 0: auto (2 on the CPU, 4 with a GPU)
+    device_decode: bool = True  # decode JPEGs on the GPU when the mapper has one
+
+    def lane_plan(self, cuda: bool) -> tuple[int, int]:
+        """(lanes, torch intra-op threads per lane). Auto: on the CPU two single-threaded lanes (fewer when the
+        actor has one thread), on a GPU two lanes on their own CUDA streams."""
+        threads = self.torch_threads or torch.get_num_threads()
+        lanes = self.lanes or (2 if cuda else max(1, min(2, threads)))
+        return lanes, max(1, threads // lanes)
+
+    def decode_plan(self, cuda: bool) -> int:
+        return self.decode_threads or (4 if cuda else 2)
 
 
 @dataclass
@@ -103,45 +138,138 @@ class ImageShardMapper:
         self.compute: ComputeFn = compute or (
             lambda acts, hw: extract_features(acts, self.config, hw, self.classifier, spec.cam_whitening))
         self.store = TableStore(spec.root)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
+        cuda = self.device.type == "cuda"
+        # decoders: torch's element-wise ops there (normalisation) single-threaded, their results are the same
+        self.pool = ThreadPoolExecutor(max_workers=spec.decode_plan(cuda), thread_name_prefix="decode",
+                                       initializer=torch.set_num_threads, initargs=(1,))
+        self.n_lanes, self.lane_threads = spec.lane_plan(cuda)
+        self._tls = threading.local()
+        self.lane_pool = ThreadPoolExecutor(max_workers=self.n_lanes, thread_name_prefix="lane",
+                                            initializer=self._init_lane)
+        self._device_decode = cuda and spec.device_decode
+        if self._device_decode:  # torchvision >= 0.29 deprecates its decoders (for torchcodec): once per call
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
+        self.decoded_on_device = 0  # images the GPU decoded (the rest went through Pillow), for reports
+        self._count_lock = threading.Lock()
+        # numpy's BLAS (local PCA, EGM) single-threaded: same results, and no spinning workers next to torch's
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        if cuda:
+            torch.cuda.synchronize(self.device)  # weights copied on the default stream before lanes use their own
+
+    def _init_lane(self) -> None:
+        # torch's intra-op thread count is per thread with OpenMP: the actor's own thread keeps torch_threads
+        torch.set_num_threads(self.lane_threads)
+        if self.device.type == "cuda":
+            self._tls.stream = torch.cuda.Stream(self.device)
 
     # ---------------------------------------------------------------- reader (background threads)
     def _decode(self, row: dict[str, Any]) -> _Decoded:
+        """Read and decode one image into its network inputs (or its error)."""
+        return self._decode_many([row])[0]
+
+    def _decode_many(self, rows: list[dict[str, Any]]) -> list[_Decoded]:
+        """Read and decode a group of images: on a GPU the plain JPEGs among them in one batched device call (the
+        device decoder serialises its callers), everything else with Pillow."""
+        items = [self._read(r) for r in rows]
+        on_device: list[tuple[_Decoded, ImageHeader, bytes]] = []
+        for d, data in items:
+            if data is None:
+                continue
+            if getattr(self, "_device_decode", False):
+                try:
+                    head = probe_image(data, self.spec.max_pixels)  # the bomb guard, before any pixel is decoded
+                except ImageError as exc:
+                    d.error = (exc.reason, exc.detail)
+                    continue
+                # truncated files (no end-of-image marker) go to Pillow, which names the problem
+                if head.device_decodable and data.rstrip(b"\0").endswith(b"\xff\xd9"):
+                    on_device.append((d, head, data))
+                    continue
+            self._decode_pil(d, data)
+        if on_device:
+            images = self._device_decode_jpegs([data for _, _, data in on_device])
+            for (d, head, data), img in zip(on_device, images):
+                if img is None or not self._device_inputs(d, head, img):
+                    self._decode_pil(d, data)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # ready before a lane's stream reads them
+        return [d for d, _ in items]
+
+    def _read(self, row: dict[str, Any]) -> tuple[_Decoded, bytes | None]:
         d = _Decoded(row=row)
         try:
             data = read_bytes(row["uri"])
         except FileNotFoundError:
             d.error = ("missing", f"no such file or object: {redact(row['uri'])}")
-            return d
+            return d, None
         except Exception as exc:  # noqa: BLE001 - recorded as the image's error, the shard goes on
             d.error = ("missing", redact(f"{type(exc).__name__}: {exc}"))
-            return d
+            return d, None
         d.n_bytes, d.sha1 = len(data), hashlib.sha1(data).hexdigest()
+        return d, data
+
+    def _decode_pil(self, d: _Decoded, data: bytes) -> None:
         try:
             img = decode_image(data, max_pixels=self.spec.max_pixels, max_side=self.config.decode_side)
         except ImageError as exc:
             d.error = (exc.reason, exc.detail)
-            return d
+            return
         except Exception as exc:  # noqa: BLE001
             d.error = ("corrupt", f"{type(exc).__name__}: {exc}")
-            return d
+            return
         ow, oh = img.info.get("original_size", img.size)  # full resolution even when JPEG draft decoding shrank img
         d.image_hw = (oh, ow)
         if min(img.width, img.height) < 16:
             d.error = ("unsupported", f"image too small: {img.width}x{img.height} pixels")
-            return d
+            return
         for w, h in scaled_sizes(img.width, img.height, self.config):
             d.inputs.append(to_network_input(img, size=(w, h)))
-        return d
+
+    def _device_decode_jpegs(self, datas: list[bytes]) -> list[torch.Tensor | None]:
+        """uint8 (3, H, W) tensors on the GPU, None for a file the device decoder rejects (Pillow then decodes it,
+        or names its problem)."""
+        from torchvision.io import ImageReadMode, decode_jpeg  # heavy and optional: only with a GPU
+
+        tensors = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in datas]
+        try:
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+        except Exception:  # noqa: BLE001 - one bad file fails the batched call: decode one by one to find it
+            pass
+        out: list[torch.Tensor | None] = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
+            except Exception:  # noqa: BLE001 - e.g. a JPEG variant nvjpeg does not support
+                out.append(None)
+        return out
+
+    def _device_inputs(self, d: _Decoded, head: ImageHeader, img: torch.Tensor) -> bool:
+        """Network inputs of a device-decoded image (resized and normalised there); False: leave it to Pillow."""
+        img = orient(img, head.orientation)
+        ow, oh = head.oriented_size
+        if tuple(img.shape) != (3, oh, ow):
+            return False
+        d.image_hw = (oh, ow)
+        if min(ow, oh) < 16:
+            d.error = ("unsupported", f"image too small: {ow}x{oh} pixels")
+            return True
+        d.inputs = [tensor_to_network_input(img, (w, h)) for w, h in scaled_sizes(ow, oh, self.config)]
+        with self._count_lock:
+            self.decoded_on_device += 1
+        return True
 
     def _decoded_stream(self, rows: list[dict[str, Any]]) -> Iterator[_Decoded]:
-        """Decode ahead of the network by ``prefetch`` images, preserving order."""
-        window = max(1, self.spec.prefetch)
-        futures = [self.pool.submit(self._decode, r) for r in rows[:window]]
-        for i in range(len(rows)):
-            if i + window < len(rows):
-                futures.append(self.pool.submit(self._decode, rows[i + window]))
-            yield futures[i].result()
+        """Decode ahead of the network by ``prefetch`` images (at least a batch per lane), preserving order; on a GPU
+        in groups of a batch (one device decoder call each)."""
+        window = max(1, self.spec.prefetch, self.config.batch_size * getattr(self, "n_lanes", 1))
+        group = self.config.batch_size if getattr(self, "_device_decode", False) else 1
+        groups = [rows[i:i + group] for i in range(0, len(rows), group)]
+        ahead = max(1, -(-window // group))
+        futures = [self.pool.submit(self._decode_many, g) for g in groups[:ahead]]
+        for i in range(len(groups)):
+            if i + ahead < len(groups):
+                futures.append(self.pool.submit(self._decode_many, groups[i + ahead]))
+            yield from futures[i].result()
             futures[i] = None  # type: ignore[call-overload]  # free decoded tensors early
 
     def _batches(self, rows: list[dict[str, Any]]) -> Iterator[tuple[list[_Decoded], list[_Decoded]]]:
@@ -166,11 +294,46 @@ class ImageShardMapper:
         """Activations per image per scale; one forward per scale for a batch of equal-size inputs."""
         per_image: list[list[torch.Tensor]] = [[] for _ in batch]
         for s in range(len(batch[0].inputs)):
-            x = torch.stack([d.inputs[s] for d in batch]).to(self.device, non_blocking=True)
+            x = self._stack([d.inputs[s] for d in batch])
             acts = self.backbone(x)
             for i in range(len(batch)):
                 per_image[i].append(acts[i])
         return per_image
+
+    def _stack(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """One batch tensor on the mapper's device: CPU inputs staged in pinned memory for an asynchronous copy,
+        device inputs (decoded on the GPU) marked as used by the current stream."""
+        if self.device.type != "cuda":
+            return torch.stack(inputs)
+        stream = torch.cuda.current_stream(self.device)
+        if all(t.device.type == "cpu" for t in inputs):
+            staged = torch.empty((len(inputs), *inputs[0].shape), dtype=inputs[0].dtype, pin_memory=True)
+            return torch.stack(inputs, out=staged).to(self.device, non_blocking=True)
+        parts = []
+        for t in inputs:
+            if t.device.type == "cuda":
+                t.record_stream(stream)  # allocated on a decoder's stream: not reused before this one is done
+            else:
+                t = t.pin_memory().to(self.device, non_blocking=True)
+            parts.append(t)
+        return torch.stack(parts)
+
+    def _lane(self, batch: list[_Decoded]) -> LaneResult:
+        """Forward one batch and compute its images' features (in a lane thread, on its CUDA stream if any)."""
+        stream = getattr(self._tls, "stream", None)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            try:
+                acts = self._forward(batch)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one odd-sized batch
+                return [(d, None, ("internal", f"forward failed: {type(exc).__name__}: {exc}")) for d in batch]
+            out: LaneResult = []
+            for d, a in zip(batch, acts):
+                try:
+                    out.append((d, self.compute(a, d.image_hw), None))
+                except Exception as exc:  # noqa: BLE001 - recorded, the shard goes on
+                    out.append((d, None, ("internal",
+                                          f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}")))
+            return out
 
     # ---------------------------------------------------------------- writer
     def _add(self, rows: ShardTables, d: _Decoded, f: ImageFeatures) -> None:
@@ -196,26 +359,32 @@ class ImageShardMapper:
         if self.config.n_locals > 0 and "locals" in self.spec.tables:
             local_dim = self.spec.local_pca.dim if self.spec.local_pca is not None else self.backbone.channels
         rows = ShardTables(self.spec.tables, self.backbone.channels, self.config.descriptor_dtype, local_dim)
+        # batches in flight on the lanes and failed images, in corpus order: rows are added in that order
+        queue: deque[Future | list[_Decoded]] = deque()
+
+        def add_next() -> None:
+            item = queue.popleft()
+            if isinstance(item, list):
+                for d in item:
+                    rows.add_error(d.row["image_id"], d.row["uri"], stage, *d.error)  # type: ignore[misc]
+                return
+            for d, feats, err in item.result():
+                if err is not None:
+                    rows.add_error(d.row["image_id"], d.row["uri"], stage, *err)
+                else:
+                    self._add(rows, d, feats)  # type: ignore[arg-type]
+
+        lanes_busy = self.n_lanes + 1
         for good, bad in self._batches(rows_in):
-            for d in bad:
-                rows.add_error(d.row["image_id"], d.row["uri"], stage, *d.error)  # type: ignore[misc]
-            if not good:
-                continue
-            try:
-                acts = self._forward(good)
-            except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one odd-sized batch
-                for d in good:
-                    rows.add_error(d.row["image_id"], d.row["uri"], stage, "internal",
-                                   f"forward failed: {type(exc).__name__}: {exc}")
-                continue
-            for d, a in zip(good, acts):
-                try:
-                    feats = self.compute(a, d.image_hw)
-                except Exception as exc:  # noqa: BLE001 - recorded, the shard goes on
-                    rows.add_error(d.row["image_id"], d.row["uri"], stage, "internal",
-                                   f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}")
-                    continue
-                self._add(rows, d, feats)
+            if bad:
+                queue.append(bad)
+            if good:
+                queue.append(self.lane_pool.submit(self._lane, good))
+            # one batch more than lanes waits in the pool, so that a lane never idles while rows are added
+            while queue and (isinstance(queue[0], list) or sum(isinstance(q, Future) for q in queue) > lanes_busy):
+                add_next()
+        while queue:
+            add_next()
         files = rows.write(self.store, stage, shard)
         return ShardResult(files, {"images": rows.n_images, "errors": len(rows.errors)},
                            [e["reason"] for e in rows.errors])
@@ -312,11 +481,12 @@ def run_image_stage(spec: ImageStageSpec, manifest: pa.Table, resources: ActorRe
     return out
 
 
-def run_extract_stage(root: str, config: ExtractConfig, manifest: pa.Table, resources: ActorResources
-                      ) -> dict[str, Any]:
-    """The ``extract`` stage: local PCA (when locals are on), then every shard of the corpus."""
-    spec = learn_before_extraction(ImageStageSpec(root, "extract", config, torch_threads=resources.torch_threads),
-                                   manifest, resources)
+def run_extract_stage(root: str, config: ExtractConfig, manifest: pa.Table, resources: ActorResources,
+                      lanes: int = 0) -> dict[str, Any]:
+    """The ``extract`` stage: the artefacts learned before it (local PCA, CAM whitening), then every shard of the
+    corpus (``lanes``: see :class:`ImageStageSpec`, 0 = auto)."""
+    spec = learn_before_extraction(ImageStageSpec(root, "extract", config, torch_threads=resources.torch_threads,
+                                                  lanes=lanes), manifest, resources)
     extra: dict[str, Any] = {}
     if spec.local_pca is not None:
         extra["pca_dim"] = spec.local_pca.dim

@@ -1,7 +1,8 @@
 """Extraction throughput: the extract stage's images/s next to the bare backbone forward pass, same images, same run.
 
     python -m experiments.bench_extract [--config configs/benchmark.yaml] [--images DIR] [--n 64]
-                                        [--max-side 1024] [--device auto|cpu|cuda] [--repeats 2] [--json out.json]
+                                        [--max-side 1024] [--device auto|cpu|cuda] [--lanes 0] [--repeats 2]
+                                        [--json out.json]
 
 What is extracted (backbone, weights, scales, regions, globals, local features, batch size) is the config's
 ``extract`` section; ``--max-side`` overrides ``extract.max_side``. The bare reference runs in a Ray worker
@@ -15,6 +16,12 @@ shards' own times, without actor start-up), as the shards' wall time (with the a
 whole stage (with the local PCA learned on a sample first, when the config has local features). Reference
 and pipeline alternate ``--repeats`` times so load changes on a shared machine hit both.
 Target: steady state >= 85% of the bare forward throughput.
+
+The actor maps batches on ``lanes`` threads (``actors.extract.ImageStageSpec.lane_plan``; on the CPU by default
+two lanes of ``torch_threads // 2`` intra-op threads each). The target's reference is the forward as it ran
+before lanes (one thread of the actor with all its torch threads); on the CPU a second reference line times the
+bare forward in the actor's lanes too, so that both what the lanes gain and what the rest of the pipeline costs
+are visible.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 import sys
 import tempfile
 import time
@@ -31,7 +39,7 @@ import ray
 import torch
 
 from actors.common import ActorResources, init_ray, plan_resources
-from actors.extract import run_extract_stage
+from actors.extract import ImageStageSpec, run_extract_stage
 from experiments.common import DEFAULT_DATA, add_config_args, config_from_args, load_backbone, read_image, write_json
 from pipeline.extract import ExtractConfig, scaled_sizes
 from pipeline.preprocess import to_network_input
@@ -68,31 +76,42 @@ def equal_shape_batches(inputs: list[list[torch.Tensor]], batch_size: int) -> li
     return batches
 
 
-def bare_forward(paths: list[Path], cfg: ExtractConfig, threads: int) -> dict:
+def bare_forward(paths: list[Path], cfg: ExtractConfig, threads: int, lanes: int = 1) -> dict:
     """Images/s of the forward passes alone (inputs decoded, resized and batched beforehand), on the device an
-    extraction actor with these resources would use (CUDA when Ray gave the worker a GPU)."""
+    extraction actor with these resources would use (CUDA when Ray gave the worker a GPU). ``lanes > 1`` (CPU
+    only): the batches are forwarded by that many threads at once, each with ``threads // lanes`` torch threads,
+    as the actor's lanes do."""
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bb = load_backbone(cfg, device)
     batches = equal_shape_batches([network_inputs(p, cfg) for p in paths], cfg.batch_size)
 
-    def forward_all() -> None:
+    def forward(scales: list[torch.Tensor]) -> None:
         with torch.inference_mode():
-            for scales in batches:
-                for x in scales:
-                    bb(x.to(device, non_blocking=True))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+            for x in scales:
+                bb(x.to(device, non_blocking=True))
 
     with torch.inference_mode():
         bb(batches[0][0][:1].to(device))  # warm-up
+    lanes = 1 if device.type == "cuda" else max(1, lanes)
+    pool = ThreadPoolExecutor(lanes, initializer=torch.set_num_threads, initargs=(max(1, threads // lanes),))
+    if lanes > 1:
+        list(pool.map(forward, batches[:lanes]))  # warm-up of each lane's kernels
     t0 = time.perf_counter()
-    forward_all()
-    return {"images_per_s": len(paths) / (time.perf_counter() - t0), "device": str(device),
-            "batches": len(batches)}
+    if lanes > 1:
+        list(pool.map(forward, batches))
+    else:
+        for scales in batches:
+            forward(scales)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    pool.shutdown()
+    return {"images_per_s": len(paths) / seconds, "device": str(device), "batches": len(batches), "lanes": lanes,
+            "threads_per_lane": max(1, threads // lanes)}
 
 
-def pipeline_run(paths: list[Path], cfg: ExtractConfig, resources: ActorResources) -> dict:
+def pipeline_run(paths: list[Path], cfg: ExtractConfig, resources: ActorResources, lanes: int = 0) -> dict:
     """Run the real extraction stage over the images in a temporary run; wall and steady-state images/s."""
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:
@@ -103,7 +122,7 @@ def pipeline_run(paths: list[Path], cfg: ExtractConfig, resources: ActorResource
         manifest = assign_shards(list_corpus(str(img_dir)), cfg.shard_size)
         root = str(work / "run")
         t0 = time.perf_counter()
-        res = run_extract_stage(root, cfg, manifest, resources)
+        res = run_extract_stage(root, cfg, manifest, resources, lanes=lanes)
         stage_s = time.perf_counter() - t0
         shard_seconds = sum(m["seconds"] for m in StageManifest(root, "extract").committed().values())
         return {"images": res["images"], "errors": res["errors"], "wall_images_per_s": res["images_per_second"],
@@ -116,15 +135,22 @@ def pipeline_run(paths: list[Path], cfg: ExtractConfig, resources: ActorResource
 def print_results(out: dict) -> None:
     bare = out["bare_forward_images_per_s"]
     print(f"{out['images']} images, max side {out['max_side']}, forward scales {out['forward_scales']}, "
-          f"{out['backbone']} on {out['device']}, {out['workers']} worker(s), {out['torch_threads']} torch thread(s)")
+          f"{out['backbone']} on {out['device']}, {out['workers']} worker(s), {out['torch_threads']} torch thread(s), "
+          f"pipeline lanes {out['lanes']} x {out['threads_per_lane']} thread(s)")
     print(f"{'measure':<44}{'images/s':>10}{'ratio':>8}")
-    print(f"{'bare backbone forward':<44}{bare:>10.2f}{1.0:>8.2f}")
+    print(f"{'bare backbone forward (1 lane, all threads)':<44}{bare:>10.2f}{1.0:>8.2f}")
+    if out.get("bare_lanes_images_per_s"):
+        label = f"bare forward ({out['lanes']} lanes x {out['threads_per_lane']} thr)"
+        print(f"{label:<44}{out['bare_lanes_images_per_s']:>10.2f}{out['bare_lanes_images_per_s'] / bare:>8.2f}")
     for key, label in (("steady_images_per_s", "pipeline (workers, steady state)"),
                        ("wall_images_per_s", "pipeline (shards wall, incl. actor start)"),
                        ("stage_images_per_s", "pipeline (whole stage, incl. local PCA)")):
         print(f"{label:<44}{out[key]:>10.2f}{out[key] / bare:>8.2f}")
     ok = out["ratio_steady"] >= TARGET
     print(f"target: steady-state ratio >= {TARGET} ->", "OK" if ok else "BELOW TARGET")
+    if out.get("bare_lanes_images_per_s"):
+        print(f"steady state / bare forward in the same lanes: {out['ratio_steady_vs_lanes']:.2f} "
+              "(the cost of everything but the forward)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,6 +164,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "Ray this script starts")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of the actor and the reference (default: the resource plan's)")
+    ap.add_argument("--lanes", type=int, default=0,
+                    help="the actor's lanes (batches mapped at once; 0: auto, 1: the former single-lane mapper)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="write the numbers as JSON here")
     return ap.parse_args(argv)
@@ -158,17 +186,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         res = dataclasses.replace(res, torch_threads=args.threads)
     remote_bare = ray.remote(bare_forward).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus)
-    bare_runs, pipe_runs = [], []
+    lanes, per_lane = ImageStageSpec("", "extract", cfg, torch_threads=res.torch_threads,
+                                     lanes=args.lanes).lane_plan(cuda=res.num_gpus > 0)
+    bare_runs, lane_runs, pipe_runs = [], [], []
     for _ in range(args.repeats):  # alternate so that load changes on a shared machine hit both
         bare_runs.append(ray.get(remote_bare.remote(paths, cfg, res.torch_threads)))
-        pipe_runs.append(pipeline_run(paths, cfg, res))
+        if lanes > 1 and res.num_gpus == 0:
+            lane_runs.append(ray.get(remote_bare.remote(paths, cfg, res.torch_threads, lanes)))
+        pipe_runs.append(pipeline_run(paths, cfg, res, args.lanes))
     bare = sum(r["images_per_s"] for r in bare_runs) / len(bare_runs)
+    bare_lanes = sum(r["images_per_s"] for r in lane_runs) / len(lane_runs) if lane_runs else None
     pipe = {k: sum(r[k] for r in pipe_runs) / len(pipe_runs) for k in pipe_runs[0] if k.endswith("_per_s")}
-    out = {"bare_runs": bare_runs, "pipeline_runs": pipe_runs, "images": len(paths), "max_side": cfg.max_side,
-           "forward_scales": list(cfg.forward_scales), "backbone": cfg.backbone, "device": bare_runs[0]["device"],
-           "workers": res.num_workers, "torch_threads": res.torch_threads, "bare_forward_images_per_s": bare, **pipe,
+    out = {"bare_runs": bare_runs, "bare_lanes_runs": lane_runs, "pipeline_runs": pipe_runs, "images": len(paths),
+           "max_side": cfg.max_side, "forward_scales": list(cfg.forward_scales), "backbone": cfg.backbone,
+           "device": bare_runs[0]["device"], "workers": res.num_workers, "torch_threads": res.torch_threads,
+           "lanes": lanes, "threads_per_lane": per_lane, "bare_forward_images_per_s": bare,
+           "bare_lanes_images_per_s": bare_lanes, **pipe,
            "ratio_steady": pipe["steady_images_per_s"] / bare, "ratio_wall": pipe["wall_images_per_s"] / bare,
            "ratio_stage": pipe["stage_images_per_s"] / bare,
+           "ratio_steady_vs_lanes": pipe["steady_images_per_s"] / bare_lanes if bare_lanes else None,
            "errors": sum(r["errors"] for r in pipe_runs)}
     print_results(out)
     write_json(args.json, out)

@@ -4,6 +4,10 @@ The registry never downloads anything: weights arrive as a ``state_dict`` (loade
 which knows the offline packages and reads files/URIs without pickle). ``layer`` picks the conv layer whose
 activations are returned; the classifier (for CAM) is only exposed when that layer feeds global average
 pooling and a linear classifier directly.
+
+On a CUDA device the backbone runs in bfloat16 autocast with channels-last weights and inputs (tensor cores,
+no layout conversions inside the convolutions) and returns float32 activations; on the CPU it stays float32
+throughout, so CPU results do not change.
 """
 from __future__ import annotations
 
@@ -66,7 +70,8 @@ class Backbone(nn.Module):
     """A CNN trunk returning non-negative activations ``(B, C, h, w)`` of one layer, in eval mode.
 
     Attributes: ``name``, ``layer``, ``channels``, ``stride`` and, when the layer feeds the classifier,
-    ``classifier_weight`` ``(K, C)`` / ``classifier_bias`` ``(K,)`` for class activation maps.
+    ``classifier_weight`` ``(K, C)`` / ``classifier_bias`` ``(K,)`` for class activation maps. ``amp_dtype``
+    (None: float32) is the autocast dtype used for CUDA inputs (set by :func:`build_backbone`).
     """
 
     def __init__(self, name: str, trunk: nn.Module, layer: str, channels: int, stride: int,
@@ -77,15 +82,28 @@ class Backbone(nn.Module):
         has_cls = classifier is not None
         self.register_buffer("classifier_weight", classifier.weight.detach().clone() if has_cls else None)
         self.register_buffer("classifier_bias", classifier.bias.detach().clone() if has_cls else None)
+        self.amp_dtype: torch.dtype | None = None
         self.eval()
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.amp_dtype is not None and images.is_cuda:
+            with torch.autocast("cuda", dtype=self.amp_dtype):
+                out = self.trunk(images.contiguous(memory_format=torch.channels_last))
+            out = out["out"] if isinstance(out, dict) else out
+            # the pipeline functions take float32 (C, H, W) maps in the default layout
+            return out.float().contiguous().clamp_min_(0)
         out = self.trunk(images)
         if isinstance(out, dict):
             out = out["out"]
         # layers after ReLU/ReLU6 are already >= 0; clamping makes any other chosen layer valid for MAC/FS
         return out.clamp_min_(0)
+
+    def use_mixed_precision(self, dtype: torch.dtype | None = torch.bfloat16) -> "Backbone":
+        """Run CUDA inputs in ``dtype`` autocast with channels-last weights (None: back to float32)."""
+        self.amp_dtype = dtype
+        self.to(memory_format=torch.channels_last if dtype is not None else torch.contiguous_format)
+        return self
 
 
 def _get_module(model: nn.Module, path: str) -> nn.Module:
@@ -96,8 +114,12 @@ def _get_module(model: nn.Module, path: str) -> nn.Module:
 
 
 def build_backbone(name: str = "mobilenet_v2", state_dict: dict[str, torch.Tensor] | None = None,
-                   layer: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+                   layer: str | None = None, device: str | torch.device = "cpu",
+                   mixed_precision: bool | None = None) -> Backbone:
     """Build backbone ``name`` with ``state_dict`` (strict) and return activations of ``layer``.
+
+    ``mixed_precision`` (None: on for CUDA devices, never on the CPU) runs the network in bfloat16 autocast,
+    channels-last (float16 where the GPU has no bfloat16); activations are float32 either way.
 
     ``state_dict=None`` leaves random weights (tests only). Unknown names raise ``ValueError`` listing the
     registry; other torchvision classification models can be named ``torchvision:<builder>`` with an
@@ -130,4 +152,8 @@ def build_backbone(name: str = "mobilenet_v2", state_dict: dict[str, torch.Tenso
             probe = trunk(torch.zeros(1, 3, 224, 224))
             probe = probe["out"] if isinstance(probe, dict) else probe
         channels, stride = int(probe.shape[1]), int(round(224 / probe.shape[-1]))
-    return Backbone(name, trunk, layer, channels, stride, classifier).to(device)
+    bb = Backbone(name, trunk, layer, channels, stride, classifier).to(device)
+    device = torch.device(device)
+    if device.type == "cuda" and mixed_precision is not False:
+        bb.use_mixed_precision(torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return bb

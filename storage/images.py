@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
+# JPEG colour modes a device decoder (nvjpeg through torchvision) turns into RGB; CMYK/YCCK and others go to Pillow
+DEVICE_JPEG_MODES = ("RGB", "L")
 
 # we enforce our own pixel limit from the header, so Pillow's global bomb check is not relied upon
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -96,4 +99,54 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: in
         reason = "truncated" if ("truncated" in msg.lower() or isinstance(exc, EOFError)) else "corrupt"
         raise ImageError(reason, f"{type(exc).__name__}: {msg}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder bug is recorded, never crashes the job
+        raise ImageError("corrupt", f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header of an image says, read without decoding its pixels."""
+
+    format: str          # Pillow's format name ("JPEG", "PNG", ...)
+    mode: str            # Pillow mode of the stored pixels ("RGB", "L", "CMYK", ...)
+    width: int           # stored (not yet EXIF-oriented) size
+    height: int
+    orientation: int     # EXIF orientation tag, 1 when absent or invalid
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        """(width, height) after EXIF orientation: what :func:`decode_image`'s ``original_size`` reports."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
+
+    @property
+    def device_decodable(self) -> bool:
+        """A plain RGB / grayscale JPEG, which a GPU decoder handles; anything else is decoded by Pillow."""
+        return self.format == "JPEG" and self.mode in DEVICE_JPEG_MODES
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Read an image's header only, with the same failure reasons as :func:`decode_image` for what the header
+    reveals (``empty``, ``not_image``, ``corrupt`` size, ``too_large``): the bomb guard of any decoder that
+    does not go through Pillow (a GPU JPEG decoder), checked before a single pixel is decoded."""
+    if not data:
+        raise ImageError("empty", "zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ImageError("corrupt", f"invalid size {w}x{h}")
+            if w * h > max_pixels:
+                raise ImageError("too_large",
+                                 f"{w}x{h} = {w * h / 1e6:.1f} MP exceeds the {max_pixels / 1e6:.0f} MP limit")
+            orientation = img.getexif().get(0x0112, 1)
+            orientation = int(orientation) if orientation in range(1, 9) else 1
+            return ImageHeader(str(img.format), str(img.mode), int(w), int(h), orientation)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError("not_image", str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_large", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a broken header is the image's error, never the job's
         raise ImageError("corrupt", f"{type(exc).__name__}: {exc}") from None
