@@ -240,7 +240,8 @@ def consistency(cfg: ExtractConfig, paths: list[Path], root: str) -> dict[str, f
         img = decode_image(Path(row["uri"]).read_bytes(), max_side=cfg.decode_side)
         hw = img.info.get("original_size", img.size)[::-1]
         with torch.inference_mode():
-            acts = [cpu(to_network_input(img, max(w, h))[None])[0] for w, h in scaled_sizes(img.width, img.height, cfg)]
+            acts = [cpu(to_network_input(img, size=(w, h))[None])[0]
+                    for w, h in scaled_sizes(img.width, img.height, cfg)]
         for meth, ref in extract_features(acts, cfg, hw, cls).globals.items():
             g = got[(row["image_id"], meth)]
             cos = float(g @ ref / max(np.linalg.norm(g) * np.linalg.norm(ref), 1e-12))

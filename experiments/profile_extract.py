@@ -66,7 +66,7 @@ def serial_profile(m: ImageShardMapper, rows: list[dict], top: int) -> tuple[Clo
     for r in rows:
         data = clock.run("read+sha1", lambda u: (b := Path(u).read_bytes(), hashlib.sha1(b).hexdigest())[0], r["uri"])
         img = clock.run("decode", decode_image, data, m.spec.max_pixels, cfg.decode_side)
-        inputs = clock.run("network input", lambda im: [to_network_input(im, max(w, h))
+        inputs = clock.run("network input", lambda im: [to_network_input(im, size=(w, h))
                                                         for w, h in scaled_sizes(im.width, im.height, cfg)], img)
         d = m._decode(r)  # the mapper's own record (same inputs), used for batching and rows
         assert all(torch.equal(a, b) for a, b in zip(d.inputs, inputs))
