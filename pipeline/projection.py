@@ -172,8 +172,8 @@ class LearnedProjection(nn.Module):
             raise ValueError(f"dim must be in 1..{projection.shape[1]}")
         m = cls(projection.shape[0], dim)
         with torch.no_grad():
-            m.shift.copy_(torch.from_numpy(-mean))
-            m.weight.copy_(torch.from_numpy(np.ascontiguousarray(projection[:, :dim])))
+            m.shift.copy_(torch.tensor(-mean))  # copies: the arrays may be read-only (object store, mmap)
+            m.weight.copy_(torch.tensor(projection[:, :dim]))
         return m
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,10 +232,11 @@ def mine_hard_negatives(desc: torch.Tensor, pairs: np.ndarray, groups: np.ndarra
     k = int(min(per_pair, N))
     if pairs.shape[0] == 0 or k == 0:
         return np.zeros((0, 3), np.int64), np.zeros(0, np.float32)
-    g = torch.from_numpy(np.asarray(groups, dtype=np.int64))
+    dev = desc.device
+    g = torch.from_numpy(np.asarray(groups, dtype=np.int64)).to(dev)
     out_t, out_l = [], []
     for start in range(0, pairs.shape[0], chunk):
-        pr = torch.from_numpy(pairs[start:start + chunk])
+        pr = torch.from_numpy(pairs[start:start + chunk]).to(dev)
         q, p = desc[pr[:, 0]], desc[pr[:, 1]]
         d_qp = (2.0 - 2.0 * (q * p).sum(-1))[:, None]           # (B, 1)
         d_qn = 2.0 - 2.0 * q @ desc.T                            # (B, N)
@@ -248,10 +249,10 @@ def mine_hard_negatives(desc: torch.Tensor, pairs: np.ndarray, groups: np.ndarra
         top_l, top_i = torch.sort(loss, dim=1, descending=True, stable=True)
         top_l, top_i = top_l[:, :k], top_i[:, :k]
         keep = top_l > 0
-        rows = torch.arange(pr.shape[0])[:, None].expand_as(top_i)[keep]
+        rows = torch.arange(pr.shape[0], device=dev)[:, None].expand_as(top_i)[keep]
         out_t.append(torch.stack([pr[rows, 0], pr[rows, 1], top_i[keep]], dim=1))
         out_l.append(top_l[keep])
-    return torch.cat(out_t).numpy(), torch.cat(out_l).numpy().astype(np.float32)
+    return torch.cat(out_t).cpu().numpy(), torch.cat(out_l).cpu().numpy().astype(np.float32)
 
 
 class WhitenedTrainable(nn.Module):
@@ -280,9 +281,10 @@ class WhitenedTrainable(nn.Module):
     def to_arrays(self, mean: np.ndarray, projection: np.ndarray) -> dict[str, np.ndarray]:
         """Back to shift + FC arrays (``mean``, ``projection``) given the initial whitening ``(mu, P)``."""
         P = np.asarray(projection, dtype=np.float32)
-        W = (torch.from_numpy(np.ascontiguousarray(P)) @ self.A.detach()).numpy()
+        A = self.A.detach().cpu()
+        W = (torch.from_numpy(np.ascontiguousarray(P)) @ A).numpy()
         mean = np.asarray(mean, dtype=np.float32).reshape(-1)
-        b = self.b.detach().numpy().astype(np.float64)
+        b = self.b.detach().cpu().numpy().astype(np.float64)
         if np.any(b != 0):
             # minimum-norm s with s @ W = b (exact when W has full column rank, as P and A have)
             s = np.linalg.lstsq(W.astype(np.float64).T, b, rcond=None)[0]
@@ -293,11 +295,13 @@ class WhitenedTrainable(nn.Module):
 class Prepared:
     """Training inputs as tensors: whitened regions ``z`` (R, r), offsets, directed positive pairs, groups."""
 
-    def __init__(self, data: TripletData, mean: np.ndarray, projection: np.ndarray) -> None:
+    def __init__(self, data: TripletData, mean: np.ndarray, projection: np.ndarray,
+                 device: torch.device | str = "cpu") -> None:
         w = LearnedProjection.from_whitening(mean, projection)
-        regions, self.segments, self.offsets = data.tensors()
+        regions, segments, offsets = data.tensors()
         with torch.no_grad():
-            self.z = (l2n(regions) + w.shift) @ w.weight
+            self.z = ((l2n(regions) + w.shift) @ w.weight).to(device)
+        self.segments, self.offsets = segments.to(device), offsets.to(device)
         self.n_images = data.n_images
         self.pairs = data.directed_pairs()
         self.groups = data.groups
@@ -306,17 +310,18 @@ class Prepared:
         """Whitened regions of ``images`` (U,) concatenated, and the local segment id (0..U-1) of each."""
         starts, ends = self.offsets[images], self.offsets[images + 1]
         lengths = ends - starts
-        seg = torch.repeat_interleave(torch.arange(images.shape[0]), lengths)
+        dev = self.z.device
+        seg = torch.repeat_interleave(torch.arange(images.shape[0], device=dev), lengths)
         first = torch.cumsum(lengths, 0) - lengths
-        idx = starts[seg] + torch.arange(int(lengths.sum())) - first[seg]
+        idx = starts[seg] + torch.arange(int(lengths.sum()), device=dev) - first[seg]
         return self.z[idx], seg
 
 
 def batch_loss(model: nn.Module, prep: Prepared, triplets: torch.Tensor, margin: float) -> torch.Tensor:
     """Sum of the triplet losses of ``triplets`` (T, 3), each image described once per batch."""
     if triplets.shape[0] == 0:  # keeps every parameter in the graph (DDP needs a backward on each rank)
-        return sum((p.sum() * 0.0 for p in model.parameters()), torch.zeros(()))
-    images, inv = torch.unique(triplets.reshape(-1), return_inverse=True)
+        return sum((p.sum() * 0.0 for p in model.parameters()), torch.zeros((), device=prep.z.device))
+    images, inv = torch.unique(triplets.reshape(-1).to(prep.z.device), return_inverse=True)
     z, seg = prep.batch(images)
     desc = model(z, seg, int(images.shape[0]))
     inv = inv.reshape(-1, 3)
@@ -387,13 +392,15 @@ EpochCallback = Callable[[int, dict, dict], None]
 def train_projection(config: ProjectionConfig, data: TripletData, init: Mapping[str, np.ndarray],
                      seed: int | None = None, epoch_callback: EpochCallback | None = None,
                      prepare_model: Callable[[nn.Module], nn.Module] | None = None,
-                     rank: int = 0, world_size: int = 1) -> dict[str, np.ndarray]:
+                     rank: int = 0, world_size: int = 1,
+                     device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Train the shift + FC layer from ``init`` (``Whitening.to_arrays()``: ``mean``, ``projection``).
 
     Deterministic: single-threaded torch, shuffles from ``seed`` (default ``config.seed``), no other
     randomness. ``epoch_callback(epoch, stats, arrays)`` runs after every epoch (the Ray worker reports and
     checkpoints there). ``prepare_model`` wraps the module (``ray.train.torch.prepare_model``); ``rank`` and
-    ``world_size`` split each batch between data-parallel workers. Returns shift + FC arrays with the keys
+    ``world_size`` split each batch between data-parallel workers; ``device`` holds the whitened regions
+    and the model (bit-reproducible on CPU only: CUDA's ``index_add_`` uses atomics). Returns shift + FC arrays with the keys
     of ``Whitening.to_arrays`` (``epochs = 0`` returns ``init`` truncated to ``dim``, bit for bit).
 
     Departure from seed 003: SGD steps in the whitened coordinates of ``init`` (``W = P A``, see
@@ -415,8 +422,8 @@ def train_projection(config: ProjectionConfig, data: TripletData, init: Mapping[
     if not 0 < d <= r:
         raise ValueError(f"dim must be in 1..{r} (the width of the initial whitening)")
     with _single_thread():
-        prep = Prepared(data, mean, projection)
-        core = WhitenedTrainable(r, d, config.learn_shift)
+        prep = Prepared(data, mean, projection, device)
+        core = WhitenedTrainable(r, d, config.learn_shift).to(device)
         model = prepare_model(core) if prepare_model is not None else core
         optimizer = make_optimizer(model, config)
         for epoch in range(config.epochs):
