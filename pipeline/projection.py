@@ -47,6 +47,7 @@ SEED003_MARGIN = 0.1
 SEED003_LR = 1e-3
 SEED003_WEIGHT_DECAY = 5e-5
 SEED003_TRIPLETS_PER_UPDATE = 64
+_CHUNK = 65536
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,10 @@ class TripletData:
         if "t" not in self._cache:
             lengths = np.diff(self.offsets)
             seg = np.repeat(np.arange(self.n_images, dtype=np.int64), lengths)
-            self._cache["t"] = (torch.from_numpy(np.array(self.regions)), torch.from_numpy(seg),
-                                torch.from_numpy(np.array(self.offsets)))
+            # copy only read-only arrays (object store, memory maps): torch needs writable memory
+            regions = self.regions if self.regions.flags.writeable else self.regions.copy()
+            self._cache["t"] = (torch.from_numpy(regions), torch.from_numpy(seg),
+                                torch.from_numpy(self.offsets.copy()))
         return self._cache["t"]
 
 
@@ -299,8 +302,9 @@ class Prepared:
                  device: torch.device | str = "cpu") -> None:
         w = LearnedProjection.from_whitening(mean, projection)
         regions, segments, offsets = data.tensors()
-        with torch.no_grad():
-            self.z = ((l2n(regions) + w.shift) @ w.weight).to(device)
+        with torch.no_grad():  # by row blocks: no (R, D) temporary for a large collection
+            self.z = torch.cat([(l2n(regions[i:i + _CHUNK]) + w.shift) @ w.weight
+                                for i in range(0, regions.shape[0], _CHUNK)]).to(device)
         self.segments, self.offsets = segments.to(device), offsets.to(device)
         self.n_images = data.n_images
         self.pairs = data.directed_pairs()
