@@ -1,0 +1,279 @@
+"""Measurement script: spatial-verification re-ranking of first-stage rankings on museum-landmarks.
+
+Not a product entry point. Two steps:
+
+1. ``extract``: keypoints of every database image and query of the three tracks (root ``gnd.json`` with
+   queries cropped to their box as actors/query.py crops them, ``in-photos/``, ``no-box/``), cached as one npz
+   per image under ``<cache>/<extractor>-<max_side>-<top_n>/`` (outside the repo), so later runs only read.
+
+       python experiments/sv_eval.py extract --extractor xfeat --max-side 640
+
+2. ``eval``: reads first-stage rankings (``<rankings>/<track>.npz``: method slug -> (n_q, <=1000) database
+   indices, -1 padded, as jobs/benchmark.py writes them), re-ranks the top ``K`` of each query with spatial
+   verification for each configuration of a grid, and prints / writes mAP (Revisited-Oxford protocols via
+   pipeline.evaluation.evaluate_all) per track x method x configuration, plus verification time per pair.
+   Inlier counts are computed once per (configuration, query, database image) and memoised across methods;
+   ``min_inliers`` and the fusion rule are swept afterwards on those counts (the counts are computed with a
+   low fitting floor, ``--fit-floor``; see the note in the report).
+
+       python experiments/sv_eval.py eval --rankings /work/runs/bench_before/rankings --out /work/runs/sv_eval
+
+Images are decoded with storage.images.decode_image (EXIF-oriented RGB), as the indexer decodes them.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.evaluation import evaluate_all  # noqa: E402
+from pipeline.keypoints import KeypointConfig, Keypoints, build_keypoint_extractor  # noqa: E402
+from pipeline.matching import MatcherConfig, build_matcher  # noqa: E402
+from pipeline.verification import VerifyConfig, fuse_scores, verify_shortlist  # noqa: E402
+from storage.datasets import Dataset, load_gnd_json  # noqa: E402
+from storage.images import decode_image  # noqa: E402
+from storage.keypoint_weights import load_keypoint_weights  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks"
+if not DATA.exists():
+    DATA = Path("/work/shared/data/museum-landmarks")
+TRACKS = {"museum-landmarks": "gnd.json", "in-photos": "in-photos/gnd.json", "no-box": "no-box/gnd.json"}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_tracks(data: Path) -> dict[str, Dataset]:
+    return {name: load_gnd_json(str(data / rel)) for name, rel in TRACKS.items()}
+
+
+def crop_box(bbx: tuple[float, float, float, float] | None, w: int, h: int) -> tuple[int, int, int, int] | None:
+    """Integer crop box exactly as actors.query.crop computes it."""
+    if bbx is None:
+        return None
+    x0, y0, x1, y1 = bbx
+    return (max(0, int(np.floor(x0))), max(0, int(np.floor(y0))), min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1))))
+
+
+def query_key(qid: str, bbx: Any) -> str:
+    if bbx is None:
+        return qid
+    return f"{qid}__box_" + "_".join(str(int(round(v))) for v in bbx)
+
+
+def all_items(tracks: dict[str, Dataset]) -> dict[str, tuple[str, Any]]:
+    """cache key -> (image id, query box or None) for every database image and query of every track."""
+    items: dict[str, tuple[str, Any]] = {}
+    for ds in tracks.values():
+        for iid in ds.images:
+            items.setdefault(iid, (iid, None))
+        for qi, qid in enumerate(ds.queries):
+            bbx = ds.query_bbox(qi)
+            items.setdefault(query_key(qid, bbx), (qid, bbx))
+    return items
+
+
+def read_rgb(image_id: str, bbx: Any) -> np.ndarray:
+    img = decode_image((DATA / "jpg" / f"{image_id}.jpg").read_bytes())
+    arr = np.asarray(img)
+    box = crop_box(bbx, arr.shape[1], arr.shape[0])
+    if box is not None:
+        arr = np.ascontiguousarray(arr[box[1]:box[3], box[0]:box[2]])
+    return arr
+
+
+def cache_dir(root: Path, kcfg: KeypointConfig) -> Path:
+    return root / f"{kcfg.extractor}-{kcfg.max_side}-{kcfg.top_n}"
+
+
+def save_kp(path: Path, kp: Keypoints) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **kp.to_arrays("float16"))
+    os.replace(tmp, path)
+
+
+def load_kp(path: Path, extractor: str) -> Keypoints:
+    with np.load(path) as z:
+        return Keypoints.from_arrays({k: z[k] for k in z.files}, extractor)
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    kcfg = KeypointConfig(extractor=args.extractor, max_side=args.max_side, top_n=args.top_n, device="cpu")
+    out = cache_dir(Path(args.cache), kcfg)
+    out.mkdir(parents=True, exist_ok=True)
+    ex = build_keypoint_extractor(kcfg, "cpu", state_dict=load_keypoint_weights(args.extractor))
+    tracks = load_tracks(DATA)
+    items = all_items(tracks)
+    if args.only:
+        wanted = set(Path(args.only).read_text().split())
+        items = {k: v for k, v in items.items() if k in wanted}
+    todo = [k for k in sorted(items) if not (out / f"{k}.npz").exists()]
+    print(f"[extract] {kcfg}: {len(items)} items, {len(todo)} to do -> {out}", flush=True)
+    t0, t_net = time.perf_counter(), 0.0
+    for n, key in enumerate(todo, 1):
+        arr = read_rgb(*items[key])
+        t = time.perf_counter()
+        kp = ex.extract(arr)
+        t_net += time.perf_counter() - t
+        save_kp(out / f"{key}.npz", kp)
+        if n % 200 == 0 or n == len(todo):
+            el = time.perf_counter() - t0
+            print(f"[extract] {n}/{len(todo)}  {el:.0f}s  extract {1000 * t_net / n:.1f} ms/img", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------- eval
+class KpStore:
+    """Cached keypoints by key, truncated to ``top_n`` (rows are sorted by score, so truncating equals
+    extracting with the smaller ``top_n``)."""
+
+    def __init__(self, root: Path, kcfg: KeypointConfig) -> None:
+        self.dir = cache_dir(root, replace(kcfg, top_n=1024))
+        self.top_n = kcfg.top_n
+        self.extractor = kcfg.extractor
+        self.mem: dict[str, Keypoints] = {}
+
+    def __getitem__(self, key: str) -> Keypoints:
+        kp = self.mem.get(key)
+        if kp is None:
+            kp = load_kp(self.dir / f"{key}.npz", self.extractor).top(self.top_n)
+            self.mem[key] = kp
+        return kp
+
+
+def load_rankings(rank_dir: Path, track: str) -> dict[str, np.ndarray]:
+    with np.load(rank_dir / f"{track}.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def track_gnd(ds: Dataset) -> list[dict[str, Any]]:
+    return [{k: g[k] for k in ("easy", "hard", "junk")} for g in ds.gnd]
+
+
+def summary(ev: dict[str, Any]) -> dict[str, float]:
+    return {p[0].upper(): round(100 * ev[p]["map"], 2) for p in ("easy", "medium", "hard")}
+
+
+def parse_grid(spec: str) -> list[dict[str, Any]]:
+    """``"max_side=640,1024;top_n=512,1024;..."`` -> list of dicts (cartesian product)."""
+    keys, values = [], []
+    for part in filter(None, spec.split(";")):
+        k, v = part.split("=")
+        keys.append(k.strip())
+        vals = []
+        for x in v.split(","):
+            x = x.strip()
+            try:
+                vals.append(int(x))
+            except ValueError:
+                try:
+                    vals.append(float(x))
+                except ValueError:
+                    vals.append(x)
+        values.append(vals)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    tracks = load_tracks(DATA)
+    rank_dir = Path(args.rankings)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = parse_grid(args.grid)
+    taus = [int(t) for t in args.taus.split(",")]
+    K = args.k
+    rows: list[dict[str, Any]] = []
+    for point in grid:
+        kcfg = KeypointConfig(extractor=point.get("extractor", "xfeat"), max_side=int(point.get("max_side", 640)),
+                              top_n=int(point.get("top_n", 1024)), device="cpu")
+        mcfg = MatcherConfig(name=point.get("matcher", "mnn"), min_similarity=float(point.get("min_sim", 0.82)))
+        vcfg = VerifyConfig(matcher=mcfg, ransac_threshold=float(point.get("thr", 8.0)), min_inliers=args.fit_floor,
+                            max_iters=int(point.get("iters", 2000)), shortlist=K)
+        weights = load_keypoint_weights(mcfg.name) if mcfg.name != "mnn" else None
+        matcher = build_matcher(mcfg, "cpu", weights)
+        store = KpStore(Path(args.cache), kcfg)
+        memo: dict[tuple[str, str], int] = {}
+        t_verify, n_pairs = 0.0, 0
+        for tname, ds in tracks.items():
+            rankings = load_rankings(rank_dir, tname)
+            methods = [m for m in rankings if not args.methods or m in args.methods.split(",")]
+            gnd = track_gnd(ds)
+            for m in methods:
+                ids = rankings[m]
+                base = evaluate_all(list(ids), gnd)
+                inl = np.zeros((len(ids), K), dtype=np.int64)
+                for qi in range(len(ids)):
+                    qk = query_key(ds.queries[qi], ds.query_bbox(qi))
+                    short = [int(j) for j in ids[qi, :K] if j >= 0]
+                    todo = [j for j in short if (qk, ds.images[j]) not in memo]
+                    if todo:
+                        t = time.perf_counter()
+                        res = verify_shortlist(store[qk], [store[ds.images[j]] for j in todo], vcfg, matcher)
+                        t_verify += time.perf_counter() - t
+                        n_pairs += len(todo)
+                        for j, r in zip(todo, res):
+                            memo[(qk, ds.images[j])] = r.inliers
+                    inl[qi, :len(short)] = [memo[(qk, ds.images[j])] for j in short]
+                row = {"track": tname, "method": m, **point, "K": K, "base": summary(base)}
+                for fusion, tau in itertools.product(("tiered", "additive"), taus):
+                    fcfg = replace(vcfg, fusion=fusion, min_inliers=tau, fusion_weight=args.weight,
+                                   inlier_cap=args.cap)
+                    reranked = []
+                    for qi in range(len(ids)):
+                        k = int((ids[qi, :K] >= 0).sum())
+                        s = -np.arange(k, dtype=np.float64) / max(k, 1)  # rank-based first-stage score in (-1, 0]
+                        order = np.argsort(-fuse_scores(s, inl[qi, :k], fcfg), kind="stable")
+                        reranked.append(np.concatenate([ids[qi, :k][order], ids[qi, k:]]))
+                    row[f"{fusion}@{tau}"] = summary(evaluate_all(reranked, gnd))
+                rows.append(row)
+                best = max((k for k in row if "@" in k), key=lambda k: row[k]["H"])
+                print(f"{tname:17s} {m:28s} {json.dumps(point)}  base {row['base']}  best {best} {row[best]}",
+                      flush=True)
+            ms = 1000 * t_verify / max(n_pairs, 1)
+        print(f"[time] {json.dumps(point)}: {n_pairs} pairs, {ms:.2f} ms/pair -> {ms * K / 1000:.2f} s per "
+              f"top-{K} query", flush=True)
+        for r in rows:
+            if all(r.get(k) == v for k, v in point.items()):
+                r["ms_per_pair"] = ms
+        with open(out / "rows.json", "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("extract")
+    e.add_argument("--extractor", default="xfeat")
+    e.add_argument("--max-side", type=int, default=640)
+    e.add_argument("--top-n", type=int, default=1024)
+    e.add_argument("--cache", default="/work/runs/kp_cache")
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--only", help="file listing cache keys to extract (default: every image of every track)")
+    v = sub.add_parser("eval")
+    v.add_argument("--rankings", default="/work/runs/bench_before/rankings")
+    v.add_argument("--out", default="/work/runs/sv_eval")
+    v.add_argument("--cache", default="/work/runs/kp_cache")
+    v.add_argument("--methods", default="", help="comma-separated method slugs (default: all)")
+    v.add_argument("--grid", default="extractor=xfeat;max_side=640;top_n=1024;matcher=mnn;min_sim=0.82;thr=8")
+    v.add_argument("--taus", default="8,10,12,15,20,25,30")
+    v.add_argument("--k", type=int, default=100)
+    v.add_argument("--fit-floor", type=int, default=6)
+    v.add_argument("--weight", type=float, default=1.0, help="additive fusion weight (rank score in (-1, 0])")
+    v.add_argument("--cap", type=int, default=50, help="additive fusion inlier cap")
+    v.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    {"extract": cmd_extract, "eval": cmd_eval}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
