@@ -249,6 +249,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
             json.dump(rows, f, indent=1)
 
 
+def cmd_dev_rankings(args: argparse.Namespace) -> None:
+    """Development first-stage rankings from an index's ``globals`` table (cosine on stored descriptors; a
+    query uses its own uncropped image's descriptor, so boxed queries are not cropped here)."""
+    import glob
+
+    import pyarrow.parquet as pq
+
+    from storage.schemas import descriptors_to_numpy
+
+    tracks = load_tracks(DATA)
+    methods = args.dev_methods.split(",")
+    desc: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
+    for f in sorted(glob.glob(os.path.join(args.index, "tables", "globals", "*.parquet"))):
+        t = pq.read_table(f)
+        ids, meth = t.column("image_id").to_pylist(), t.column("method").to_pylist()
+        d = descriptors_to_numpy(t.column("descriptor"))
+        for i, m, v in zip(ids, meth, d):
+            if m in desc:
+                desc[m][i] = v / max(np.linalg.norm(v), 1e-12)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for tname, ds in tracks.items():
+        arrays = {}
+        for m in methods:
+            dim = len(next(iter(desc[m].values())))
+            X = np.stack([desc[m].get(i, np.zeros(dim, np.float32)) for i in ds.images])
+            Q = np.stack([desc[m].get(q, np.zeros(dim, np.float32)) for q in ds.queries])
+            S = Q @ X.T
+            arrays[f"dev_{m}"] = np.argsort(-S, axis=1, kind="stable")[:, :1000].astype(np.int64)
+            print(tname, m, summary(evaluate_all(list(arrays[f"dev_{m}"]), track_gnd(ds))), flush=True)
+        np.savez(out / f"{tname}.npz", **arrays)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -271,8 +304,12 @@ def main() -> None:
     v.add_argument("--weight", type=float, default=1.0, help="additive fusion weight (rank score in (-1, 0])")
     v.add_argument("--cap", type=int, default=50, help="additive fusion inlier cap")
     v.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("dev-rankings")
+    r.add_argument("--index", default="/work/runs/bench_before/index")
+    r.add_argument("--dev-methods", default="gem,mac,fs_egm_sum")
+    r.add_argument("--out", default="/work/runs/sv_dev_rankings")
     args = p.parse_args()
-    {"extract": cmd_extract, "eval": cmd_eval}[args.cmd](args)
+    {"extract": cmd_extract, "eval": cmd_eval, "dev-rankings": cmd_dev_rankings}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -151,8 +151,9 @@ def fit_geometry(pts_a: np.ndarray, pts_b: np.ndarray, cfg: VerifyConfig
                  ) -> tuple[np.ndarray | None, str | None, np.ndarray]:
     """Robust model ``pts_a -> pts_b`` (both (M, 2) pixels): ``(model 3x3 | None, kind, inlier mask (M,))``.
 
-    A MAGSAC++ homography first (M >= 4); if it is missing, degenerate or below ``min_inliers``, a MAGSAC++
-    affine model (M >= 3) when ``affine_fallback``. A model is returned only if it is non-degenerate with at
+    A MAGSAC++ homography first (M >= 4); if none is found or it is degenerate, a MAGSAC++ affine model when
+    ``affine_fallback`` (a homography with fewer than ``min_inliers`` inliers ends the search: an affine map
+    is a special homography, so its consensus cannot be larger). A model is returned only if it is non-degenerate with at
     least ``min_inliers`` inliers; otherwise ``(None, None, all-False mask)``.
     """
     a = np.ascontiguousarray(pts_a, dtype=np.float32).reshape(-1, 2)
@@ -166,7 +167,11 @@ def fit_geometry(pts_a: np.ndarray, pts_b: np.ndarray, cfg: VerifyConfig
                                      confidence=cfg.confidence)
         if H is not None and mask is not None:
             inl = mask.ravel().astype(bool)
-            if inl.sum() >= cfg.min_inliers and not is_degenerate(H, a[inl], b[inl], cfg):
+            if inl.sum() < cfg.min_inliers:
+                # an affine map is a special homography: its consensus cannot be larger, so a well-posed
+                # homography with too few inliers ends verification (saves a second MAGSAC on most pairs)
+                return none
+            if not is_degenerate(H, a[inl], b[inl], cfg):
                 return H / H[2, 2], "homography", inl
     if cfg.affine_fallback:
         A, mask = cv2.estimateAffine2D(a, b, method=cv2.USAC_MAGSAC, ransacReprojThreshold=cfg.ransac_threshold,
