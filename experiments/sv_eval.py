@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.evaluation import evaluate_all  # noqa: E402
 from pipeline.keypoints import KeypointConfig, Keypoints, build_keypoint_extractor  # noqa: E402
 from pipeline.matching import MatcherConfig, build_matcher  # noqa: E402
-from pipeline.verification import VerifyConfig, fuse_scores, verify_shortlist  # noqa: E402
+from pipeline.verification import VerifyConfig, fit_geometry, fuse_scores  # noqa: E402
 from storage.datasets import Dataset, load_gnd_json  # noqa: E402
 from storage.images import decode_image  # noqa: E402
 from storage.keypoint_weights import load_keypoint_weights  # noqa: E402
@@ -150,6 +150,60 @@ class KpStore:
         return kp
 
 
+class IndexLocalsStore:
+    """The project's cnn locals as an index run stored them (``tables/locals``: MobileNetV2 conv-map locals,
+    PCA-128, positions in original pixels), as Keypoints; a boxed query keeps the locals inside its box,
+    shifted to the crop's frame (the crop of actors.query.crop)."""
+
+    def __init__(self, index: str, top_n: int) -> None:
+        import glob
+
+        import pyarrow.parquet as pq
+
+        from storage.schemas import descriptors_to_numpy
+
+        self.top_n = top_n
+        self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        parts: dict[str, list] = {}
+        for f in sorted(glob.glob(os.path.join(index, "tables", "locals", "*.parquet"))):
+            t = pq.read_table(f)
+            ids = np.asarray(t.column("image_id").to_pylist())
+            xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], 1).astype(np.float32)
+            st = t.column("strength").to_numpy().astype(np.float32)
+            d = descriptors_to_numpy(t.column("descriptor"))
+            for i in np.unique(ids):
+                m = ids == i
+                parts[str(i)] = (xy[m], st[m], d[m])
+        self.rows = parts
+        self.sizes: dict[str, tuple[int, int]] = {}
+        for f in sorted(glob.glob(os.path.join(index, "tables", "images", "*.parquet"))):
+            t = pq.read_table(f, columns=["image_id", "width", "height"])
+            for i, w, h in zip(t.column("image_id").to_pylist(), t.column("width").to_pylist(),
+                               t.column("height").to_pylist()):
+                self.sizes[i] = (int(w), int(h))
+        self.mem: dict[str, Keypoints] = {}
+
+    def __getitem__(self, key: str) -> Keypoints:
+        if key in self.mem:
+            return self.mem[key]
+        iid, _, box = key.partition("__box_")
+        xy, st, d = self.rows.get(iid, (np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
+                                         np.zeros((0, 128), np.float32)))
+        size = self.sizes.get(iid, (1, 1))
+        if box:
+            x0, y0, x1, y1 = (float(v) for v in box.split("_"))
+            c = crop_box((x0, y0, x1, y1), *size)
+            m = (xy[:, 0] >= c[0]) & (xy[:, 0] < c[2]) & (xy[:, 1] >= c[1]) & (xy[:, 1] < c[3])
+            xy, st, d = xy[m] - np.array(c[:2], np.float32), st[m], d[m]
+            size = (c[2] - c[0], c[3] - c[1])
+        order = np.argsort(-st, kind="stable")[: self.top_n]
+        dd = d[order].astype(np.float32)
+        dd /= np.maximum(np.linalg.norm(dd, axis=1, keepdims=True), 1e-12)
+        kp = Keypoints(xy[order], st[order], dd, size, "cnn")
+        self.mem[key] = kp
+        return kp
+
+
 def load_rankings(rank_dir: Path, track: str) -> dict[str, np.ndarray]:
     with np.load(rank_dir / f"{track}.npz") as z:
         return {k: z[k] for k in z.files}
@@ -183,8 +237,42 @@ def parse_grid(spec: str) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
+KP_KEYS = ("extractor", "max_side", "top_n", "matcher")
+
+
+def shortlists(tracks: dict[str, Dataset], rank_dir: Path, methods: str, K: int):
+    """(track, method, ids (n_q, <=1000), per-query cache keys) for the selected methods."""
+    for tname, ds in tracks.items():
+        rankings = load_rankings(rank_dir, tname)
+        qkeys = [query_key(q, ds.query_bbox(i)) for i, q in enumerate(ds.queries)]
+        for m in rankings:
+            if not methods or m in methods.split(","):
+                yield tname, ds, m, rankings[m], qkeys
+
+
+def slug_point(point: dict[str, Any]) -> str:
+    return "_".join(f"{k}{v}" for k, v in point.items())
+
+
+def rerank_all(ids: np.ndarray, inl: np.ndarray, K: int, cfg: VerifyConfig) -> list[np.ndarray]:
+    """Fused re-ranking of the top ``K`` of every query (first-stage score = -rank / K)."""
+    out = []
+    for qi in range(len(ids)):
+        k = int((ids[qi, :K] >= 0).sum())
+        s = -np.arange(k, dtype=np.float64) / max(k, 1)
+        order = np.argsort(-fuse_scores(s, inl[qi, :k], cfg), kind="stable")
+        out.append(np.concatenate([ids[qi, :k][order], ids[qi, k:]]))
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
+    """Grid over keypoint settings (outer: extractor, max_side, top_n, matcher -- tentative matches computed
+    once each, with no similarity floor) and fitting settings (inner: min_sim post-filter, thr, iters), then
+    min_inliers x fusion swept on the inlier counts."""
     torch.set_num_threads(args.threads)
+    import cv2
+
+    cv2.setNumThreads(args.threads)
     tracks = load_tracks(DATA)
     rank_dir = Path(args.rankings)
     out = Path(args.out)
@@ -193,60 +281,88 @@ def cmd_eval(args: argparse.Namespace) -> None:
     taus = [int(t) for t in args.taus.split(",")]
     K = args.k
     rows: list[dict[str, Any]] = []
+    kp_points: dict[tuple, list[dict[str, Any]]] = {}
     for point in grid:
-        kcfg = KeypointConfig(extractor=point.get("extractor", "xfeat"), max_side=int(point.get("max_side", 640)),
-                              top_n=int(point.get("top_n", 1024)), device="cpu")
-        mcfg = MatcherConfig(name=point.get("matcher", "mnn"), min_similarity=float(point.get("min_sim", 0.82)))
-        vcfg = VerifyConfig(matcher=mcfg, ransac_threshold=float(point.get("thr", 8.0)), min_inliers=args.fit_floor,
-                            max_iters=int(point.get("iters", 2000)), shortlist=K)
-        weights = load_keypoint_weights(mcfg.name) if mcfg.name != "mnn" else None
-        matcher = build_matcher(mcfg, "cpu", weights)
-        store = KpStore(Path(args.cache), kcfg)
-        memo: dict[tuple[str, str], int] = {}
-        t_verify, n_pairs = 0.0, 0
-        for tname, ds in tracks.items():
-            rankings = load_rankings(rank_dir, tname)
-            methods = [m for m in rankings if not args.methods or m in args.methods.split(",")]
-            gnd = track_gnd(ds)
-            for m in methods:
-                ids = rankings[m]
-                base = evaluate_all(list(ids), gnd)
+        kp_points.setdefault(tuple(point.get(k) for k in KP_KEYS), []).append(point)
+    lists = list(shortlists(tracks, rank_dir, args.methods, K))
+    for kp_key, points in kp_points.items():
+        p0 = points[0]
+        kcfg = KeypointConfig(extractor=p0.get("extractor", "xfeat"), max_side=int(p0.get("max_side", 640)),
+                              top_n=int(p0.get("top_n", 1024)), device="cpu")
+        mname = p0.get("matcher", "mnn")
+        matcher = build_matcher(MatcherConfig(name=mname, min_similarity=-1.0), "cpu",
+                                load_keypoint_weights(mname) if mname != "mnn" else None)
+        store: Any = IndexLocalsStore(args.index, kcfg.top_n) if kcfg.extractor == "cnn" else \
+            KpStore(Path(args.cache), kcfg)
+        matches: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        t_match, n_match = 0.0, 0
+        for tname, ds, m, ids, qkeys in lists:
+            for qi, qk in enumerate(qkeys):
+                todo = [ds.images[j] for j in ids[qi, :K] if j >= 0 and (qk, ds.images[j]) not in matches]
+                if todo:
+                    t = time.perf_counter()
+                    res = matcher.match_many(store[qk], [store[i] for i in todo])
+                    t_match += time.perf_counter() - t
+                    n_match += len(todo)
+                    for i, r in zip(todo, res):
+                        matches[(qk, i)] = r
+        ms_match = 1000 * t_match / max(n_match, 1)
+        print(f"[match] {dict(zip(KP_KEYS, kp_key))}: {n_match} pairs, {ms_match:.2f} ms/pair", flush=True)
+        for point in points:
+            vcfg = VerifyConfig(ransac_threshold=float(point.get("thr", 8.0)), min_inliers=args.fit_floor,
+                                max_iters=int(point.get("iters", 2000)), shortlist=K)
+            min_sim = float(point.get("min_sim", 0.82 if mname == "mnn" else -1.0))
+            inl_memo: dict[tuple[str, str], int] = {}
+            t_fit = 0.0
+            t0 = time.perf_counter()
+            for (qk, iid), (pairs, conf) in matches.items():
+                keep = conf >= min_sim
+                pr = pairs[keep]
+                t = time.perf_counter()
+                _, _, mask = fit_geometry(store[qk].xy[pr[:, 0]], store[iid].xy[pr[:, 1]], vcfg)
+                t_fit += time.perf_counter() - t
+                inl_memo[(qk, iid)] = int(mask.sum())
+            ms_fit = 1000 * t_fit / max(len(matches), 1)
+            print(f"[fit] {json.dumps(point)}: {len(matches)} pairs, {ms_fit:.2f} ms/pair "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            for tname, ds, m, ids, qkeys in lists:
+                gnd = track_gnd(ds)
                 inl = np.zeros((len(ids), K), dtype=np.int64)
-                for qi in range(len(ids)):
-                    qk = query_key(ds.queries[qi], ds.query_bbox(qi))
-                    short = [int(j) for j in ids[qi, :K] if j >= 0]
-                    todo = [j for j in short if (qk, ds.images[j]) not in memo]
-                    if todo:
-                        t = time.perf_counter()
-                        res = verify_shortlist(store[qk], [store[ds.images[j]] for j in todo], vcfg, matcher)
-                        t_verify += time.perf_counter() - t
-                        n_pairs += len(todo)
-                        for j, r in zip(todo, res):
-                            memo[(qk, ds.images[j])] = r.inliers
-                    inl[qi, :len(short)] = [memo[(qk, ds.images[j])] for j in short]
-                row = {"track": tname, "method": m, **point, "K": K, "base": summary(base)}
+                for qi, qk in enumerate(qkeys):
+                    short = [ds.images[j] for j in ids[qi, :K] if j >= 0]
+                    inl[qi, :len(short)] = [inl_memo[(qk, i)] for i in short]
+                row = {"track": tname, "method": m, **point, "K": K, "ms_match_pair": ms_match,
+                       "ms_fit_pair": ms_fit, "base": summary(evaluate_all(list(ids), gnd))}
                 for fusion, tau in itertools.product(("tiered", "additive"), taus):
                     fcfg = replace(vcfg, fusion=fusion, min_inliers=tau, fusion_weight=args.weight,
                                    inlier_cap=args.cap)
-                    reranked = []
-                    for qi in range(len(ids)):
-                        k = int((ids[qi, :K] >= 0).sum())
-                        s = -np.arange(k, dtype=np.float64) / max(k, 1)  # rank-based first-stage score in (-1, 0]
-                        order = np.argsort(-fuse_scores(s, inl[qi, :k], fcfg), kind="stable")
-                        reranked.append(np.concatenate([ids[qi, :k][order], ids[qi, k:]]))
-                    row[f"{fusion}@{tau}"] = summary(evaluate_all(reranked, gnd))
+                    row[f"{fusion}@{tau}"] = summary(evaluate_all(rerank_all(ids, inl, K, fcfg), gnd))
+                # upper bound of any re-ranking of the top K: its positives (medium) first, in rank order
+                oracle = []
+                for qi in range(len(ids)):
+                    k = int((ids[qi, :K] >= 0).sum())
+                    okset = set(gnd[qi]["easy"].tolist()) | set(gnd[qi]["hard"].tolist())
+                    first = [j for j in ids[qi, :k] if j in okset]
+                    rest = [j for j in ids[qi, :k] if j not in okset]
+                    oracle.append(np.concatenate([np.asarray(first + rest, np.int64), ids[qi, k:]]))
+                row["oracle"] = summary(evaluate_all(oracle, gnd))
+                np.savez(out / f"inliers_{slug_point(point)}_{tname}_{m}.npz", inliers=inl, ids=ids[:, :K])
+                # how separable are positives from negatives by inliers (medium protocol positives)
+                pos = [inl[qi, r] for qi in range(len(ids)) for r in range(K) if ids[qi, r] >= 0 and
+                       (ids[qi, r] in set(gnd[qi]["easy"].tolist()) | set(gnd[qi]["hard"].tolist()))]
+                neg = [inl[qi, r] for qi in range(len(ids)) for r in range(K) if ids[qi, r] >= 0 and
+                       ids[qi, r] not in set(gnd[qi]["easy"].tolist()) | set(gnd[qi]["hard"].tolist()) |
+                       set(gnd[qi]["junk"].tolist())]
+                row["inliers_pos_pct"] = np.percentile(pos, [5, 10, 25, 50]).tolist() if pos else []
+                row["inliers_neg_pct"] = np.percentile(neg, [50, 99, 99.9, 100]).tolist() if neg else []
                 rows.append(row)
                 best = max((k for k in row if "@" in k), key=lambda k: row[k]["H"])
-                print(f"{tname:17s} {m:28s} {json.dumps(point)}  base {row['base']}  best {best} {row[best]}",
-                      flush=True)
-            ms = 1000 * t_verify / max(n_pairs, 1)
-        print(f"[time] {json.dumps(point)}: {n_pairs} pairs, {ms:.2f} ms/pair -> {ms * K / 1000:.2f} s per "
-              f"top-{K} query", flush=True)
-        for r in rows:
-            if all(r.get(k) == v for k, v in point.items()):
-                r["ms_per_pair"] = ms
-        with open(out / "rows.json", "w") as f:
-            json.dump(rows, f, indent=1)
+                print(f"{tname:17s} {m:24s} oracle@{K} {row['oracle']}")
+                print(f"{tname:17s} {m:24s} {json.dumps(point)}  base {row['base']}  tiered@15 "
+                      f"{row.get('tiered@15')}  best {best} {row[best]}  pos p5/p10 "
+                      f"{row['inliers_pos_pct'][:2]} neg p99/p99.9/max {row['inliers_neg_pct'][1:]}", flush=True)
+            with open(out / "rows.json", "w") as f:
+                json.dump(rows, f, indent=1)
 
 
 def cmd_dev_rankings(args: argparse.Namespace) -> None:
@@ -297,6 +413,8 @@ def main() -> None:
     v.add_argument("--out", default="/work/runs/sv_eval")
     v.add_argument("--cache", default="/work/runs/kp_cache")
     v.add_argument("--methods", default="", help="comma-separated method slugs (default: all)")
+    v.add_argument("--index", default="/work/runs/bench_before/index", help="index run whose locals table "
+                   "the cnn extractor reads")
     v.add_argument("--grid", default="extractor=xfeat;max_side=640;top_n=1024;matcher=mnn;min_sim=0.82;thr=8")
     v.add_argument("--taus", default="8,10,12,15,20,25,30")
     v.add_argument("--k", type=int, default=100)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.keypoints import KeypointConfig, Keypoints, build_keypoint_extractor
-from pipeline.matching import MatcherConfig, build_matcher, mutual_nn_matches, mutual_nn_matches_many
+from pipeline.matching import (MatcherConfig, build_matcher, mutual_nn_matches, mutual_nn_matches_many,
+                               mutual_nn_matches_many_torch)
 from pipeline.verification import (VerifyConfig, fit_geometry, fuse_scores, is_degenerate, rerank_shortlist,
                                    verify_pair, verify_shortlist)
 from storage.keypoint_weights import load_keypoint_weights
@@ -54,6 +55,10 @@ def test_mutual_nn_many_equals_single():
         np.testing.assert_array_equal(p, p1)
         np.testing.assert_allclose(s, s1)
     assert mutual_nn_matches(q[:0], dbs[0])[0].shape == (0, 2)
+    # the torch implementation (used on a GPU), run here on the CPU, agrees
+    for (p, s), (pt, st) in zip(many, mutual_nn_matches_many_torch(q, dbs, 0.2, "cpu", chunk_rows=64)):
+        np.testing.assert_array_equal(p, pt)
+        np.testing.assert_allclose(s, st, atol=1e-6)
 
 
 def corner_error(H_est: np.ndarray, H_true: np.ndarray, w: int, h: int) -> float:
