@@ -32,8 +32,8 @@ channels, dtype) raise ``ValueError``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Protocol, Sequence
+from dataclasses import dataclass, replace
+from typing import Mapping, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -62,6 +62,9 @@ class KeypointConfig:
     (the museum-landmarks images are <= 1024 px; chosen by experiments/sv_eval.py, see the report there).
     ``detection_threshold``: None = the extractor's reference default (:data:`DEFAULT_THRESHOLDS`).
     ``nms_radius``: XFeat uses a 5x5 max-pool (radius 2) and ALIKED radius 2 in their reference code.
+    ``scales``: multipliers of ``max_side`` the image is run at (default one scale); several scales
+    (e.g. (1.0, 0.5) for a query) bridge the scale gap between an object's own image and its appearance
+    in a wider photo, like the image pyramids of DELF / XFeat* (``XFeat.extract_dualscale``).
     ``device``: "auto" = CUDA when available, else CPU.
     """
 
@@ -71,6 +74,7 @@ class KeypointConfig:
     detection_threshold: float | None = None
     nms_radius: int = 2
     upscale: bool = False
+    scales: tuple[float, ...] = (1.0,)
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -82,6 +86,8 @@ class KeypointConfig:
             raise ValueError(f"max_side must be >= {MIN_INPUT_SIDE}, got {self.max_side}")
         if self.nms_radius < 0:
             raise ValueError("nms_radius must be >= 0")
+        if not self.scales or any(not (0 < float(x) <= 4) for x in self.scales):
+            raise ValueError(f"scales must be non-empty, each in (0, 4], got {self.scales}")
 
     @property
     def threshold(self) -> float:
@@ -247,18 +253,18 @@ class _BaseExtractor:
         self.config = config
         self.device = device
 
-    def _prepare(self, image: np.ndarray, original_size: tuple[int, int] | None
+    def _prepare(self, image: np.ndarray, original_size: tuple[int, int] | None, max_side: int
                  ) -> tuple[np.ndarray | None, tuple[int, int], tuple[int, int]]:
         """(network input or None if too small, net (w, h), original (W, H))."""
         image = _check_image(image)
         h0, w0 = image.shape[:2]
         orig = (int(w0), int(h0)) if original_size is None else (int(original_size[0]), int(original_size[1]))
-        cfg = self.config
+        up = self.config.upscale
         # the size is computed from the ORIGINAL frame so a draft-decoded array gives the same input
-        w, h = network_input_size(orig[0], orig[1], cfg.max_side, 1, cfg.upscale)
+        w, h = network_input_size(orig[0], orig[1], max_side, 1, up)
         if min(w, h) < MIN_INPUT_SIDE:
             return None, (w, h), orig
-        w, h = network_input_size(orig[0], orig[1], cfg.max_side, self.multiple, cfg.upscale)
+        w, h = network_input_size(orig[0], orig[1], max_side, self.multiple, up)
         return _resize(image, (w, h)), (w, h), orig
 
     def extract(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> Keypoints:
@@ -267,23 +273,43 @@ class _BaseExtractor:
 
     def extract_batch(self, images: Sequence[np.ndarray],
                       original_sizes: Sequence[tuple[int, int] | None] | None = None) -> list[Keypoints]:
-        """Keypoints of several images; images with the same network input size share one forward pass."""
+        """Keypoints of several images; inputs of the same network size share one forward pass.
+
+        With several ``config.scales`` each image is run at every ``max_side * scale`` and each scale
+        contributes its ``top_n // len(scales)`` strongest keypoints (a fixed quota, so a scale whose
+        detector scores run lower is still represented); positions from every scale are in original pixels.
+        """
         sizes = list(original_sizes) if original_sizes is not None else [None] * len(images)
         if len(sizes) != len(images):
             raise ValueError("original_sizes must have one entry per image")
-        out: list[Keypoints | None] = [None] * len(images)
+        scales = self.config.scales
+        quota = self.config.top_n if len(scales) == 1 else max(1, self.config.top_n // len(scales))
+        parts: list[list[Keypoints]] = [[] for _ in images]
+        origs: list[tuple[int, int]] = [(0, 0)] * len(images)
         groups: dict[tuple[int, int], list[tuple[int, np.ndarray, tuple[int, int]]]] = {}
         for i, (img, osz) in enumerate(zip(images, sizes)):
-            net, net_size, orig = self._prepare(img, osz)
-            if net is None:
-                out[i] = Keypoints.empty(self.dim, orig, self.name)
-            else:
-                groups.setdefault(net_size, []).append((i, net, orig))
+            for sc in scales:
+                net, net_size, orig = self._prepare(img, osz, max(1, int(round(self.config.max_side * sc))))
+                origs[i] = orig
+                if net is not None:
+                    groups.setdefault(net_size, []).append((i, net, orig))
         for net_size, items in groups.items():
             results = self._run([net for _, net, _ in items], net_size, [o for _, _, o in items])
             for (i, _, _), kp in zip(items, results):
-                out[i] = kp
-        return out  # type: ignore[return-value]
+                parts[i].append(kp.top(quota))
+        out = []
+        for i, ps in enumerate(parts):
+            ps = [p for p in ps if len(p)]
+            if not ps:
+                out.append(Keypoints.empty(self.dim, origs[i], self.name))
+            elif len(ps) == 1:
+                out.append(ps[0])
+            else:
+                sc = np.concatenate([p.scores for p in ps])
+                order = np.argsort(-sc, kind="stable")
+                out.append(Keypoints(np.concatenate([p.xy for p in ps])[order], sc[order],
+                                     np.concatenate([p.descriptors for p in ps])[order], origs[i], self.name))
+        return out
 
     def _run(self, nets: list[np.ndarray], net_size: tuple[int, int],
              originals: list[tuple[int, int]]) -> list[Keypoints]:  # pragma: no cover - abstract

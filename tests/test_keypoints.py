@@ -171,3 +171,16 @@ def test_cnn_extractor_cell_centres():
     # input 320x160 -> 10x5 cells, each 64 px in the original; centres at 32 + 64 k
     np.testing.assert_allclose((kp.xy - 32) / 64, np.round((kp.xy - 32) / 64), atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(kp.descriptors, axis=1), 1.0, atol=1e-5)
+
+
+def test_multiscale_is_union_of_scales_with_quota(xfeat_sd):
+    img = texture(320, 256, seed=8)
+    multi = xfeat(xfeat_sd, max_side=320, top_n=200, scales=(1.0, 0.5)).extract(img)
+    full = xfeat(xfeat_sd, max_side=320, top_n=100).extract(img)
+    half = xfeat(xfeat_sd, max_side=160, top_n=100).extract(img)
+    assert len(multi) == 200 and np.all(np.diff(multi.scores) <= 0)
+    got = {tuple(np.round(p, 3)) for p in multi.xy}
+    want = {tuple(np.round(p, 3)) for p in np.concatenate([full.xy, half.xy])}
+    assert got == want
+    with pytest.raises(ValueError):
+        KeypointConfig(scales=())
