@@ -92,7 +92,12 @@ def read_rgb(image_id: str, bbx: Any) -> np.ndarray:
 
 
 def cache_dir(root: Path, kcfg: KeypointConfig) -> Path:
-    return root / f"{kcfg.extractor}-{kcfg.max_side}-{kcfg.top_n}"
+    ms = "" if tuple(kcfg.scales) == (1.0,) else "-s" + "+".join(f"{x:g}" for x in kcfg.scales)
+    return root / f"{kcfg.extractor}-{kcfg.max_side}-{kcfg.top_n}{ms}"
+
+
+def parse_scales(text: Any) -> tuple[float, ...]:
+    return tuple(float(x) for x in str(text).split("+")) if text not in (None, "") else (1.0,)
 
 
 def save_kp(path: Path, kp: Keypoints) -> None:
@@ -108,12 +113,16 @@ def load_kp(path: Path, extractor: str) -> Keypoints:
 
 def cmd_extract(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    kcfg = KeypointConfig(extractor=args.extractor, max_side=args.max_side, top_n=args.top_n, device="cpu")
+    kcfg = KeypointConfig(extractor=args.extractor, max_side=args.max_side, top_n=args.top_n, device="cpu",
+                          scales=parse_scales(args.scales))
     out = cache_dir(Path(args.cache), kcfg)
     out.mkdir(parents=True, exist_ok=True)
     ex = build_keypoint_extractor(kcfg, "cpu", state_dict=load_keypoint_weights(args.extractor))
     tracks = load_tracks(DATA)
     items = all_items(tracks)
+    if args.queries_only:
+        qkeys = {query_key(q, ds.query_bbox(i)) for ds in tracks.values() for i, q in enumerate(ds.queries)}
+        items = {k: v for k, v in items.items() if k in qkeys}
     if args.only:
         wanted = set(Path(args.only).read_text().split())
         items = {k: v for k, v in items.items() if k in wanted}
@@ -136,8 +145,8 @@ class KpStore:
     """Cached keypoints by key, truncated to ``top_n`` (rows are sorted by score, so truncating equals
     extracting with the smaller ``top_n``)."""
 
-    def __init__(self, root: Path, kcfg: KeypointConfig) -> None:
-        self.dir = cache_dir(root, replace(kcfg, top_n=1024))
+    def __init__(self, root: Path, kcfg: KeypointConfig, cached_top_n: int = 1024) -> None:
+        self.dir = cache_dir(root, replace(kcfg, top_n=max(cached_top_n, kcfg.top_n)))
         self.top_n = kcfg.top_n
         self.extractor = kcfg.extractor
         self.mem: dict[str, Keypoints] = {}
@@ -237,7 +246,7 @@ def parse_grid(spec: str) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
-KP_KEYS = ("extractor", "max_side", "top_n", "matcher")
+KP_KEYS = ("extractor", "max_side", "top_n", "matcher", "q_max_side", "q_top_n", "q_scales")
 
 
 def shortlists(tracks: dict[str, Dataset], rank_dir: Path, methods: str, K: int):
@@ -294,6 +303,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
                                 load_keypoint_weights(mname) if mname != "mnn" else None)
         store: Any = IndexLocalsStore(args.index, kcfg.top_n) if kcfg.extractor == "cnn" else \
             KpStore(Path(args.cache), kcfg)
+        qstore = store  # the query is extracted once at search time: it may use other settings
+        if p0.get("q_max_side") or p0.get("q_top_n") or p0.get("q_scales"):
+            qcfg = replace(kcfg, max_side=int(p0.get("q_max_side") or kcfg.max_side),
+                           top_n=int(p0.get("q_top_n") or kcfg.top_n), scales=parse_scales(p0.get("q_scales")))
+            qstore = KpStore(Path(args.cache), qcfg, cached_top_n=qcfg.top_n)
         matches: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         t_match, n_match = 0.0, 0
         for tname, ds, m, ids, qkeys in lists:
@@ -301,7 +315,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 todo = [ds.images[j] for j in ids[qi, :K] if j >= 0 and (qk, ds.images[j]) not in matches]
                 if todo:
                     t = time.perf_counter()
-                    res = matcher.match_many(store[qk], [store[i] for i in todo])
+                    res = matcher.match_many(qstore[qk], [store[i] for i in todo])
                     t_match += time.perf_counter() - t
                     n_match += len(todo)
                     for i, r in zip(todo, res):
@@ -319,7 +333,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 keep = conf >= min_sim
                 pr = pairs[keep]
                 t = time.perf_counter()
-                _, _, mask = fit_geometry(store[qk].xy[pr[:, 0]], store[iid].xy[pr[:, 1]], vcfg)
+                _, _, mask = fit_geometry(qstore[qk].xy[pr[:, 0]], store[iid].xy[pr[:, 1]], vcfg)
                 t_fit += time.perf_counter() - t
                 inl_memo[(qk, iid)] = int(mask.sum())
             ms_fit = 1000 * t_fit / max(len(matches), 1)
@@ -408,6 +422,8 @@ def main() -> None:
     e.add_argument("--cache", default="/work/runs/kp_cache")
     e.add_argument("--threads", type=int, default=1)
     e.add_argument("--only", help="file listing cache keys to extract (default: every image of every track)")
+    e.add_argument("--queries-only", action="store_true", help="only the queries of the three tracks")
+    e.add_argument("--scales", default="", help="e.g. 1+0.5 (multipliers of --max-side)")
     v = sub.add_parser("eval")
     v.add_argument("--rankings", default="/work/runs/bench_before/rankings")
     v.add_argument("--out", default="/work/runs/sv_eval")
