@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.evaluation import evaluate_all  # noqa: E402
 from pipeline.keypoints import KeypointConfig, Keypoints, build_keypoint_extractor  # noqa: E402
-from pipeline.matching import MatcherConfig, build_matcher  # noqa: E402
+from pipeline.matching import MatcherConfig, build_matcher, mutual_nn_matches_many  # noqa: E402
 from pipeline.verification import VerifyConfig, fit_geometry, fuse_scores  # noqa: E402
 from storage.datasets import Dataset, load_gnd_json  # noqa: E402
 from storage.images import decode_image  # noqa: E402
@@ -308,14 +308,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
             qcfg = replace(kcfg, max_side=int(p0.get("q_max_side") or kcfg.max_side),
                            top_n=int(p0.get("q_top_n") or kcfg.top_n), scales=parse_scales(p0.get("q_scales")))
             qstore = KpStore(Path(args.cache), qcfg, cached_top_n=qcfg.top_n)
-        matches: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        matches: dict[tuple[str, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         t_match, n_match = 0.0, 0
         for tname, ds, m, ids, qkeys in lists:
             for qi, qk in enumerate(qkeys):
                 todo = [ds.images[j] for j in ids[qi, :K] if j >= 0 and (qk, ds.images[j]) not in matches]
                 if todo:
                     t = time.perf_counter()
-                    res = matcher.match_many(qstore[qk], [store[i] for i in todo])
+                    if mname == "mnn":  # no floor, no ratio test: both are applied per fitting setting
+                        res = mutual_nn_matches_many(qstore[qk].descriptors, [store[i].descriptors for i in todo],
+                                                     -1.0, return_ratio=True)
+                    else:
+                        res = [(p_, c_, np.zeros(len(c_), np.float32))
+                               for p_, c_ in matcher.match_many(qstore[qk], [store[i] for i in todo])]
                     t_match += time.perf_counter() - t
                     n_match += len(todo)
                     for i, r in zip(todo, res):
@@ -329,8 +334,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
             inl_memo: dict[tuple[str, str], int] = {}
             t_fit = 0.0
             t0 = time.perf_counter()
-            for (qk, iid), (pairs, conf) in matches.items():
-                keep = conf >= min_sim
+            max_ratio = float(point.get("ratio", 1.0))
+            for (qk, iid), (pairs, conf, ratio) in matches.items():
+                keep = (conf >= min_sim) & (ratio <= max_ratio)
                 pr = pairs[keep]
                 t = time.perf_counter()
                 _, _, mask = fit_geometry(qstore[qk].xy[pr[:, 0]], store[iid].xy[pr[:, 1]], vcfg)

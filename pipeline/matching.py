@@ -35,7 +35,8 @@ class MatcherConfig:
     """Matcher name and its parameters.
 
     ``min_similarity``: MNN pairs need cosine >= this. XFeat's ``match`` uses 0.82 for its own descriptors;
-    the value here is chosen by experiments/sv_eval.py. ``filter_threshold``: the glue models' match
+    the value here is chosen by experiments/sv_eval.py. ``max_ratio``: Lowe's ratio test on top of MNN
+    (nearest / second-nearest descriptor distance; 1.0 = off). ``filter_threshold``: the glue models' match
     probability threshold (0.1 in both reference implementations). ``depth_confidence`` /
     ``width_confidence``: LightGlue's early stopping / point pruning (None = the reference value of the
     model: LightGlue 0.95 / 0.99, LighterGlue -1 (off) / 0.95).
@@ -43,6 +44,7 @@ class MatcherConfig:
 
     name: str = "mnn"
     min_similarity: float = 0.82
+    max_ratio: float = 1.0
     filter_threshold: float = 0.1
     depth_confidence: float | None = None
     width_confidence: float | None = None
@@ -59,11 +61,13 @@ def _empty() -> Match:
     return np.zeros((0, 2), np.int64), np.zeros(0, np.float32)
 
 
-def mutual_nn_matches(desc_a: np.ndarray, desc_b: np.ndarray, min_similarity: float = -1.0) -> Match:
+def mutual_nn_matches(desc_a: np.ndarray, desc_b: np.ndarray, min_similarity: float = -1.0,
+                      max_ratio: float = 1.0) -> Match:
     """Mutual nearest neighbours of two sets of L2-normalised descriptors (rows) by inner product.
 
-    ``(i, j)`` is kept when ``j = argmax_k <a_i, b_k>``, ``i = argmax_k <a_k, b_j>`` and the similarity is
-    ``>= min_similarity``. Ties go to the lowest index (``argmax``). Pairs are sorted by ``i``.
+    ``(i, j)`` is kept when ``j = argmax_k <a_i, b_k>``, ``i = argmax_k <a_k, b_j>``, the similarity is
+    ``>= min_similarity`` and (when ``max_ratio < 1``) Lowe's distance ratio of ``a_i`` is ``<= max_ratio``.
+    Ties go to the lowest index (``argmax``). Pairs are sorted by ``i``.
     """
     a = np.asarray(desc_a, dtype=np.float32)
     b = np.asarray(desc_b, dtype=np.float32)
@@ -71,30 +75,51 @@ def mutual_nn_matches(desc_a: np.ndarray, desc_b: np.ndarray, min_similarity: fl
         return _empty()
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"descriptor dimensions differ: {a.shape[1]} vs {b.shape[1]}")
-    return _mutual_from_sim(a @ b.T, min_similarity, (b @ a.T).argmax(axis=1))
+    return _mutual_from_sim(a @ b.T, min_similarity, (b @ a.T).argmax(axis=1), max_ratio)
 
 
-def _mutual_from_sim(sim: np.ndarray, min_similarity: float, nn_ba: np.ndarray) -> Match:
+def _mutual_from_sim(sim: np.ndarray, min_similarity: float, nn_ba: np.ndarray, max_ratio: float = 1.0,
+                     return_ratio: bool = False):
     """MNN pairs from ``sim`` (n_a, n_b) and the b -> a nearest neighbours ``nn_ba``. The column argmax is
     taken from a second product ``b @ a.T`` by the callers: a row-wise argmax of a C-contiguous matrix is
-    several times faster than ``sim.argmax(axis=0)`` (strided), and costs less than the extra product."""
+    several times faster than ``sim.argmax(axis=0)`` (strided), and costs less than the extra product.
+
+    ``max_ratio < 1`` adds Lowe's ratio test on the a -> b side (distance to the nearest over distance to
+    the second nearest, distances ``sqrt(2 - 2 cos)`` of unit vectors); ``return_ratio`` also returns it."""
     nn_ab = sim.argmax(axis=1)
     idx = np.arange(len(sim))
     best = sim[idx, nn_ab]
     keep = (nn_ba[nn_ab] == idx) & (best >= min_similarity)
     i = idx[keep]
-    return np.stack([i, nn_ab[keep]], axis=1).astype(np.int64), best[keep].astype(np.float32)
+    pairs, sims = np.stack([i, nn_ab[keep]], axis=1).astype(np.int64), best[keep].astype(np.float32)
+    if max_ratio >= 1.0 and not return_ratio:
+        return pairs, sims
+    if sim.shape[1] > 1 and len(i):
+        rows = sim[i].copy()  # only the mutual rows: a few hundred at most
+        rows[np.arange(len(i)), pairs[:, 1]] = -np.inf
+        second = rows.max(axis=1)
+        d1 = np.sqrt(np.maximum(2.0 - 2.0 * sims, 0.0))
+        d2 = np.sqrt(np.maximum(2.0 - 2.0 * second, 1e-12))
+        ratio = (d1 / d2).astype(np.float32)
+    else:
+        ratio = np.zeros(len(i), np.float32)
+    if max_ratio < 1.0:
+        ok = ratio <= max_ratio
+        pairs, sims, ratio = pairs[ok], sims[ok], ratio[ok]
+    return (pairs, sims, ratio) if return_ratio else (pairs, sims)
 
 
 def mutual_nn_matches_many(desc_q: np.ndarray, descs: Sequence[np.ndarray], min_similarity: float = -1.0,
-                           chunk_rows: int = 8192) -> list[Match]:
+                           chunk_rows: int = 8192, max_ratio: float = 1.0, return_ratio: bool = False) -> list:
     """:func:`mutual_nn_matches` of one query against many images, identical results, batched.
+    (``return_ratio``: each entry is ``(pairs, similarities, ratios)``.)
 
     Database descriptors are stacked and multiplied with the query in chunks of about ``chunk_rows`` rows
     (bounding memory to ``len(desc_q) * chunk_rows`` floats) instead of one small product per image.
     """
     q = np.ascontiguousarray(desc_q, dtype=np.float32)
-    out: list[Match] = [_empty() for _ in descs]
+    empty = (*_empty(), np.zeros(0, np.float32)) if return_ratio else _empty()
+    out: list = [empty for _ in descs]
     if len(q) == 0:
         return out
     start = 0
@@ -118,7 +143,7 @@ def mutual_nn_matches_many(desc_q: np.ndarray, descs: Sequence[np.ndarray], min_
                 if len(d) == 0:
                     continue
                 out[start + k] = _mutual_from_sim(sim_all[:, off:off + len(d)], min_similarity,
-                                                  nn_back[off:off + len(d)])
+                                                  nn_back[off:off + len(d)], max_ratio, return_ratio)
                 off += len(d)
         start = stop
     return out
@@ -135,7 +160,8 @@ class Matcher(Protocol):
 
 
 def mutual_nn_matches_many_torch(desc_q: np.ndarray, descs: Sequence[np.ndarray], min_similarity: float = -1.0,
-                                 device: str | torch.device = "cpu", chunk_rows: int = 65536) -> list[Match]:
+                                 device: str | torch.device = "cpu", chunk_rows: int = 65536,
+                                 max_ratio: float = 1.0) -> list[Match]:
     """:func:`mutual_nn_matches_many` computed with torch on ``device`` (a GPU when there is one), float32.
 
     Same pairs as the numpy version up to ties within float32 rounding of the two products.
@@ -168,6 +194,11 @@ def mutual_nn_matches_many_torch(desc_q: np.ndarray, descs: Sequence[np.ndarray]
                 best, nn_ab = sim[:, off:off + n].max(dim=1)
                 idx = torch.arange(len(q), device=dev)
                 keep = (nn_back[off:off + n][nn_ab] == idx) & (best >= min_similarity)
+                if max_ratio < 1.0 and n > 1:
+                    second = sim[:, off:off + n].topk(2, dim=1).values[:, 1]
+                    d1 = torch.sqrt(torch.clamp(2 - 2 * best, min=0))
+                    d2 = torch.sqrt(torch.clamp(2 - 2 * second, min=1e-12))
+                    keep &= d1 <= max_ratio * d2
                 i = idx[keep]
                 out[k] = (torch.stack([i, nn_ab[keep]], 1).to("cpu").numpy().astype(np.int64),
                           best[keep].to("cpu").numpy().astype(np.float32))
@@ -189,8 +220,10 @@ class MnnMatcher:
     def match_many(self, q: Keypoints, dbs: Sequence[Keypoints]) -> list[Match]:
         descs = [d.descriptors for d in dbs]
         if self.device.type == "cpu":
-            return mutual_nn_matches_many(q.descriptors, descs, self.config.min_similarity)
-        return mutual_nn_matches_many_torch(q.descriptors, descs, self.config.min_similarity, self.device)
+            return mutual_nn_matches_many(q.descriptors, descs, self.config.min_similarity,
+                                          max_ratio=self.config.max_ratio)
+        return mutual_nn_matches_many_torch(q.descriptors, descs, self.config.min_similarity, self.device,
+                                            max_ratio=self.config.max_ratio)
 
 
 class GlueMatcher:

@@ -45,6 +45,24 @@ def test_mutual_nn_equals_brute_force(min_sim):
     assert np.all(np.diff(pairs[:, 0]) > 0)
 
 
+def test_ratio_test_equals_brute_force():
+    rng = np.random.default_rng(5)
+    a, b = unit(rng, 40, 16), unit(rng, 50, 16)
+    b[:25] = a[:25] + 0.3 * unit(rng, 25, 16)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    pairs, _ = mutual_nn_matches(a, b, -1.0, max_ratio=0.8)
+    want = set()
+    for i, j in brute_force_mnn(a, b, -1.0):
+        d = np.sort(np.linalg.norm(b - a[i], axis=1))
+        if d[0] <= 0.8 * d[1]:
+            want.add((i, j))
+    assert {tuple(map(int, p)) for p in pairs} == want and 0 < len(want) < len(brute_force_mnn(a, b, -1.0))
+    many = mutual_nn_matches_many(a, [b], -1.0, max_ratio=0.8)[0][0]
+    tor = mutual_nn_matches_many_torch(a, [b], -1.0, "cpu", max_ratio=0.8)[0][0]
+    np.testing.assert_array_equal(many, pairs)
+    np.testing.assert_array_equal(tor, pairs)
+
+
 def test_mutual_nn_many_equals_single():
     rng = np.random.default_rng(1)
     q = unit(rng, 50, 8)
