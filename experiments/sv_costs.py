@@ -56,7 +56,7 @@ def mnv2_input(img: np.ndarray, side: int = 512) -> torch.Tensor:
 
 def sample_ids(tracks, n: int) -> list[str]:
     """A fixed, mixed sample: paintings, wall photos, landmarks and distractors in database proportion."""
-    ds = tracks["museum-landmarks"]
+    ds = tracks["root"]
     photos = tracks["in-photos"].images
     fam = {"painting": [i for i in ds.images if i.startswith("painting_")],
            "photo": [i for i in photos if i.startswith("qsd")],
@@ -137,7 +137,7 @@ def keypoints_table(kps: dict[str, Keypoints], dtype: str) -> pa.Table:
 
 
 def measure_storage(args, tracks, store_root: Path) -> dict:
-    ds = tracks["museum-landmarks"]
+    ds = tracks["root"]
     rng = np.random.default_rng(0)
     ids = [ds.images[i] for i in sorted(rng.choice(len(ds.images), args.storage_images, replace=False))]
     out = {}
@@ -184,7 +184,7 @@ def time_verification(args, tracks, store_root: Path) -> dict:
         vcfg = VerifyConfig(matcher=mcfg, ransac_threshold=args.thr, min_inliers=args.tau, shortlist=args.k)
         times, pairs = [], []
         nq = args.queries if mname == "mnn" else args.glue_queries
-        for tname in ("no-box", "in-photos", "museum-landmarks"):
+        for tname in ("no-box", "in-photos", "root"):
             ds = tracks[tname]
             try:
                 ranks = load_rankings(rank_dir, tname)

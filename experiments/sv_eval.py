@@ -48,7 +48,7 @@ from storage.keypoint_weights import load_keypoint_weights  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks"
 if not DATA.exists():
     DATA = Path("/work/shared/data/museum-landmarks")
-TRACKS = {"museum-landmarks": "gnd.json", "in-photos": "in-photos/gnd.json", "no-box": "no-box/gnd.json"}
+TRACKS = {"root": "gnd.json", "in-photos": "in-photos/gnd.json", "no-box": "no-box/gnd.json"}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -249,14 +249,23 @@ def parse_grid(spec: str) -> list[dict[str, Any]]:
 KP_KEYS = ("extractor", "max_side", "top_n", "matcher", "q_max_side", "q_top_n", "q_scales")
 
 
-def shortlists(tracks: dict[str, Dataset], rank_dir: Path, methods: str, K: int):
-    """(track, method, ids (n_q, <=1000), per-query cache keys) for the selected methods."""
+def shortlists(tracks: dict[str, Dataset], rank_dir: Path, methods: str, K: int, top_methods: int = 0):
+    """(track, method, ids (n_q, <=1000), per-query cache keys) for the selected methods: the named ones, or
+    per track the ``top_methods`` best first stages by Hard mAP (then Medium)."""
     for tname, ds in tracks.items():
         rankings = load_rankings(rank_dir, tname)
         qkeys = [query_key(q, ds.query_bbox(i)) for i, q in enumerate(ds.queries)]
-        for m in rankings:
-            if not methods or m in methods.split(","):
-                yield tname, ds, m, rankings[m], qkeys
+        names = [m for m in rankings if not methods or m in methods.split(",")]
+        if top_methods:
+            gnd = track_gnd(ds)
+
+            def key(m: str) -> tuple[float, float]:
+                ev = summary(evaluate_all(list(rankings[m]), gnd))
+                return (-np.nan_to_num(ev["H"], nan=-1.0), -np.nan_to_num(ev["M"], nan=-1.0))
+
+            names = sorted(names, key=key)[:top_methods]
+        for m in names:
+            yield tname, ds, m, rankings[m], qkeys
 
 
 def slug_point(point: dict[str, Any]) -> str:
@@ -293,7 +302,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     kp_points: dict[tuple, list[dict[str, Any]]] = {}
     for point in grid:
         kp_points.setdefault(tuple(point.get(k) for k in KP_KEYS), []).append(point)
-    lists = list(shortlists(tracks, rank_dir, args.methods, K))
+    lists = list(shortlists(tracks, rank_dir, args.methods, K, args.top_methods))
     for kp_key, points in kp_points.items():
         p0 = points[0]
         kcfg = KeypointConfig(extractor=p0.get("extractor", "xfeat"), max_side=int(p0.get("max_side", 640)),
@@ -435,6 +444,7 @@ def main() -> None:
     v.add_argument("--out", default="/work/runs/sv_eval")
     v.add_argument("--cache", default="/work/runs/kp_cache")
     v.add_argument("--methods", default="", help="comma-separated method slugs (default: all)")
+    v.add_argument("--top-methods", type=int, default=0, help="per track, the N best first stages (Hard mAP)")
     v.add_argument("--index", default="/work/runs/bench_before/index", help="index run whose locals table "
                    "the cnn extractor reads")
     v.add_argument("--grid", default="extractor=xfeat;max_side=640;top_n=1024;matcher=mnn;min_sim=0.82;thr=8")
