@@ -1,0 +1,236 @@
+"""Spatial verification re-ranking: match keypoints, fit a robust geometric model, count inliers, fuse.
+
+For a query and each of the top-``K`` database images of a first-stage ranking (the shortlist), tentative
+matches (:mod:`pipeline.matching`) are fitted with a homography by OpenCV's USAC MAGSAC++
+(``cv2.findHomography(..., cv2.USAC_MAGSAC)``; Barath et al., CVPR 2020); when that fails or the model is
+degenerate, an affine model (``cv2.estimateAffine2D``, also MAGSAC++) is tried. The number of inliers of an
+accepted model is the verification score. Classic SV re-ranking (Philbin et al., "Object retrieval with large
+vocabularies and fast spatial matching", CVPR 2007) fits affine models from single correspondences; with
+few hundred learned matches per pair a full homography by MAGSAC is affordable and models planar objects
+(paintings, facades) exactly.
+
+Degenerate models do not count (:func:`is_degenerate`): a homography that folds the inliers' bounding box
+(non-convex image or a reflection), sends part of it across the line at infinity, or scales areas by more
+than ``max_scale**2`` (or less than its inverse), or whose local Jacobian is more anisotropic than
+``max_anisotropy``; and any model whose inliers collapse onto a few pixels (bounding box smaller than
+``min_extent`` px on a side in either image) -- MAGSAC can explain 10+ matches on a tiny repeated texture.
+
+Fusion with the first-stage score (:func:`fuse_scores`; the rule and its parameters were chosen with
+experiments/sv_eval.py on museum-landmarks, see its report):
+
+* ``tiered`` (default): images with ``inliers >= min_inliers`` are *verified* and ranked above all unverified
+  shortlist images, verified ones by decreasing inlier count (ties by first-stage score); unverified ones keep
+  their first-stage order. ``fused = s + [verified] * C * (1 + inliers)`` with ``C = max(s) - min(s) + 1``
+  over the shortlist, so integer inlier steps dominate any first-stage difference.
+* ``additive``: ``fused = s + w * [verified] * min(inliers, cap) / cap``; needs ``w`` calibrated to the
+  first-stage score's scale.
+
+Both leave images outside the shortlist below every shortlist image only if their first-stage score is
+lower, which holds for a ranking; :func:`rerank_shortlist` applies the fusion to a ranked id list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from pipeline.keypoints import Keypoints
+from pipeline.matching import Matcher, MatcherConfig
+
+FUSION_RULES: tuple[str, ...] = ("tiered", "additive")
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Parameters of spatial verification and fusion (values chosen on museum-landmarks by sv_eval.py).
+
+    ``ransac_threshold``: MAGSAC++ maximum residual in ORIGINAL-image pixels of the database image.
+    ``max_iters`` / ``confidence``: RANSAC loop limits (OpenCV's defaults for findHomography are 2000 / 0.995).
+    ``min_inliers``: inliers for an image to count as verified. ``shortlist``: K database images verified.
+    ``max_scale``, ``max_anisotropy``, ``min_extent``: the degenerate-model checks (module docstring).
+    ``fusion`` / ``fusion_weight`` / ``inlier_cap``: see :func:`fuse_scores`.
+    """
+
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    ransac_threshold: float = 8.0
+    max_iters: int = 2000
+    confidence: float = 0.999
+    min_inliers: int = 15
+    shortlist: int = 100
+    affine_fallback: bool = True
+    max_scale: float = 30.0
+    max_anisotropy: float = 10.0
+    min_extent: float = 12.0
+    fusion: str = "tiered"
+    fusion_weight: float = 1.0
+    inlier_cap: int = 100
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSION_RULES:
+            raise ValueError(f"unknown fusion rule {self.fusion!r}; known: {FUSION_RULES}")
+        if self.ransac_threshold <= 0 or self.min_inliers < 1 or self.shortlist < 0 or self.inlier_cap < 1:
+            raise ValueError("ransac_threshold > 0, min_inliers >= 1, shortlist >= 0, inlier_cap >= 1 required")
+
+
+@dataclass(frozen=True, eq=False)
+class VerifyResult:
+    """Outcome of verifying one pair.
+
+    ``inliers``: inlier count of the accepted model (0 when none). ``model``: 3x3 float64 mapping query
+    pixels to database pixels (affine models have last row (0, 0, 1)), or None. ``kind``: "homography",
+    "affine" or None. ``matches``: (inliers, 2) int64 inlier index pairs (query keypoint, database keypoint),
+    for drawing; ``n_matches``: tentative matches before fitting.
+    """
+
+    inliers: int
+    model: np.ndarray | None
+    kind: str | None
+    matches: np.ndarray
+    n_matches: int
+
+    @property
+    def verified(self) -> bool:
+        return self.model is not None
+
+
+def _to_h(model: np.ndarray) -> np.ndarray:
+    m = np.asarray(model, dtype=np.float64)
+    return np.vstack([m, [0.0, 0.0, 1.0]]) if m.shape == (2, 3) else m
+
+
+def _box(pts: np.ndarray) -> np.ndarray:
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    return np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]], dtype=np.float64)
+
+
+def is_degenerate(model: np.ndarray, pts_a: np.ndarray, pts_b: np.ndarray, cfg: VerifyConfig) -> bool:
+    """Whether a fitted model (3x3, or 2x3 affine) should not count, given its inlier points.
+
+    Checks, on the bounding box of the query inliers ``pts_a``: every corner maps in front of the line at
+    infinity (``w > 0``); the mapped quadrilateral is convex with the same orientation (no fold, no mirror);
+    its area ratio is within ``[max_scale**-2, max_scale**2]``; the Jacobian at the inliers' centroid has
+    singular-value ratio ``<= max_anisotropy``; both inlier sets span at least ``min_extent`` px per side.
+    """
+    H = _to_h(model)
+    if not np.all(np.isfinite(H)) or abs(H[2, 2]) < 1e-12:
+        return True
+    H = H / H[2, 2]
+    pa, pb = np.asarray(pts_a, np.float64), np.asarray(pts_b, np.float64)
+    if len(pa) < 3:
+        return True
+    ext_a, ext_b = np.ptp(pa, axis=0), np.ptp(pb, axis=0)
+    if ext_a.min() < cfg.min_extent or ext_b.min() < cfg.min_extent:
+        return True
+    box = _box(pa)
+    w = box @ H[2, :2] + H[2, 2]
+    if np.any(w <= 1e-9):
+        return True
+    mapped = (box @ H[:2, :2].T + H[:2, 2]) / w[:, None]
+    # convex and orientation-preserving: every turn has the same sign as in the source box (positive)
+    edges = np.roll(mapped, -1, axis=0) - mapped
+    cross = edges[:, 0] * np.roll(edges, -1, axis=0)[:, 1] - edges[:, 1] * np.roll(edges, -1, axis=0)[:, 0]
+    if np.any(cross <= 0):
+        return True
+    area_src = float(np.prod(ext_a))
+    x, y = mapped[:, 0], mapped[:, 1]
+    area_dst = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    ratio = area_dst / max(area_src, 1e-12)
+    if not (cfg.max_scale ** -2 <= ratio <= cfg.max_scale ** 2):
+        return True
+    c = pa.mean(axis=0)
+    wc = float(H[2, :2] @ c + H[2, 2])
+    u = (H[:2, :2] @ c + H[:2, 2]) / wc
+    J = (H[:2, :2] - np.outer(u, H[2, :2])) / wc
+    s = np.linalg.svd(J, compute_uv=False)
+    return bool(s[1] <= 0 or s[0] / s[1] > cfg.max_anisotropy)
+
+
+def fit_geometry(pts_a: np.ndarray, pts_b: np.ndarray, cfg: VerifyConfig
+                 ) -> tuple[np.ndarray | None, str | None, np.ndarray]:
+    """Robust model ``pts_a -> pts_b`` (both (M, 2) pixels): ``(model 3x3 | None, kind, inlier mask (M,))``.
+
+    A MAGSAC++ homography first (M >= 4); if none is found or it is degenerate, a MAGSAC++ affine model when
+    ``affine_fallback`` (a homography with fewer than ``min_inliers`` inliers ends the search: an affine map
+    is a special homography, so its consensus cannot be larger). A model is returned only if it is non-degenerate with at
+    least ``min_inliers`` inliers; otherwise ``(None, None, all-False mask)``.
+    """
+    a = np.ascontiguousarray(pts_a, dtype=np.float32).reshape(-1, 2)
+    b = np.ascontiguousarray(pts_b, dtype=np.float32).reshape(-1, 2)
+    m = len(a)
+    none = (None, None, np.zeros(m, dtype=bool))
+    if m < max(cfg.min_inliers, 3):
+        return none
+    if m >= 4:
+        H, mask = cv2.findHomography(a, b, cv2.USAC_MAGSAC, cfg.ransac_threshold, maxIters=cfg.max_iters,
+                                     confidence=cfg.confidence)
+        if H is not None and mask is not None:
+            inl = mask.ravel().astype(bool)
+            if inl.sum() < cfg.min_inliers:
+                # an affine map is a special homography: its consensus cannot be larger, so a well-posed
+                # homography with too few inliers ends verification (saves a second MAGSAC on most pairs)
+                return none
+            if not is_degenerate(H, a[inl], b[inl], cfg):
+                return H / H[2, 2], "homography", inl
+    if cfg.affine_fallback:
+        A, mask = cv2.estimateAffine2D(a, b, method=cv2.USAC_MAGSAC, ransacReprojThreshold=cfg.ransac_threshold,
+                                       maxIters=cfg.max_iters, confidence=cfg.confidence)
+        if A is not None and mask is not None:
+            inl = mask.ravel().astype(bool)
+            if inl.sum() >= cfg.min_inliers and not is_degenerate(A, a[inl], b[inl], cfg):
+                return _to_h(A), "affine", inl
+    return none
+
+
+def _result_from_matches(query_kp: Keypoints, db_kp: Keypoints, pairs: np.ndarray, cfg: VerifyConfig) -> VerifyResult:
+    if len(pairs) == 0:
+        return VerifyResult(0, None, None, np.zeros((0, 2), np.int64), 0)
+    model, kind, inl = fit_geometry(query_kp.xy[pairs[:, 0]], db_kp.xy[pairs[:, 1]], cfg)
+    if model is None:
+        return VerifyResult(0, None, None, np.zeros((0, 2), np.int64), len(pairs))
+    return VerifyResult(int(inl.sum()), model, kind, pairs[inl], len(pairs))
+
+
+def verify_pair(query_kp: Keypoints, db_kp: Keypoints, cfg: VerifyConfig, matcher: Matcher) -> VerifyResult:
+    """Match ``query_kp`` to ``db_kp`` with ``matcher`` and fit the geometry (:func:`fit_geometry`)."""
+    pairs, _ = matcher.match(query_kp, db_kp)
+    return _result_from_matches(query_kp, db_kp, pairs, cfg)
+
+
+def verify_shortlist(query_kp: Keypoints, db_kps: Sequence[Keypoints], cfg: VerifyConfig,
+                     matcher: Matcher) -> list[VerifyResult]:
+    """:func:`verify_pair` for every database image of a shortlist (matching batched by the matcher)."""
+    matches = matcher.match_many(query_kp, db_kps)
+    return [_result_from_matches(query_kp, d, pairs, cfg) for d, (pairs, _) in zip(db_kps, matches)]
+
+
+def fuse_scores(first_stage: np.ndarray, inliers: np.ndarray, cfg: VerifyConfig) -> np.ndarray:
+    """Fused shortlist scores (higher = better) from first-stage scores and inlier counts (module docstring).
+
+    ``first_stage`` may be any score where higher is better; when only a ranking is known, pass ``-rank``.
+    """
+    s = np.asarray(first_stage, dtype=np.float64).ravel()
+    n = np.asarray(inliers, dtype=np.float64).ravel()
+    if s.shape != n.shape:
+        raise ValueError(f"first_stage {s.shape} and inliers {n.shape} differ")
+    if s.size == 0:
+        return s
+    verified = n >= cfg.min_inliers
+    if cfg.fusion == "tiered":
+        c = float(s.max() - s.min()) + 1.0
+        return s + verified * c * (1.0 + n)
+    return s + cfg.fusion_weight * verified * np.minimum(n, cfg.inlier_cap) / cfg.inlier_cap
+
+
+def rerank_shortlist(ranked_ids: np.ndarray, first_stage: np.ndarray | None, inliers: np.ndarray,
+                     cfg: VerifyConfig) -> np.ndarray:
+    """Re-order the first ``len(inliers)`` ids of a ranking by :func:`fuse_scores`; the rest keep their order.
+
+    ``first_stage``: scores of those ids (None = use ``-rank``). Stable: equal fused scores keep rank order.
+    """
+    ids = np.asarray(ranked_ids)
+    k = len(inliers)
+    s = -np.arange(k, dtype=np.float64) if first_stage is None else np.asarray(first_stage, np.float64)[:k]
+    order = np.argsort(-fuse_scores(s, inliers, cfg), kind="stable")
+    return np.concatenate([ids[:k][order], ids[k:]])
