@@ -27,7 +27,7 @@ from pipeline.projection import ProjectionConfig, TripletData, train_projection
 from storage.arrays import load_arrays, load_json, save_arrays, save_json
 
 ARRAYS_FILE = "projection.npz"
-CONFIG_FILE = "config.json"
+CONFIG_FILE = "projection_config.json"   # inside a Ray Train checkpoint folder
 
 
 @dataclass

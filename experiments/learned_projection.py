@@ -102,6 +102,12 @@ def verify_pairs(cand: dict, names: list[str], keypoints: str, min_cos: float = 
     return out
 
 
+def _true_pairs(groups: np.ndarray) -> int:
+    """Image pairs of the same (non-distractor) ground-truth group: the ceiling of what mining can find."""
+    sizes = [int((groups == g).sum()) for g in set(groups) - {"distractor"}]
+    return sum(n * (n - 1) // 2 for n in sizes)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True)
@@ -146,11 +152,12 @@ def main() -> None:
     groups = np.array(gnd["groups"])
     same = (groups[cand["image_a"]] == groups[cand["image_b"]]) & (groups[cand["image_a"]] != "distractor")
     print(f"candidates {cand['image_a'].size}, true matches among them {int(same.sum())}; "
-          f"true matching db pairs {sum(int((groups == g).sum()) * (int((groups == g).sum()) - 1) // 2 for g in set(groups) - {'distractor'})}")
+          f"true matching db pairs {_true_pairs(groups)}")
     for thr in (0.5, 0.6, 0.7, 0.8):
         lab = classify_pairs(cand, None, MiningConfig(weak_min_sim=thr))
         sel = lab == "weak_positive"
-        print(f"  weak_min_sim {thr}: {int(sel.sum())} weak positives, precision {same[sel].mean() if sel.any() else float('nan'):.3f}")
+        precision = same[sel].mean() if sel.any() else float("nan")
+        print(f"  weak_min_sim {thr}: {int(sel.sum())} weak positives, precision {precision:.3f}")
     if args.keypoints:
         # verify only mutual-neighbour pairs (the only ones that can become positives; their failures are the
         # hardest negatives), at most --cap per image: the verification is the expensive step on a CPU
@@ -162,24 +169,28 @@ def main() -> None:
         inliers = verify_pairs(keep, db_names, args.keypoints)
         if args.save:
             np.savez(args.save, inliers=inliers, names=np.array(db_names), **keep)
-        print(f"verified {keep['image_a'].size} mutual-neighbour pairs ({int(same_k.sum())} true) in {time.time() - t2:.0f}s")
+        print(f"verified {keep['image_a'].size} mutual-neighbour pairs ({int(same_k.sum())} true) in "
+              f"{time.time() - t2:.0f}s")
         mcfg = MiningConfig(min_inliers=args.min_inliers)
         for lab in ("positive", "hard_negative", "ambiguous"):
             sel = classify_pairs(keep, inliers, mcfg) == lab
             print(f"  {lab}: {int(sel.sum())}, true matches among them {int(same_k[sel].sum())}")
         labels = classify_pairs(keep, inliers, mcfg)
         pos = training_pairs(keep, labels)
-        print(f"training on {pos.shape[0]} verified positive pairs (precision {same_k[labels == 'positive'].mean():.3f})")
+        print(f"training on {pos.shape[0]} verified positive pairs "
+              f"(precision {same_k[labels == 'positive'].mean():.3f})")
     else:
         labels = classify_pairs(cand, None, MiningConfig(weak_min_sim=args.weak_min_sim))
         pos = training_pairs(cand, labels)
-        print(f"training on {pos.shape[0]} weak positive pairs (precision {same[labels == 'weak_positive'].mean():.3f})")
+        print(f"training on {pos.shape[0]} weak positive pairs "
+              f"(precision {same[labels == 'weak_positive'].mean():.3f})")
 
     data = TripletData(Xdb, off_db, pos)
     cfg = ProjectionConfig(dim=args.dim, epochs=args.epochs)
     t1 = time.time()
     arrays = train_projection(cfg, data, w.to_arrays(),
-                              epoch_callback=lambda e, s, a: print("  epoch", e, {k: round(v, 4) for k, v in s.items()}))
+                              epoch_callback=lambda e, s, a: print("  epoch", e,
+                                                                   {k: round(v, 4) for k, v in s.items()}))
     learned = rmac(LearnedProjection.from_arrays(arrays), X, offsets)
     res_learned = evaluate({n: learned[i] for i, n in enumerate(names)}, gnd)
     print("learned", res_learned, f"(training {time.time() - t1:.0f}s)")

@@ -110,7 +110,8 @@ def _seeded(seed: int) -> Iterator[None]:
 def finetune_backbone(model: nn.Module, layer: str, images: Sequence[torch.Tensor], positives: np.ndarray,
                       projection: Mapping[str, np.ndarray], config: FinetuneConfig = FinetuneConfig(),
                       groups: np.ndarray | None = None, trunk: nn.Module | None = None,
-                      device: torch.device | str = "cpu") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict]]:
+                      device: torch.device | str = "cpu"
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[dict]]:
     """Fine-tune the last ``config.unfreeze_blocks`` blocks of ``model`` (a torchvision-like classifier) with the
     triplet loss on R-MAC descriptors of its ``layer`` activations.
 
@@ -130,7 +131,7 @@ def finetune_backbone(model: nn.Module, layer: str, images: Sequence[torch.Tenso
     with _seeded(config.seed):
         model.to(device).eval()
         trunk = (trunk or create_feature_extractor(model, {layer: "out"})).to(device).eval()
-        trainable = unfreeze_last_blocks(model, config.unfreeze_blocks, up_to=layer)
+        unfreeze_last_blocks(model, config.unfreeze_blocks, up_to=layer)
         proj = LearnedProjection.from_whitening(projection["mean"], projection["projection"]).to(device)
         proj.requires_grad_(config.learn_projection)
         params = [p for p in model.parameters() if p.requires_grad] + [p for p in proj.parameters() if p.requires_grad]

@@ -204,7 +204,8 @@ def classify_pairs(cand: dict[str, np.ndarray], inliers: np.ndarray | None, cfg:
     verified = inl >= 0
     labels[verified] = AMBIGUOUS
     labels[verified & (inl >= cfg.min_inliers) & (cand["mutual_links"] >= 2)] = POSITIVE
-    labels[verified & (inl <= cfg.max_negative_inliers) & (cand["best_sim"] >= cfg.hard_negative_min_sim)] = HARD_NEGATIVE
+    hard = verified & (inl <= cfg.max_negative_inliers) & (cand["best_sim"] >= cfg.hard_negative_min_sim)
+    labels[hard] = HARD_NEGATIVE
     return labels
 
 

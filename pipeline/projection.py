@@ -40,6 +40,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from pipeline.pooling import l2n
+from pipeline.whitening import Whitening
 
 # seed 003 §5.1: "with margin m = 0.1"; "SGD with momentum, with a learning rate of 10^-3 and weight decay of
 # 5 * 10^-5"; gradients of n = 64 triplets accumulated per update.
@@ -207,10 +208,8 @@ class LearnedProjection(nn.Module):
         """Inverse of :meth:`to_arrays` (also accepts ``Whitening.to_arrays()``)."""
         return cls.from_whitening(arrays["mean"], arrays["projection"])
 
-    def to_whitening(self):
+    def to_whitening(self) -> Whitening:
         """The trained layer as a :class:`pipeline.whitening.Whitening` (same ``apply``)."""
-        from pipeline.whitening import Whitening
-
         return Whitening.from_arrays(self.to_arrays())
 
 
@@ -404,8 +403,8 @@ def train_projection(config: ProjectionConfig, data: TripletData, init: Mapping[
     randomness. ``epoch_callback(epoch, stats, arrays)`` runs after every epoch (the Ray worker reports and
     checkpoints there). ``prepare_model`` wraps the module (``ray.train.torch.prepare_model``); ``rank`` and
     ``world_size`` split each batch between data-parallel workers; ``device`` holds the whitened regions
-    and the model (bit-reproducible on CPU only: CUDA's ``index_add_`` uses atomics). Returns shift + FC arrays with the keys
-    of ``Whitening.to_arrays`` (``epochs = 0`` returns ``init`` truncated to ``dim``, bit for bit).
+    and the model (bit-reproducible on CPU only: CUDA's ``index_add_`` uses atomics). Returns shift + FC arrays
+    with the keys of ``Whitening.to_arrays`` (``epochs = 0`` returns ``init`` truncated to ``dim``, bit for bit).
 
     Departure from seed 003: SGD steps in the whitened coordinates of ``init`` (``W = P A``, see
     :class:`WhitenedTrainable`) rather than on ``W`` itself. A PCA-whitening's entries scale like

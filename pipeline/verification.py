@@ -153,7 +153,8 @@ def fit_geometry(pts_a: np.ndarray, pts_b: np.ndarray, cfg: VerifyConfig
 
     A MAGSAC++ homography first (M >= 4); if none is found or it is degenerate, a MAGSAC++ affine model when
     ``affine_fallback`` (a homography with fewer than ``min_inliers`` inliers ends the search: an affine map
-    is a special homography, so its consensus cannot be larger). A model is returned only if it is non-degenerate with at
+    is a special homography, so its consensus cannot be larger). A model is returned only if it is non-degenerate
+    with at
     least ``min_inliers`` inliers; otherwise ``(None, None, all-False mask)``.
     """
     a = np.ascontiguousarray(pts_a, dtype=np.float32).reshape(-1, 2)

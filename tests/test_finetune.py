@@ -44,7 +44,8 @@ def test_finetune_smoke_on_a_tiny_network() -> None:
     torch.manual_seed(0)
     model = _Tiny()
     g = torch.Generator().manual_seed(1)
-    images = [torch.rand(3, 32, 32, generator=g) for _ in range(4)] + [torch.rand(3, 48, 32, generator=g) for _ in range(2)]
+    images = ([torch.rand(3, 32, 32, generator=g) for _ in range(4)]
+              + [torch.rand(3, 48, 32, generator=g) for _ in range(2)])
     positives = np.array([[0, 1], [2, 3], [4, 5]])
     # initial projection: PCA-whitening of the initial regional MACs
     trunk = torchvision.models.feature_extraction.create_feature_extractor(model.eval(), {"features.3": "out"})
