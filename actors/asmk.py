@@ -7,10 +7,11 @@ dicts (plain numpy arrays), which the lead saves as ``.npy`` files. Shards must 
 merge keeps shard order, so merging equals one build over the concatenated shards.
 
 The ``asmk`` stage is out of core: each shard task stores its inverted files as parts (``.npy`` per array under
-``RunLayout.asmk_parts_dir``) and returns only their sizes; the driver then memory-maps the parts and writes the
-merged arrays straight into the snapshot a range of visual words at a time (``pipeline.inverted_file.
-merged_postings``), so neither the shards' nor the merged index's arrays are ever held whole in memory (peak: one
-range of postings). The result is byte for byte what ``merge_inverted_files`` of all shards would publish.
+``RunLayout.asmk_parts_dir``) and returns only their sizes; the driver then reads the parts lazily
+(``storage.arrays.NpyFile``: row ranges on demand, no memory map) and writes the merged arrays straight into the
+snapshot a range of visual words at a time (``pipeline.inverted_file.merged_postings``), so neither the shards'
+nor the merged index's arrays are ever held whole in memory (peak: one range of postings). The result is byte
+for byte what ``merge_inverted_files`` of all shards would publish.
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ from pipeline.asmk import (ASMKConfig, AsmkIndexConfig, InvertedFile, build_inde
                            merge_inverted_files)
 from pipeline.inverted_file import merged_postings, merged_word_ptr
 from pipeline.codebook import assign, train_codebook
-from storage.arrays import load_json, load_npy, npy_bytes, save_json, save_npy
+from storage.arrays import NpyFile, load_json, load_npy, npy_bytes, save_json, save_npy
 from storage.layout import RunLayout, SnapshotFiles
 from storage.readers import count_rows, read_locals_file, read_region_boxes_file, region_stage
 from storage.snapshot import SnapshotWriter
 from storage.tables import StageManifest, read_parquet
-from storage.uri import exists, is_local, read_bytes, remove
+from storage.uri import exists, get_fs, is_local, read_bytes, remove
 
 log = logging.getLogger("indexer")
 
@@ -184,19 +185,20 @@ def _gather_in_order(refs: list[Any], t0: float) -> list[Any]:
 
 
 def _open_parts(root: str, name: str, labels: list[str], keys: list[str], scratch: str) -> list[InvertedFile]:
-    """The stored parts of kernel ``name`` in shard order, memory-mapped (copied to ``scratch`` first when the run
-    is not on a local file system)."""
+    """The stored parts of kernel ``name`` in shard order, read lazily from their files (copied to ``scratch``
+    first when the run is not on a local file system): nothing is held in memory or mapped."""
     layout, parts = RunLayout(root), []
     for label in labels:
         arrays = {}
         for key in keys:
             uri = layout.asmk_part(name, label, key)
-            if not is_local(uri):
-                local = os.path.join(scratch, f"{name}-{label}-{key}.npy")
-                with open(local, "wb") as f:
+            if is_local(uri):
+                path = get_fs(uri)[1]
+            else:
+                path = os.path.join(scratch, f"{name}-{label}-{key}.npy")
+                with open(path, "wb") as f:
                     f.write(read_bytes(uri))
-                uri = local
-            arrays[key] = load_npy(uri, mmap=True)
+            arrays[key] = NpyFile(path)
         parts.append(InvertedFile.from_arrays(arrays))
     return parts
 

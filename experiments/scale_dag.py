@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from storage.run import RunManifest
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "scale.yaml"
 STAGES = ("whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk")
+BASELINE = "baseline"   # a stage process that runs no stage: Python, the project's imports, a local Ray, the lease
 
 
 def scale_stages(os_fraction: float = 1.0) -> tuple[Stage, ...]:
@@ -50,7 +52,7 @@ def scale_stages(os_fraction: float = 1.0) -> tuple[Stage, ...]:
 
 def run_one_stage(root: str, stage: str, config: str, os_fraction: float) -> dict[str, Any]:
     """One stage of the DAG in this process, through the engine (``run.json`` records it)."""
-    cfg = scale_config(root, config, {"stages": [stage]})
+    cfg = scale_config(root, config, {"stages": [] if stage == BASELINE else [stage]})
     dag = scale_stages(os_fraction)
     with job_lease(cfg, "experiments.scale_dag") as lease:
         manifest = prepare_manifest(cfg, dag)
@@ -152,7 +154,7 @@ def run_size(n: int, root: Path, config: str, stages: list[str], gen_args: list[
         _save(results, row)
         if row["returncode"]:
             raise SystemExit(f"generation of {n} images failed: see {log_path}")
-    for stage in [s for s in STAGES if s in stages and s not in finished]:
+    for stage in [s for s in (BASELINE,) + STAGES if s in stages and s not in finished]:
         cmd = [py, "-m", "experiments.scale_dag", "_stage", "--out", str(run_dir), "--stage", stage,
                "--config", config, "--os-fraction", str(os_fraction)]
         row = {"n": n, "stage": stage, **measure(cmd, run_dir, log_path)}
@@ -200,7 +202,7 @@ def _p(x: float | None) -> str:
 def report(results_path: Path) -> str:
     """Markdown: per stage and N the measurements, then the growth exponents per stage."""
     runs = [r for r in json.loads(results_path.read_text())["runs"] if r.get("returncode") == 0]
-    order = ("generate",) + STAGES
+    order = ("generate", BASELINE) + STAGES
     lines = ["| stage | N | wall (stage) | CPU | peak RSS (PSS) | written | load before/after |",
              "|---|---|---|---|---|---|---|"]
     for stage in order:
@@ -225,12 +227,61 @@ def report(results_path: Path) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """What the projection assumes (cluster.yaml's ``gpu_a10g`` node type: g5.12xlarge, 4 GPUs, 48 vCPUs)."""
+
+    nodes: int = 4
+    gpus_per_node: int = 4
+    cpus_per_node: int = 48
+    efficiency: float = 0.7               # share of the cluster's cores a CPU stage keeps busy
+    extract_cpu_s_per_image: float = 0.43  # measured: 4.64 images/s on this machine's 2 cores at 1024 px
+    extract_gpu_images_per_s: float = 100.0  # per GPU; assumed (not measured here)
+    os_forward_cpu_s_per_image: float = 0.21  # the backbone pass OS redoes (the bare forward: 4.87 images/s / 2 cores)
+
+
+def projection(results_path: Path, n: int = 1_000_000, c: Cluster = Cluster()) -> str:
+    """Markdown: R1M on the cluster of ``c``, per stage, from the CPU seconds measured here (measured at ``n`` when
+    that size ran in full, else extrapolated from the largest size measured with the stage's fitted exponent)."""
+    runs = [r for r in json.loads(results_path.read_text())["runs"] if r.get("returncode") == 0]
+    cores = c.nodes * c.cpus_per_node * c.efficiency
+    gpus = c.nodes * c.gpus_per_node
+    lines = ["| stage | CPU at 1M (here, less the baseline) | source | on the cluster |", "|---|---|---|---|"]
+    cpu_only = n * c.extract_cpu_s_per_image / cores
+    with_gpus = n / (gpus * c.extract_gpu_images_per_s)
+    lines.append(f"| extract | {_fmt_s(n * c.extract_cpu_s_per_image)} | README's measured CPU rate | "
+                 f"{_fmt_s(with_gpus)} on {gpus} GPUs at {c.extract_gpu_images_per_s:.0f} images/s each (assumed); "
+                 f"{_fmt_s(cpu_only)} on the CPUs alone |")
+    total = with_gpus
+    base = {r["n"]: r["cpu_s"] for r in runs if r["stage"] == BASELINE}
+    for stage in STAGES:
+        rs = sorted((r for r in runs if r["stage"] == stage and r.get("os_fraction", 1.0) >= 1), key=lambda r: r["n"])
+        if not rs:
+            continue
+        net = [max(r["cpu_s"] - base.get(r["n"], 0.0), 1e-3) for r in rs]  # the stage's own work
+        p = growth_exponent([r["n"] for r in rs], net)
+        last = rs[-1]
+        cpu = net[-1] * (n / last["n"]) ** (p if p is not None else 1.0)
+        src = "measured" if last["n"] == n else \
+            f"from {last['n']:,} with p = {p:.2f}" if p is not None else f"from {last['n']:,}, linear"
+        wall = cpu / cores
+        extra = ""
+        if stage == "object_saliency":
+            fwd = n * c.os_forward_cpu_s_per_image / (c.efficiency * gpus * 40)  # a GPU forward ~40x a CPU core's
+            wall += fwd
+            extra = f" (+ the backbone pass on the GPUs, {_fmt_s(fwd)})"
+        total += wall
+        lines.append(f"| {stage} | {_fmt_s(cpu)} | {src} | {_fmt_s(wall)}{extra} |")
+    lines.append(f"| **total** | | | **{_fmt_s(total)}** |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_stage":
         ap = argparse.ArgumentParser(prog="experiments.scale_dag _stage")
         ap.add_argument("--out", required=True)
-        ap.add_argument("--stage", required=True, choices=STAGES)
+        ap.add_argument("--stage", required=True, choices=(BASELINE,) + STAGES)
         ap.add_argument("--config", default=str(DEFAULT_CONFIG))
         ap.add_argument("--os-fraction", type=float, default=1.0)
         a = ap.parse_args(argv[1:])
@@ -241,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", required=True, help="folder of the runs (n<N>/) and results.json")
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--stages", default=",".join(("generate",) + STAGES))
+    ap.add_argument("--stages", default=",".join(("generate", BASELINE) + STAGES))
     ap.add_argument("--os-fraction", type=float, default=1.0, help="share of shards the OS stage maps (stated)")
     ap.add_argument("--locals-fraction", type=float, default=1.0)
     ap.add_argument("--keypoints", type=int, default=1024)
@@ -255,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(x) for x in a.sizes.split(",") if x]:
             run_size(n, root, a.config, a.stages.split(","), gen, a.os_fraction, a.workers)
     print(report(root / "results.json"))
+    print()
+    print(projection(root / "results.json"))
     return 0
 
 

@@ -110,3 +110,31 @@ def test_trimmed_globals_and_region_iteration_equal_the_whole_reads(tmp_path):
         assert sum((p[0] for p in parts), []) == rid
         assert np.array_equal(np.concatenate([p[1] for p in parts]), boxes)
         assert np.array_equal(np.concatenate([p[2] for p in parts]), X)
+
+
+def test_npy_file_reads_rows_lazily(tmp_path):
+    from storage.arrays import NpyFile, save_npy
+
+    for a in (np.arange(24, dtype=np.int64).reshape(6, 4), np.arange(5, dtype=np.float16), np.array(3.5),
+              np.array("asmk_star"), np.zeros((0, 3), np.uint8)):
+        path = str(tmp_path / "a.npy")
+        save_npy(path, a)
+        f = NpyFile(path)
+        assert f.shape == a.shape and f.dtype == a.dtype and np.array_equal(np.asarray(f), a)
+        if a.ndim:
+            assert len(f) == len(a) and np.array_equal(f[1:4], a[1:4]) and np.array_equal(f[2:2], a[2:2])
+            if len(a):
+                assert np.array_equal(f[-1], a[-1]) and np.array_equal(f[0], a[0])
+        else:
+            assert f[()] == a[()]
+    parts = _random_parts(3, 8, kernel_config("asmk_star"))
+    lazy = []
+    for i, p in enumerate(parts):
+        arrays = {}
+        for k, v in p.to_arrays().items():
+            save_npy(str(tmp_path / f"{i}-{k}.npy"), v)
+            arrays[k] = NpyFile(str(tmp_path / f"{i}-{k}.npy"))
+        lazy.append(InvertedFile.from_arrays(arrays))
+    want = merge_inverted_files(parts)
+    got = np.concatenate([b[1] for b in merged_postings(lazy, max_postings=5)])
+    assert np.array_equal(got, want.vecs) and np.array_equal(merged_word_ptr(lazy), want.word_ptr)
