@@ -92,7 +92,11 @@ def run_shards(root: str, stage: str, shards: Mapping[int | str, Any], factory: 
     if not todo:
         return result
     cls = _actor_class(resources)
-    actors = [cls.remote(root, stage, factory) for _ in range(max(1, min(resources.num_workers, len(todo))))]
+    # the factory goes to the object store once, and this ref keeps it there for the whole stage: an actor restarted
+    # after its node was lost is built again from it (passed by value, Ray would free it once the first actors were
+    # built, and the restart would fail: ray-project/ray#53727)
+    factory_ref = ray.put(factory)
+    actors = [cls.remote(root, stage, factory_ref) for _ in range(max(1, min(resources.num_workers, len(todo))))]
     t0 = time.time()
     queue, idle = list(todo), list(actors)
     pending: dict[Any, Any] = {}  # call -> its actor

@@ -38,7 +38,7 @@ EXTRACT_CALL = "ShardWorker.process"
 
 
 def _ids() -> list[str]:
-    return sorted(J.photo_ids("painting_", 8, start=60) + J.photo_ids("lund_", 8, start=30)
+    return sorted(J.photo_ids("painting_", 8, start=60) + J.photo_ids("lund_", 8, start=20)
                   + J.photo_ids("distractor_ketch_", 4, start=4))
 
 
