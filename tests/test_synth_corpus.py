@@ -142,3 +142,28 @@ def test_every_later_stage_runs_on_the_synthetic_tables(tmp_path, ray_local):
     os_regions = TableStore(str(tmp_path)).read("regions", ["object_saliency"], columns=["image_id", "source"])
     assert set(os_regions.column("source").to_pylist()) == {"os_egm"}
     assert set(os_regions.column("image_id").to_pylist()) == set(ids)
+
+
+def test_scale_dag_measures_and_fits(tmp_path):
+    import sys
+
+    from experiments.scale_dag import growth_exponent, measure, report
+
+    assert growth_exponent([1000, 10000], [2.0, 20.0]) == pytest.approx(1.0)
+    assert growth_exponent([10**3, 10**4, 10**5], [n ** 1.5 for n in (10**3, 10**4, 10**5)]) == pytest.approx(1.5)
+    assert growth_exponent([1000], [5.0]) is None
+    # a child that holds 300 MB and spins for ~1.5 s of CPU, writing 1 MB into the measured folder
+    code = ("import time, numpy as np; a = np.ones(300 * 2**18, np.int64); t = time.process_time()\n"
+            "while time.process_time() - t < 1.5: pass\n"
+            f"open({str(tmp_path / 'w' / 'f.bin')!r}, 'wb').write(b'x' * 2**20)")
+    (tmp_path / "w").mkdir()
+    row = measure([sys.executable, "-c", code], tmp_path / "w", tmp_path / "log.txt")
+    assert row["returncode"] == 0 and row["bytes_written"] == 2**20
+    assert row["peak_rss_bytes"] >= 300 * 2**20 and row["cpu_s"] >= 1.0
+    runs = [{"n": n, "stage": "graph", "returncode": 0, "wall_s": n / 100, "stage_s": n / 200, "cpu_s": n / 50,
+             "peak_rss_bytes": 2**30 * n / 1000, "peak_pss_bytes": 2**29, "bytes_written": 10 * n,
+             "load_before": 1.0, "load_after": 2.0} for n in (1000, 10000)]
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    table = report(tmp_path / "results.json")
+    assert "| graph | 1,000 | 5 s | 20 s | 1.0 GB (512 MB) | 9.8 KB | 1.0 / 2.0 |" in table
+    assert "| graph | 1.00 | 1.00 | 1.00 | 1.00 | 1,000, 10,000 |" in table
