@@ -5,11 +5,20 @@ optionally ``words`` (n, m) precomputed visual words, and for regional variants 
 positions, ``boxes`` (R, 4) pixel boxes and ``box_image`` (R,). Tasks return ``InvertedFile.to_arrays()``
 dicts (plain numpy arrays), which the lead saves as ``.npy`` files. Shards must hold disjoint images; the
 merge keeps shard order, so merging equals one build over the concatenated shards.
+
+The ``asmk`` stage is out of core: each shard task stores its inverted files as parts (``.npy`` per array under
+``RunLayout.asmk_parts_dir``) and returns only their sizes; the driver then reads the parts lazily
+(``storage.arrays.NpyFile``: row ranges on demand, no memory map) and writes the merged arrays straight into the
+snapshot a range of visual words at a time (``pipeline.inverted_file.merged_postings``), so neither the shards'
+nor the merged index's arrays are ever held whole in memory (peak: one range of postings). The result is byte
+for byte what ``merge_inverted_files`` of all shards would publish.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import time
 from typing import Any, Sequence
 
@@ -18,13 +27,14 @@ import ray
 
 from pipeline.asmk import (ASMKConfig, AsmkIndexConfig, InvertedFile, build_index, kernel_config,
                            merge_inverted_files)
+from pipeline.inverted_file import merged_postings, merged_word_ptr
 from pipeline.codebook import assign, train_codebook
-from storage.arrays import load_json, load_npy, npy_bytes, save_json, save_npy
+from storage.arrays import NpyFile, load_json, load_npy, npy_bytes, save_json, save_npy
 from storage.layout import RunLayout, SnapshotFiles
 from storage.readers import count_rows, read_locals_file, read_region_boxes_file, region_stage
 from storage.snapshot import SnapshotWriter
 from storage.tables import StageManifest, read_parquet
-from storage.uri import exists, read_bytes
+from storage.uri import exists, get_fs, is_local, read_bytes, remove
 
 log = logging.getLogger("indexer")
 
@@ -68,9 +78,8 @@ def build_sharded_index(shards: Sequence[dict[str, np.ndarray] | ray.ObjectRef],
     return InvertedFile.from_arrays(ray.get(refs[0]))
 
 
-@ray.remote(num_cpus=0.5)
-def _shard_indexes_task(locals_uri: str, regions_uri: str | None, source: str, id_map: dict[str, int],
-                        centroids: np.ndarray, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
+def shard_index_arrays(locals_uri: str, regions_uri: str | None, source: str, id_map: dict[str, int],
+                       centroids: np.ndarray, configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
     """Read one shard's locals (and region boxes), quantise once, build every requested kernel's index arrays."""
     ids, xy, des = read_locals_file(locals_uri)
     keep = np.array([i in id_map for i in ids], dtype=bool)
@@ -88,6 +97,22 @@ def _shard_indexes_task(locals_uri: str, regions_uri: str | None, source: str, i
         index = build_index(des, words_all[:, :cfg.multiple], image_ids, centroids, cfg, xy if regional else None,
                             boxes[bkeep] if regional else None, box_image if regional else None)
         out[name] = index.to_arrays()
+    return out
+
+
+@ray.remote(num_cpus=0.5)
+def _shard_parts_task(root: str, label: str, locals_uri: str, regions_uri: str | None, source: str,
+                      id_map: dict[str, int], centroids: np.ndarray, configs: dict[str, dict[str, Any]]
+                      ) -> dict[str, dict[str, Any]]:
+    """Build one shard's inverted files and store them as parts (one ``.npy`` per array) for the streaming merge;
+    returns only their sizes, so the driver never holds the shards' arrays."""
+    layout = RunLayout(root)
+    out = {}
+    for name, arrays in shard_index_arrays(locals_uri, regions_uri, source, id_map, centroids, configs).items():
+        for key, a in arrays.items():
+            save_npy(layout.asmk_part(name, label, key), a)
+        out[name] = {"items": int(len(arrays["item_image"])), "postings": int(arrays["word_ptr"][-1]),
+                     "keys": list(arrays)}
     return out
 
 
@@ -159,24 +184,70 @@ def _gather_in_order(refs: list[Any], t0: float) -> list[Any]:
     return ray.get(refs)  # shard order, so merging equals one build over the whole corpus
 
 
-def _publish(root: str, name: str, inv: InvertedFile, C: np.ndarray, all_ids: list[str], config: dict[str, Any],
-             cfg: AsmkIndexConfig, cb_info: dict[str, Any]) -> dict[str, Any]:
-    nbytes = inv.nbytes()
+def _open_parts(root: str, name: str, labels: list[str], keys: list[str], scratch: str) -> list[InvertedFile]:
+    """The stored parts of kernel ``name`` in shard order, read lazily from their files (copied to ``scratch``
+    first when the run is not on a local file system): nothing is held in memory or mapped."""
+    layout, parts = RunLayout(root), []
+    for label in labels:
+        arrays = {}
+        for key in keys:
+            uri = layout.asmk_part(name, label, key)
+            if is_local(uri):
+                path = get_fs(uri)[1]
+            else:
+                path = os.path.join(scratch, f"{name}-{label}-{key}.npy")
+                with open(path, "wb") as f:
+                    f.write(read_bytes(uri))
+            arrays[key] = NpyFile(path)
+        parts.append(InvertedFile.from_arrays(arrays))
+    return parts
+
+
+def _stream_npy(w: SnapshotWriter, rel: str, dtype: np.dtype, shape: tuple[int, ...], chunks: Any) -> None:
+    """Write an ``.npy`` of ``shape`` from consecutive ``chunks`` (the bytes ``np.save`` would write)."""
+    with w.open(rel) as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                 "fortran_order": False, "shape": tuple(int(x) for x in shape)})
+        for c in chunks:
+            f.write(np.ascontiguousarray(c, dtype=dtype).tobytes())
+
+
+def _write_merged(w: SnapshotWriter, parts: list[InvertedFile]) -> tuple[int, int, int, int]:
+    """The merge of ``parts`` (``merge_inverted_files``) written array by array into the snapshot, a range of
+    words at a time. Returns (items, postings, words, bytes of the arrays)."""
+    first = parts[0]
+    ptr = merged_word_ptr(parts)
+    n_items, nnz = sum(p.n_items for p in parts), int(ptr[-1])
+    id_dtype = np.int32 if n_items < 2**31 else np.int64
+    vec_dtype = np.result_type(*[p.vecs.dtype for p in parts])
+    vshape = (nnz,) + first.vecs.shape[1:]
+    w.write_bytes(SnapshotFiles.array("word_ptr"), npy_bytes(ptr))
+    _stream_npy(w, SnapshotFiles.array("item_ids"), id_dtype, (nnz,), (b[0] for b in merged_postings(parts)))
+    _stream_npy(w, SnapshotFiles.array("vecs"), vec_dtype, vshape, (b[1] for b in merged_postings(parts)))
+    _stream_npy(w, SnapshotFiles.array("item_self"), np.float64, (n_items,), (p.item_self for p in parts))
+    _stream_npy(w, SnapshotFiles.array("item_image"), np.int64, (n_items,), (p.item_image for p in parts))
+    for key, a in first.to_arrays().items():
+        if key not in ("word_ptr", "item_ids", "vecs", "item_self", "item_image"):
+            w.write_bytes(SnapshotFiles.array(key), npy_bytes(a))
+    nbytes = ptr.nbytes + nnz * np.dtype(id_dtype).itemsize + int(np.prod(vshape)) * np.dtype(vec_dtype).itemsize \
+        + n_items * 16
+    return n_items, nnz, first.n_words, int(nbytes)
+
+
+def _publish(root: str, name: str, parts: list[InvertedFile], C: np.ndarray, all_ids: list[str],
+             config: dict[str, Any], cfg: AsmkIndexConfig, cb_info: dict[str, Any]) -> dict[str, Any]:
     with SnapshotWriter(root, f"asmk_{name}", method=name, factory="inverted-file",
-                        counts={"images": len(all_ids), "items": inv.n_items, "postings": inv.nnz,
-                                "words": inv.n_words},
                         parameters={"kind": "asmk", "config": config, "region_source": cfg.region_source,
                                     "query_multiple": int(cfg.query_multiple_assignment),
-                                    "codebook": {k: cb_info[k] for k in ("k", "dim", "sample")},
-                                    "index_bytes": nbytes, "bytes_per_image": nbytes / max(1, len(all_ids))}
-                        ) as w:
-        for key, a in inv.to_arrays().items():
-            w.write_bytes(SnapshotFiles.array(key), npy_bytes(a))
+                                    "codebook": {k: cb_info[k] for k in ("k", "dim", "sample")}}) as w:
+        n_items, nnz, n_words, nbytes = _write_merged(w, parts)
+        w.counts.update(images=len(all_ids), items=n_items, postings=nnz, words=n_words)
+        w.parameters.update(index_bytes=nbytes, bytes_per_image=nbytes / max(1, len(all_ids)))
         w.write_bytes(SnapshotFiles.CODEBOOK, npy_bytes(C))
         w.write_bytes(SnapshotFiles.IMAGE_IDS, npy_bytes(np.asarray(all_ids, dtype=str)))
-    log.info("[asmk] %s: %d items, %d postings, %.1f KB/image", name, inv.n_items, inv.nnz,
+    log.info("[asmk] %s: %d items, %d postings, %.1f KB/image", name, n_items, nnz,
              nbytes / max(1, len(all_ids)) / 1024)
-    return {"version": w.version, "items": inv.n_items, "postings": inv.nnz, "index_bytes": nbytes,
+    return {"version": w.version, "items": n_items, "postings": nnz, "index_bytes": nbytes,
             "bytes_per_image": nbytes / max(1, len(all_ids))}
 
 
@@ -198,12 +269,18 @@ def run_asmk_stage(root: str, cfg: AsmkIndexConfig, reuse_codebook: bool = True)
     configs = {name: kernel_config(name, cfg.multiple_assignment).to_dict() for name in cfg.kernels}
     all_ids, id_maps = _shard_id_maps(shards)
     cref = ray.put(np.ascontiguousarray(C))
-    built = _gather_in_order([_shard_indexes_task.remote(uri, region_files.get(label), cfg.region_source, id_maps[s],
-                                                         cref, configs) for s, (label, uri) in enumerate(shards)], t0)
+    layout = RunLayout(root)
+    remove(layout.asmk_parts_dir, recursive=True)  # parts of an earlier, interrupted run
+    sizes = _gather_in_order([_shard_parts_task.remote(root, label, uri, region_files.get(label), cfg.region_source,
+                                                       id_maps[s], cref, configs)
+                              for s, (label, uri) in enumerate(shards)], t0)
     out: dict[str, Any] = {"codebook": cb_info, "images": len(all_ids)}
-    for name in cfg.kernels:
-        inv = merge_inverted_files([InvertedFile.from_arrays(b[name]) for b in built])
-        out[f"asmk_{name}"] = _publish(root, name, inv, C, all_ids, configs[name], cfg, cb_info)
+    with tempfile.TemporaryDirectory(prefix="asmk-parts-") as scratch:
+        for name in cfg.kernels:
+            parts = _open_parts(root, name, [label for label, _ in shards], sizes[0][name]["keys"], scratch)
+            out[f"asmk_{name}"] = _publish(root, name, parts, C, all_ids, configs[name], cfg, cb_info)
+            del parts
+    remove(layout.asmk_parts_dir, recursive=True)
     out["seconds"] = time.time() - t0
     return out
 

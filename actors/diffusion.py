@@ -32,7 +32,7 @@ def run_diffusion_stage(root: str, cfg: DiffusionStageConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for method in cfg.methods:
         t0 = time.time()
-        ids, X = read_globals(root, method)
+        ids, X = read_globals(root, method, trim=True)
         if not ids:
             log.warning("[diffusion] no descriptors for method %s: skipped", method)
             continue

@@ -216,11 +216,14 @@ def run_graph_stage(root: str, graph: GraphConfig, katz: KatzConfig, num_cpus: f
     if not V_parts:
         raise RuntimeError(f"graph: no '{graph.source}' regions found; enable that region source in extract")
     V = np.concatenate(V_parts)
+    del V_parts
     f = np.concatenate(sal).astype(np.float32)
     n = len(V)
     t_knn = time.time()
-    W = build_knn_graph_ray(V_parts, k=graph.k, beta=graph.beta, block_rows=graph.block_rows,
-                            num_workers=num_workers, num_cpus=num_cpus, exact_threshold=graph.exact_threshold)
+    # one index over V: searched for the graph, then stored for object saliency and queries (built once)
+    index = build_knn_index(V, exact_threshold=graph.exact_threshold, use_gpu=False)
+    W = build_knn_graph_ray(V, k=graph.k, beta=graph.beta, block_rows=graph.block_rows, num_workers=num_workers,
+                            num_cpus=num_cpus, exact_threshold=graph.exact_threshold, index=index)
     t_knn = time.time() - t_knn
     Wn = normalize_graph(W)
     t_katz = time.time()
@@ -233,7 +236,6 @@ def run_graph_stage(root: str, graph: GraphConfig, katz: KatzConfig, num_cpus: f
                                           retries=katz.retries)
     t_katz = time.time() - t_katz
     g = np.asarray(g, np.float32)
-    index = build_knn_index(V, exact_threshold=graph.exact_threshold, use_gpu=False)
     summary = {"regions": n, "edges": int(W.nnz), "k": graph.k, "beta": graph.beta, "alpha": katz.alpha,
                "cg_iterations": int(info.get("iterations", -1)), "cg_residual": float(info.get("residual", np.nan)),
                "knn_seconds": t_knn, "katz_seconds": t_katz, "seconds": time.time() - t0,

@@ -25,7 +25,7 @@ from pipeline.faiss_index import FaissConfig
 from pipeline.itq import build_binary_index, default_nlist, learn_itq
 from storage.arrays import npy_bytes
 from storage.layout import SnapshotFiles
-from storage.readers import read_globals, read_regions
+from storage.readers import iter_regions, read_globals
 from storage.snapshot import SnapshotWriter
 
 log = logging.getLogger("indexer")
@@ -46,8 +46,7 @@ def load_regional(root: str, source: str) -> tuple[list[str], np.ndarray]:
     ids: list[str] = []
     parts = []
     for src in dict.fromkeys(("full", source)):
-        rid, _, X = read_regions(root, src)
-        if len(rid):
+        for rid, _, X in iter_regions(root, src):  # one file at a time: only the whitened rows are kept
             ids += rid
             parts.append(np.asarray(white.apply(X), np.float32))
     return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
@@ -76,6 +75,12 @@ def build_index(X: np.ndarray, cfg: FaissConfig, shard_rows: int = 500_000
     return shards, factory, params
 
 
+def write_npy(w: SnapshotWriter, rel: str, array: np.ndarray) -> None:
+    """One array into a snapshot as ``.npy``, streamed in chunks (no second in-memory copy of a large index)."""
+    with w.open(rel) as f:
+        np.save(f, np.asarray(array), allow_pickle=False)
+
+
 def _publish(root: str, name: str, kind: str, method: str, shards: list[np.ndarray], factory: str,
              params: dict[str, int], image_ids: list[str], dim: int, n_vectors: int,
              region_image: np.ndarray | None = None) -> dict[str, Any]:
@@ -85,10 +90,10 @@ def _publish(root: str, name: str, kind: str, method: str, shards: list[np.ndarr
                         parameters={"kind": kind, "dim": dim, "search": params,
                                     "bytes_per_vector": nbytes / max(n_vectors, 1)}) as w:
         if len(shards) == 1:
-            w.write_bytes(SnapshotFiles.INDEX, npy_bytes(shards[0]))
+            write_npy(w, SnapshotFiles.INDEX, shards[0])
         else:
             for i, s in enumerate(shards):
-                w.write_bytes(SnapshotFiles.shard(i), npy_bytes(s))
+                write_npy(w, SnapshotFiles.shard(i), s)
         w.write_bytes(SnapshotFiles.IMAGE_IDS, npy_bytes(np.asarray(image_ids, dtype=str)))
         if region_image is not None:
             w.write_bytes(SnapshotFiles.REGION_IMAGE, npy_bytes(region_image.astype(np.int64)))
@@ -136,7 +141,7 @@ def run_faiss_stage(root: str, cfg: FaissConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for method in cfg.methods:
         t0 = time.time()
-        ids, X = read_globals(root, method)
+        ids, X = read_globals(root, method, trim=True)  # trailing zero padding dropped file by file
         if len(ids) == 0:
             log.warning("[faiss] no descriptors for method %s: skipped (is its stage enabled?)", method)
             continue

@@ -6,7 +6,9 @@ the actor pool (a GPU each when the cluster has GPUs, fractional CPUs otherwise)
 the commit of each shard. A shard becomes visible to readers only when its commit marker is written, after
 its files; actors are restartable (``max_restarts``) and their calls retried (``max_task_retries``), so a
 killed worker's shard is redone from scratch under the same file names: no row is ever lost or duplicated.
-A shard that is already committed is skipped, so a rerun after a crash resumes.
+A shard that is already committed is skipped, so a rerun after a crash resumes. An actor with no shard left to
+take is killed at once: when a node is lost near the end of a stage, its restarting actors then find room on the
+remaining nodes instead of waiting for resources that idle actors hold.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
 
 import ray
-from ray.util import ActorPool
 
 from actors.common import ActorResources, Progress
 from storage.arrays import load_json
@@ -91,16 +92,35 @@ def run_shards(root: str, stage: str, shards: Mapping[int | str, Any], factory: 
     if not todo:
         return result
     cls = _actor_class(resources)
-    actors = [cls.remote(root, stage, factory) for _ in range(max(1, min(resources.num_workers, len(todo))))]
+    # the factory goes to the object store once, and this ref keeps it there for the whole stage: an actor restarted
+    # after its node was lost is built again from it (passed by value, Ray would free it once the first actors were
+    # built, and the restart would fail: ray-project/ray#53727)
+    factory_ref = ray.put(factory)
+    actors = [cls.remote(root, stage, factory_ref) for _ in range(max(1, min(resources.num_workers, len(todo))))]
     t0 = time.time()
+    queue, idle = list(todo), list(actors)
+    pending: dict[Any, Any] = {}  # call -> its actor
     try:
-        pool = ActorPool(actors)
-        for out in pool.map_unordered(lambda a, s: a.process.remote(s, shards[s]), todo):
-            for k in COUNTERS:
-                result[k] += int(out.get(k, 0))
-            for reason in out.get("error_reasons", []):
-                result["error_reasons"][reason] = result["error_reasons"].get(reason, 0) + 1
-            progress.update(weight(shards[key_of[out["shard"]]]), errors=int(out.get("errors", 0)))
+        while queue or pending:
+            while queue and idle:
+                s = queue.pop(0)
+                a = idle.pop(0)
+                pending[a.process.remote(s, shards[s])] = a
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                actor = pending.pop(ref)
+                out = ray.get(ref)
+                for k in COUNTERS:
+                    result[k] += int(out.get(k, 0))
+                for reason in out.get("error_reasons", []):
+                    result["error_reasons"][reason] = result["error_reasons"].get(reason, 0) + 1
+                progress.update(weight(shards[key_of[out["shard"]]]), errors=int(out.get("errors", 0)))
+                if queue:
+                    idle.append(actor)
+                else:
+                    # nothing left for it: free its resources now, so that an actor being restarted elsewhere (its
+                    # node was lost) can be placed even when the cluster has no other room for it
+                    ray.kill(actor)
         progress.update(0, force=True)
     finally:
         for a in actors:

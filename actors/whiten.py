@@ -1,5 +1,6 @@
 """The ``whiten`` stage: PCA-whitening of regional MACs (supervised Lw when matching pairs are given), and one
-whitening per GAP/sum-pooled global method, learned on samples of the extracted tables and stored as arrays."""
+whitening per GAP/sum-pooled global method, learned on samples of the extracted tables and stored as arrays.
+Memory is bounded by the sample sizes, not by the corpus: the tables are read one file at a time."""
 from __future__ import annotations
 
 import time
@@ -38,6 +39,39 @@ def sample_regions(table_files: list[str], sources: tuple[str, ...], n: int, see
     return np.concatenate(parts), pa.concat_tables(metas)
 
 
+def sample_globals(table_files: list[str], methods: tuple[str, ...], n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Up to ``n`` raw global descriptors of each method, drawn uniformly without replacement from that method's
+    rows across ``table_files`` (kept in file and row order), reading one file at a time; all of them when a
+    method has at most ``n`` rows. Kept in the tables' own dtype (float16 by default) until used: the sample of
+    a method is at most ``n`` rows whatever the corpus size."""
+    wanted = pa.array(list(methods))
+    counts = {m: [] for m in methods}
+    for uri in table_files:                  # pass 1: rows per method per file (the method column only)
+        col = read_parquet(uri, columns=["method"]).column("method")
+        for m in methods:
+            counts[m].append(int(pc.sum(pc.equal(col, m)).as_py() or 0))
+    rng = np.random.default_rng(seed)
+    take: dict[str, np.ndarray] = {}
+    starts: dict[str, np.ndarray] = {}
+    for m in methods:
+        total = int(sum(counts[m]))
+        take[m] = np.sort(rng.choice(total, n, replace=False)) if total > n else np.arange(total)
+        starts[m] = np.r_[0, np.cumsum(counts[m])]
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for f, uri in enumerate(table_files):    # pass 2: the chosen rows, file by file
+        if not any(counts[m][f] for m in methods):
+            continue
+        t = read_parquet(uri, columns=["method", "descriptor"])
+        t = t.filter(pc.is_in(t.column("method"), value_set=wanted))
+        native = np.float16 if t.schema.field("descriptor").type.value_type == pa.float16() else np.float32
+        for m in methods:
+            lo, hi = np.searchsorted(take[m], [starts[m][f], starts[m][f + 1]])
+            if hi > lo:
+                rows = t.filter(pc.equal(t.column("method"), m)).take(take[m][lo:hi] - starts[m][f])
+                parts[m].append(descriptors_to_numpy(rows.column("descriptor"), native))
+    return {m: np.concatenate(parts[m]) for m in methods if parts[m]}
+
+
 def _pair_rows(pairs_uri: str, meta: pa.Table) -> np.ndarray:
     """Row indices (into the sample) of the matching pairs listed in a Parquet file."""
     pairs_t = read_parquet(pairs_uri)
@@ -70,12 +104,11 @@ def run_whiten_stage(root: str, cfg: WhitenConfig, reuse: bool = False) -> dict[
     summary.update(regions_sampled=int(len(X)), dim=dim)
     # GAP/sum-pooled globals live in other spaces than regional MACs: their own whitening, with a
     # dimension small enough for the number of images (a whitening needs several samples per dimension)
-    g = store.read("globals", ["extract"])
+    samples = sample_globals(store.committed_files("globals", ["extract"]), OWN_WHITENING, cfg.sample)
     for method in OWN_WHITENING:
-        rows = g.filter(pc.equal(g.column("method"), method))
-        if rows.num_rows < 8:
+        if len(samples.get(method, ())) < 8:
             continue
-        Xg = descriptors_to_numpy(rows.column("descriptor"))
+        Xg = samples.pop(method).astype(np.float32)
         d = int(min(cfg.dim, Xg.shape[1], max(2, len(Xg) // 4)))
         save_arrays(layout.whitening(f"global-{method}"), **learn_pca_whitening(Xg, dim=d).to_arrays())
         summary[f"dim_{method}"] = d
@@ -89,4 +122,4 @@ def load_whitenings(root: str) -> dict[str, Whitening]:
     return whitenings_from_arrays(load_whitening_arrays(root, OWN_WHITENING))
 
 
-__all__ = ["run_whiten_stage", "load_whitenings", "sample_regions"]
+__all__ = ["run_whiten_stage", "load_whitenings", "sample_regions", "sample_globals"]

@@ -44,6 +44,8 @@ from pipeline.verification import VerifyConfig, fit_geometry, fuse_scores  # noq
 from storage.datasets import Dataset, load_gnd_json  # noqa: E402
 from storage.images import decode_image  # noqa: E402
 from storage.keypoint_weights import load_keypoint_weights  # noqa: E402
+from storage.schemas import descriptors_to_numpy  # noqa: E402
+from storage.tables import TableStore, read_parquet  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "museum-landmarks"
 if not DATA.exists():
@@ -165,17 +167,12 @@ class IndexLocalsStore:
     shifted to the crop's frame (the crop of actors.query.crop)."""
 
     def __init__(self, index: str, top_n: int) -> None:
-        import glob
-
-        import pyarrow.parquet as pq
-
-        from storage.schemas import descriptors_to_numpy
-
         self.top_n = top_n
         self.rows: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         parts: dict[str, list] = {}
-        for f in sorted(glob.glob(os.path.join(index, "tables", "locals", "*.parquet"))):
-            t = pq.read_table(f)
+        store = TableStore(index)
+        for f in store.committed_files("locals"):
+            t = read_parquet(f)
             ids = np.asarray(t.column("image_id").to_pylist())
             xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], 1).astype(np.float32)
             st = t.column("strength").to_numpy().astype(np.float32)
@@ -185,8 +182,8 @@ class IndexLocalsStore:
                 parts[str(i)] = (xy[m], st[m], d[m])
         self.rows = parts
         self.sizes: dict[str, tuple[int, int]] = {}
-        for f in sorted(glob.glob(os.path.join(index, "tables", "images", "*.parquet"))):
-            t = pq.read_table(f, columns=["image_id", "width", "height"])
+        for f in store.committed_files("images"):
+            t = read_parquet(f, columns=["image_id", "width", "height"])
             for i, w, h in zip(t.column("image_id").to_pylist(), t.column("width").to_pylist(),
                                t.column("height").to_pylist()):
                 self.sizes[i] = (int(w), int(h))
@@ -397,17 +394,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_dev_rankings(args: argparse.Namespace) -> None:
     """Development first-stage rankings from an index's ``globals`` table (cosine on stored descriptors; a
     query uses its own uncropped image's descriptor, so boxed queries are not cropped here)."""
-    import glob
-
-    import pyarrow.parquet as pq
-
-    from storage.schemas import descriptors_to_numpy
-
     tracks = load_tracks(DATA)
     methods = args.dev_methods.split(",")
     desc: dict[str, dict[str, np.ndarray]] = {m: {} for m in methods}
-    for f in sorted(glob.glob(os.path.join(args.index, "tables", "globals", "*.parquet"))):
-        t = pq.read_table(f)
+    for f in TableStore(args.index).committed_files("globals"):
+        t = read_parquet(f)
         ids, meth = t.column("image_id").to_pylist(), t.column("method").to_pylist()
         d = descriptors_to_numpy(t.column("descriptor"))
         for i, m, v in zip(ids, meth, d):

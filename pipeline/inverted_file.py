@@ -3,7 +3,7 @@ with the kernel's selectivity, merged shard by shard; plain arrays in and out (`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -328,3 +328,49 @@ def merge_inverted_files(parts: Sequence[InvertedFile]) -> InvertedFile:
                         first.regional)
 
 
+
+
+def merged_postings(parts: Sequence[InvertedFile], max_postings: int = 8_000_000
+                    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The postings of ``merge_inverted_files(parts)``, i.e. its ``item_ids`` and ``vecs`` rows in order, yielded a
+    range of visual words at a time with about ``max_postings`` rows per range (a single word may exceed it).
+
+    Memory is one range's postings plus the (K,) per-word totals, whatever the size of the merged index, and
+    ``parts`` may be memory-mapped: this is how a corpus-wide inverted file is written without ever existing in
+    memory. ``merged_word_ptr`` gives the matching CSR offsets; item ids are offset by the items of earlier parts.
+    """
+    parts = list(parts)
+    K = parts[0].n_words
+    totals = np.diff(merged_word_ptr(parts))
+    n_items = sum(p.n_items for p in parts)
+    id_dtype = np.int32 if n_items < 2**31 else np.int64
+    vec_dtype = np.result_type(*[p.vecs.dtype for p in parts])
+    offsets = np.cumsum([0] + [p.n_items for p in parts])
+    # word ranges [w0, w1) of about max_postings postings each
+    cuts = np.searchsorted(np.cumsum(totals), np.arange(max_postings, int(totals.sum()), max_postings), side="left")
+    bounds = np.unique(np.concatenate([[0], np.minimum(cuts + 1, K), [K]]))
+    for w0, w1 in zip(bounds[:-1], bounds[1:]):
+        ptrs = [np.asarray(p.word_ptr[w0:w1 + 1], dtype=np.int64) for p in parts]
+        counts = np.stack([np.diff(q) for q in ptrs])                       # (S, w1 - w0)
+        ptr = np.zeros(w1 - w0 + 1, dtype=np.int64)
+        np.cumsum(counts.sum(axis=0), out=ptr[1:])
+        before = np.cumsum(counts, axis=0) - counts
+        ids = np.empty(ptr[-1], dtype=id_dtype)
+        vecs = np.empty((ptr[-1],) + parts[0].vecs.shape[1:], dtype=vec_dtype)
+        for s, (p, q) in enumerate(zip(parts, ptrs)):
+            a, b = int(q[0]), int(q[-1])
+            if b == a:
+                continue
+            w = np.repeat(np.arange(w1 - w0), counts[s])
+            dest = ptr[w] + before[s, w] + (np.arange(b - a) - (q[w] - a))
+            ids[dest] = np.asarray(p.item_ids[a:b], dtype=np.int64) + offsets[s]
+            vecs[dest] = p.vecs[a:b]
+        yield ids, vecs
+
+
+def merged_word_ptr(parts: Sequence[InvertedFile]) -> np.ndarray:
+    """CSR offsets (K + 1,) of ``merge_inverted_files(parts)``: the sum of the parts' offsets."""
+    ptr = np.zeros(parts[0].n_words + 1, dtype=np.int64)
+    for p in parts:
+        ptr += np.asarray(p.word_ptr, dtype=np.int64)
+    return ptr

@@ -9,6 +9,7 @@
 <root>/stages/<stage>/shards/<shard>.json  commit marker of a shard (written last, atomically)
 <root>/stages/<stage>/stage.json           summary of the stage
 <root>/artefacts/<artefact>/<file>         learned state: whitening/, local_pca/, graph/, asmk/, ...
+<root>/artefacts/asmk/parts/<kernel>/<shard>/<array>.npy   per-shard ASMK pieces while the asmk stage runs
 <root>/indexes/<name>/<version>/...        immutable FAISS / ASMK snapshots; <root>/indexes/<name>/LATEST
 ```
 """
@@ -22,6 +23,7 @@ CORPUS_DIR, TABLES_DIR, STAGES_DIR, ARTEFACTS_DIR, INDEXES_DIR = "corpus", "tabl
 CONFIG_FILE, RUN_FILE, LOCK_FILE, MANIFEST_FILE = "config.json", "run.json", "LOCK.json", "manifest.parquet"
 SHARDS_DIR, STAGE_SUMMARY_FILE, LATEST_FILE = "shards", "stage.json", "LATEST"
 PINS_DIR, RELEASE_FILE = "PINS", "RELEASE.json"   # readers' pins of snapshot versions; a job's set of versions
+PARTS_DIR = "parts"   # per-shard pieces of an artefact before their streaming merge (removed afterwards)
 
 # artefacts: (folder, file) per name; one place for every learned file of a run
 ARTEFACT_FILES: dict[str, tuple[str, str]] = {
@@ -145,6 +147,15 @@ class RunLayout:
             return self.artefact("whitening_regions")
         folder = ARTEFACT_FILES["whitening_regions"][0]
         return join(self.root, ARTEFACTS_DIR, folder, f"{name}.npz")
+
+    @property
+    def asmk_parts_dir(self) -> str:
+        """Per-shard ASMK inverted files of the running ``asmk`` stage (merged into snapshots, then removed)."""
+        return join(self.root, ARTEFACTS_DIR, ARTEFACT_FILES["asmk_codebook"][0], PARTS_DIR)
+
+    def asmk_part(self, kernel: str, shard: int | str, key: str) -> str:
+        """One array (``word_ptr``, ``vecs``, ...) of one shard's inverted file for ``kernel``."""
+        return join(self.asmk_parts_dir, kernel, shard_label(shard), f"{key}.npy")
 
     def artefact_dir(self, folder: str) -> str:
         """The folder of a family of artefacts (``whitening``, ``graph``, a trained model's name ...)."""

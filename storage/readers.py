@@ -6,7 +6,7 @@ and returns numpy arrays in shard order. ``image_ids`` restricts the rows to som
 from __future__ import annotations
 
 import io
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -31,16 +31,58 @@ def _only(t: pa.Table, image_ids: Iterable[str] | None) -> pa.Table:
     return t.filter(pc.is_in(t.column("image_id"), value_set=pa.array(list(image_ids), pa.string())))
 
 
-def read_globals(root: str, method: str, image_ids: Iterable[str] | None = None) -> tuple[list[str], np.ndarray]:
-    """(image ids, (n, d) float32) of a final global method (the ``descriptors`` stage), in shard order."""
+def _native(t: pa.Table) -> type:
+    """The numpy dtype of a table's descriptor column (float16 or float32)."""
+    return np.float16 if t.schema.field("descriptor").type.value_type == pa.float16() else np.float32
+
+
+def _last_nonzero_column(X: np.ndarray) -> int:
+    nz = np.flatnonzero(np.any(X != 0, axis=0))
+    return int(nz[-1] + 1) if len(nz) else 0
+
+
+def read_globals(root: str, method: str, image_ids: Iterable[str] | None = None, trim: bool = False
+                 ) -> tuple[list[str], np.ndarray]:
+    """(image ids, (n, d) float32) of a final global method (the ``descriptors`` stage), in shard order.
+
+    Files are read one at a time and kept in their stored dtype until the end, so the peak is one float32 copy of
+    the result. With ``trim`` the all-zero trailing columns (the padding of a method narrower than the table)
+    are dropped file by file, so a 256-d method in a 1,280-wide table never exists at full width; the result is
+    the untrimmed one's ``[:, :d]`` with ``d`` its last non-zero column + 1 (the full width when all are zero).
+    """
     ids: list[str] = []
-    parts = []
+    parts: list[np.ndarray] = []
+    width = 0
     for _, marker in sorted(StageManifest(root, "descriptors").committed().items()):
         t = read_parquet(marker["files"]["globals"])
         t = _only(t.filter(pc.equal(t.column("method"), method)), image_ids)
         ids += t.column("image_id").to_pylist()
-        parts.append(descriptors_to_numpy(t.column("descriptor")))
-    return ids, (np.concatenate(parts) if parts else np.zeros((0, 0), np.float32))
+        X = descriptors_to_numpy(t.column("descriptor"), _native(t))
+        width = X.shape[1]
+        parts.append(X[:, :_last_nonzero_column(X)] if trim else X)
+    if not parts:
+        return ids, np.zeros((0, 0), np.float32)
+    d = max(p.shape[1] for p in parts) if trim else width
+    d = d or width
+    X = np.zeros((len(ids), d), np.float32)
+    row = 0
+    for p in parts:
+        X[row:row + len(p), :p.shape[1]] = p
+        row += len(p)
+    return ids, X
+
+
+def iter_regions(root: str, source: str) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+    """Per committed ``regions`` file of ``source``'s stage, in shard order: (image id per region, pixel boxes (R, 4)
+    float32, raw descriptors (R, d) float32) of that source's rows (files without any are skipped). What
+    :func:`read_regions` concatenates, one file in memory at a time."""
+    cols = ["image_id", "source", *BOX_COLUMNS, "descriptor"]
+    for uri in TableStore(root).committed_files("regions", [region_stage(source)]):
+        t = read_parquet(uri, columns=cols)
+        t = t.filter(pc.equal(t.column("source"), source))
+        if t.num_rows:
+            boxes = np.stack([t.column(c).to_numpy() for c in BOX_COLUMNS], axis=1).astype(np.float32)
+            yield t.column("image_id").to_pylist(), boxes, descriptors_to_numpy(t.column("descriptor"))
 
 
 def read_regions(root: str, source: str, image_ids: Iterable[str] | None = None,
@@ -110,5 +152,5 @@ def available_sources(root: str) -> set[str]:
     return out
 
 
-__all__ = ["read_globals", "read_regions", "read_locals", "read_locals_file", "read_region_boxes_file",
+__all__ = ["read_globals", "read_regions", "iter_regions", "read_locals", "read_locals_file", "read_region_boxes_file",
            "image_uris", "available_globals", "available_sources", "region_stage", "count_rows"]
