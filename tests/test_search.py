@@ -25,7 +25,7 @@ def search_run(museum, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("search_run")
     rc = index_job.main([
         "--images", str(museum / "jpg"), "--out", str(out), "--limit", "45", "--max-side", "384",
-        "--shard-size", "16", "--stages", "extract,whiten,graph,object_saliency,descriptors,faiss,asmk",
+        "--shard-size", "16", "--stages", "extract,whiten,graph,object_saliency,descriptors,faiss,asmk,diffusion",
         "--set", f"include={PAINTINGS}", "--set", "exclude=['qsd*','lund_*','sceaux*','sacre*','monstree*']",
         "--set", "extract.local_features=200", "--set", "extract.local_pca_images=16", "--set", "graph.k=10",
         "--set", "whiten.dim=64", "--set", "faiss.methods=[gem, rmac, os_egm]",

@@ -55,7 +55,7 @@ def serve_run(museum, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve_run")
     rc = index_job.main([
         "--images", str(museum / "jpg"), "--out", str(out), "--limit", "30", "--max-side", "320",
-        "--shard-size", "16", "--stages", "extract,whiten,graph,object_saliency,descriptors,faiss",
+        "--shard-size", "16", "--stages", "extract,whiten,graph,object_saliency,descriptors,faiss,diffusion",
         "--set", "include=['painting_00258*','painting_00035*','painting_0010*','painting_0012*']",
         "--set", "exclude=['qsd*','lund_*','sceaux*','sacre*','monstree*']", "--set", "graph.k=10",
         "--set", "whiten.dim=64", "--set", "faiss.methods=[gem, os_egm]", "--set", "faiss.regional=[fs_egm]"])
@@ -237,11 +237,10 @@ class _Verifying:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def rank(self, qs, method, depth=None, allowed=None, index=None):
-        out = self.inner.rank(qs, method, depth, allowed, index)
-        for r in out:
-            r.extra["matches"] = {r.image_ids[0]: np.array(self.pairs)}
-        return out
+    def search_ranking(self, q, method, top_k=10):
+        r = self.inner.search_ranking(q, method, top_k)
+        r.extra["matches"] = {r.image_ids[0]: np.array(self.pairs)}
+        return r
 
 
 def test_verified_matches_reach_the_json(serve_run, service):
