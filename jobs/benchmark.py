@@ -142,7 +142,7 @@ def choose_methods(args: argparse.Namespace, service: SearchService, notes: list
     """``--methods`` (or every method the index published) that this index can answer."""
     available = service.available_methods()
     specs = []
-    for n in _split(args.methods) or default_methods(available):
+    for n in _split(args.methods) or default_methods(available, service.diffusion_methods()):
         parse_method(n)  # an unknown name is an error, not a skipped method
         try:
             specs.append(service.spec(n))

@@ -36,9 +36,10 @@ ASMK_ORDER = ("asmk_star", "d2r_asmk_star", "r_asmk_star")
 PR_CURVES = 8           # methods drawn in a track's precision-recall plot
 
 
-def default_methods(available: Iterable[str]) -> list[str]:
-    """Every method the index supports, in report order."""
-    have = set(available)
+def default_methods(available: Iterable[str], diffusion: Iterable[str] = ()) -> list[str]:
+    """Every method the index supports, in report order; ``diffusion``: the methods with a published offline
+    diffusion graph (``SearchService.diffusion_methods``)."""
+    have = set(available) | {f"diffusion_{m}" for m in diffusion}
     g = [m for m in FINAL_METHODS if m in have]
     out = list(g)
     out += [f"{m}+aqe" for m in ("gem", "os_egm") if m in g]

@@ -215,11 +215,15 @@ class SearchService:
         out = []
         for name in sorted(set(list_names(self.root)) | set(self._indexes)):
             kind, _, base = name.partition("_")
-            if kind != "itq":  # a regional index's prefilter, not a method
+            if kind not in ("itq", "diffusion"):  # a regional index's prefilter / a method's +diffusion graph
                 out.append({"global": base, "regional": f"regional:{base}", "asmk": base}.get(kind, name))
         if self._patches is not None or resolve_location(self._scorer_uri) is not None:
             out.append(PATCHES)
         return out
+
+    def diffusion_methods(self) -> list[str]:
+        """Global methods whose offline diffusion graph (``diffusion_<method>``, for ``+diffusion``) is published."""
+        return sorted(n.partition("_")[2] for n in list_names(self.root) if n.startswith("diffusion_"))
 
     def index(self, spec: MethodSpec) -> LoadedIndex:
         name = spec.index_name

@@ -72,3 +72,14 @@ def test_cli_prints_ranking_and_writes_html(search_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert target in proc.stdout
     assert html.exists() and target in html.read_text()
+
+
+def test_diffusion_graphs_are_not_listed_as_methods(search_run):
+    """A published ``diffusion_<method>`` graph serves ``<method>+diffusion``; it is no method of its own (the
+    results browser preloads every listed method, so listing it broke ``jobs.serve`` on a full index)."""
+    with SearchService(str(search_run[0])) as service:
+        methods = service.available_methods()
+        assert "gem" in methods and not any(m.startswith("diffusion") for m in methods)
+        assert service.diffusion_methods() == ["gem", "os_egm"]  # the diffusion stage's default methods
+        for m in methods:
+            service.spec(m)  # every listed method parses
