@@ -45,15 +45,22 @@ def _os_methods(cfg: IndexConfig) -> tuple[str, ...]:
     return tuple(m for m in cfg.descriptors.methods if "object_saliency" in cfg.stages or not m.startswith("os_egm"))
 
 
+def descriptors_params(cfg: IndexConfig) -> Any:
+    """What the descriptors stage depends on: its section, and the learned projection when one is applied (a
+    run without one keeps the hash it always had)."""
+    return cfg.descriptors if cfg.whiten.kind == "pca" else (cfg.descriptors, cfg.whiten.projection)
+
+
 # The DAG, in order: name, what it runs, the config sections its hash covers.
 DAG: tuple[Stage, ...] = (
     Stage("extract", lambda c, m, r: run_extract_stage(c.out, c.extract, m, r), lambda c: c.extract),
-    Stage("whiten", lambda c, m, r: run_whiten_stage(c.out, c.whiten), lambda c: c.whiten),
+    Stage("whiten", lambda c, m, r: run_whiten_stage(c.out, c.whiten), lambda c: c.whiten.pca_params()),
     Stage("graph", lambda c, m, r: run_graph_stage(c.out, c.graph, c.katz, r.num_cpus, max(2, r.num_workers)),
           lambda c: (c.graph, c.katz)),
     Stage("object_saliency", run_object_saliency_stage, lambda c: (c.object_saliency, c.graph.beta)),
     Stage("descriptors", lambda c, m, r: run_descriptors_stage(c.out, _os_methods(c), c.extract.descriptor_dtype,
-                                                               light_resources()), lambda c: c.descriptors),
+                                                               light_resources(), c.whiten.projection),
+          descriptors_params),
     Stage("faiss", lambda c, m, r: run_faiss_stage(c.out, c.faiss), lambda c: fi.stage_parameters(c.faiss)),
     Stage("asmk", lambda c, m, r: run_asmk_stage(c.out, c.asmk, reuse_codebook=c.reindex.reuse_codebook),
           lambda c: c.asmk),

@@ -110,6 +110,8 @@ class IndexConfig:
             cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, local_features=n))
         if "asmk" in cfg.stages and cfg.extract.local_features <= 0:
             raise ConfigError("stage asmk needs extract.local_features > 0")
+        if cfg.whiten.kind == "learned":   # its own globals and FAISS snapshot, next to the PCA-whitened rmac
+            cfg = with_methods(cfg, ("rmac_learned",))
         return cfg
 
     @property
@@ -120,6 +122,16 @@ class IndexConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able mapping (tuples as lists); :func:`config_from_dict` reads it back."""
         return to_plain(self)
+
+
+def with_methods(cfg: IndexConfig, methods: tuple[str, ...]) -> IndexConfig:
+    """``cfg`` with ``methods`` added to the final descriptors and to the FAISS global indexes (when absent)."""
+    def add(have: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(have) + tuple(m for m in methods if m not in have)
+
+    descriptors = dataclasses.replace(cfg.descriptors, methods=add(cfg.descriptors.methods))
+    return dataclasses.replace(cfg, descriptors=descriptors,
+                               faiss=dataclasses.replace(cfg.faiss, methods=add(cfg.faiss.methods)))
 
 
 # ------------------------------------------------------------------------------------------------ loader
