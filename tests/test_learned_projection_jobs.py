@@ -1,0 +1,111 @@
+"""Issue 17's product path: jobs.mine_pairs -> jobs.train_projection -> jobs.index with whiten.kind learned.
+
+A small index is built from a copy of some museum-landmarks photos (two landmarks, a few paintings and
+distractors); the copy is removed before mining, and mining runs with ``open`` watched: it reads the index only,
+never an image, a dataset folder or a ground-truth file. The trained projection then becomes the run's
+``rmac_learned`` globals and FAISS snapshot next to the PCA-whitened ``rmac``, searchable through the service.
+"""
+from __future__ import annotations
+
+import builtins
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs import index as index_job
+from jobs import mine_pairs as mine_job
+from jobs import train_projection as train_job
+from service.benchmark import default_methods
+from service.search import SearchService
+from storage.layout import RunLayout
+from storage.readers import read_globals
+from storage.run import RunManifest
+from storage.snapshot import list_names
+from storage.training import default_pairs_location, load_pairs, load_projection
+
+PHOTOS = ("lund_000", "sacre_coeur_000", "painting_0010", "distractor_ewer_image_000")
+STAGES = "extract,whiten,graph,descriptors,faiss"
+
+
+def _index_args(images: Path, out: Path, *extra: str) -> list[str]:
+    return ["--images", str(images), "--out", str(out), "--max-side", "256", "--shard-size", "16",
+            "--stages", STAGES, "--set", "extract.local_features=0", "--set", "graph.k=8",
+            "--set", "whiten.dim=48", "--set", "faiss.methods=[rmac]", "--set", "faiss.regional=[]", *extra]
+
+
+@pytest.fixture(scope="module")
+def small_run(museum, ray_local, tmp_path_factory):
+    """An index of a copied photo folder that no longer exists (nor does any dataset next to it)."""
+    base = tmp_path_factory.mktemp("learned")
+    images = base / "images"
+    images.mkdir()
+    for p in sorted(museum.joinpath("jpg").iterdir()):
+        if p.name.startswith(PHOTOS):
+            shutil.copy(p, images / p.name)
+    assert len(list(images.iterdir())) >= 20
+    out = base / "run"
+    assert index_job.main(_index_args(images, out)) == 0
+    shutil.rmtree(images)
+    return out, images, museum
+
+
+def test_mining_reads_the_index_only(small_run, monkeypatch) -> None:
+    out, images, museum = small_run
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def watched(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", watched)
+    rc = mine_job.main(["--index", str(out), "--weak-min-sim", "0.3", "--weak-min-pairs", "1"])
+    monkeypatch.setattr(builtins, "open", real_open)
+    assert rc == 0
+    assert opened, "the watch saw no file at all"
+    bad = [f for f in opened if "gnd" in Path(f).name or f.startswith((str(images), str(museum)))]
+    assert not bad, bad
+    assert all(f.startswith(str(out)) or not f.startswith(str(images.parent)) for f in opened)
+    pairs = load_pairs(str(out))
+    assert pairs.num_rows > 0
+    kinds = set(pairs.column("kind").to_pylist())
+    assert kinds <= {"weak_positive", "weak_negative"} and "weak_positive" in kinds   # no keypoints: weak labels
+    assert not any(pairs.column("verified").to_pylist())
+    assert set(pairs.column("inliers").to_pylist()) == {-1}
+    sims = np.asarray(pairs.column("similarity"))
+    assert np.all(np.isfinite(sims)) and np.all(sims <= 1.0001)
+    a, b = pairs.column("image_a").to_pylist(), pairs.column("image_b").to_pylist()
+    assert all(x < y for x, y in zip(a, b))
+
+
+@pytest.mark.slow
+def test_learned_projection_is_indexed_next_to_rmac(small_run, tmp_path) -> None:
+    out, images, _ = small_run
+    if not Path(default_pairs_location(str(out))).exists():
+        assert mine_job.main(["--index", str(out), "--weak-min-sim", "0.3", "--weak-min-pairs", "1"]) == 0
+    common = ["--index", str(out), "--epochs", "2", "--kinds", "weak_positive", "--batch-size", "16", "--seed", "3"]
+    assert train_job.main(common + ["--plain", "--out", str(tmp_path / "plain")]) == 0
+    assert train_job.main(common) == 0            # Ray Train (one worker) into the run's own artefact
+    ray_arrays, info = load_projection(str(out))
+    plain_arrays, _ = load_projection(str(tmp_path / "plain"))
+    for key in ("mean", "projection"):             # same seed and data: the same weights either way
+        np.testing.assert_array_equal(ray_arrays[key], plain_arrays[key])
+    assert info["config"]["epochs"] == 2 and info["pairs"]["positives"] > 0
+
+    folder = RunLayout(str(out)).artefact_dir("learned_projection")
+    assert index_job.main(_index_args(images, out, "--set", "whiten.kind=learned",
+                                      "--set", f"whiten.projection={folder}")) == 0
+    stages = RunManifest(str(out)).stage
+    assert stages("descriptors")["result"]["projection"] == folder
+    names = list_names(str(out))
+    assert {"global_rmac", "global_rmac_learned"} <= set(names)
+    ids, X = read_globals(str(out), "rmac_learned")
+    ids_pca, X_pca = read_globals(str(out), "rmac")
+    assert sorted(ids) == sorted(ids_pca) and not np.allclose(X[:, :X_pca.shape[1]], X_pca)
+    with SearchService(str(out)) as service:
+        assert "rmac_learned" in service.available_methods()
+        assert "rmac_learned" in default_methods(service.available_methods())   # a benchmark row
+        spec = service.spec("rmac_learned")
+        assert spec.index_name == "global_rmac_learned"
