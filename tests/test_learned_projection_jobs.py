@@ -61,7 +61,7 @@ def test_mining_reads_the_index_only(small_run, monkeypatch) -> None:
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", watched)
-    rc = mine_job.main(["--index", str(out), "--weak-min-sim", "0.3", "--weak-min-pairs", "1"])
+    rc = mine_job.main(["--index", str(out), "--weak-min-sim", "0.0", "--weak-min-pairs", "1"])
     monkeypatch.setattr(builtins, "open", real_open)
     assert rc == 0
     assert opened, "the watch saw no file at all"
@@ -84,7 +84,7 @@ def test_mining_reads_the_index_only(small_run, monkeypatch) -> None:
 def test_learned_projection_is_indexed_next_to_rmac(small_run, tmp_path) -> None:
     out, images, _ = small_run
     if not Path(default_pairs_location(str(out))).exists():
-        assert mine_job.main(["--index", str(out), "--weak-min-sim", "0.3", "--weak-min-pairs", "1"]) == 0
+        assert mine_job.main(["--index", str(out), "--weak-min-sim", "0.0", "--weak-min-pairs", "1"]) == 0
     common = ["--index", str(out), "--epochs", "2", "--kinds", "weak_positive", "--batch-size", "16", "--seed", "3"]
     assert train_job.main(common + ["--plain", "--out", str(tmp_path / "plain")]) == 0
     assert train_job.main(common) == 0            # Ray Train (one worker) into the run's own artefact
