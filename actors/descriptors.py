@@ -39,6 +39,8 @@ class DescriptorsMapper:
 
     def __call__(self, shard: int | str, payload: dict[str, Any]) -> ShardResult:
         regions = read_parquet(payload["files"]["regions"])
+        if payload.get("rpn_files", {}).get("regions"):   # regions.source: rpn (the rpn pass's proposals)
+            regions = pa.concat_tables([regions, read_parquet(payload["rpn_files"]["regions"])])
         globals_ = read_parquet(payload["files"]["globals"])
         if payload.get("os_files", {}).get("globals"):
             globals_ = pa.concat_tables([globals_, read_parquet(payload["os_files"]["globals"])])
@@ -81,8 +83,10 @@ def run_descriptors_stage(root: str, methods: tuple[str, ...], dtype: str, resou
     learned = install_projection(root, projection) if projection else {}
     extract = StageManifest(root, "extract").committed()
     os_stage = StageManifest(root, "object_saliency").committed()
+    rpn_stage = StageManifest(root, "rpn").committed()
     wanted = tuple(m for m in methods if not m.startswith("os_egm") or os_stage)
-    shards = {label: {"files": m["files"], "os_files": os_stage.get(label, {}).get("files", {})}
+    shards = {label: {"files": m["files"], "os_files": os_stage.get(label, {}).get("files", {}),
+                      "rpn_files": rpn_stage.get(label, {}).get("files", {})}
               for label, m in sorted(extract.items())}
     out = run_shards(root, STAGE, shards, DescriptorsMapperFactory(root, wanted, dtype), resources,
                      Progress(STAGE, len(shards), unit="shards"), weight=lambda _: 1)

@@ -25,10 +25,13 @@ from pipeline.faiss_index import FaissConfig
 from pipeline.katz import KatzConfig
 from pipeline.knn_graph import GraphConfig
 from pipeline.object_saliency import ObjectSaliencyConfig
+from pipeline.rpn_regions import RPN_SOURCE, RegionSourceConfig
 from pipeline.whitening import WhitenConfig
 
 DEFAULT_LOCAL_FEATURES = 1000  # top-N locals per image when ASMK is on and the config does not say (issue 5)
 STAGES = ("extract", "whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk", "diffusion")
+# every stage the DAG knows, in order: the optional ``rpn`` pass (regions.source: rpn) runs before the descriptors
+ALL_STAGES = STAGES[:4] + ("rpn",) + STAGES[4:]
 
 
 class ConfigError(ValueError):
@@ -83,6 +86,7 @@ class IndexConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     whiten: WhitenConfig = field(default_factory=WhitenConfig)
+    regions: RegionSourceConfig = field(default_factory=RegionSourceConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     katz: KatzConfig = field(default_factory=KatzConfig)
     object_saliency: ObjectSaliencyConfig = field(default_factory=ObjectSaliencyConfig)
@@ -99,9 +103,9 @@ class IndexConfig:
             raise ConfigError("images: required (folder, URI list, Parquet manifest or s3:// prefix)")
         if not self.out:
             raise ConfigError("out: required (output root URI)")
-        bad = [s for s in self.stages if s not in STAGES]
+        bad = [s for s in self.stages if s not in ALL_STAGES]
         if bad:
-            raise ConfigError(f"stages: unknown {bad}; known: {list(STAGES)}")
+            raise ConfigError(f"stages: unknown {bad}; known: {list(ALL_STAGES)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1 or null")
         cfg = self
@@ -112,6 +116,13 @@ class IndexConfig:
             raise ConfigError("stage asmk needs extract.local_features > 0")
         if cfg.whiten.kind == "learned":   # its own globals and FAISS snapshot, next to the PCA-whitened rmac
             cfg = with_methods(cfg, ("rmac_learned",))
+        if cfg.regions.source == RPN_SOURCE:  # the rpn pass, R-MAC over its proposals, and regional:rpn
+            methods = ("rmac_rpn", "rmac_learned_rpn") if cfg.whiten.kind == "learned" else ("rmac_rpn",)
+            cfg = with_methods(cfg, methods)
+            stages = set(cfg.stages) | ({RPN_SOURCE} if "descriptors" in cfg.stages else set())
+            regional = cfg.faiss.regional + (() if RPN_SOURCE in cfg.faiss.regional else (RPN_SOURCE,))
+            cfg = dataclasses.replace(cfg, stages=tuple(s for s in ALL_STAGES if s in stages),
+                                      faiss=dataclasses.replace(cfg.faiss, regional=regional))
         return cfg
 
     @property
@@ -251,5 +262,5 @@ def config_from_dict(data: Mapping[str, Any]) -> IndexConfig:
     return build(IndexConfig, data)
 
 
-__all__ = ["IndexConfig", "RayConfig", "ReindexConfig", "LeaseConfig", "ConfigError", "STAGES",
+__all__ = ["IndexConfig", "RayConfig", "ReindexConfig", "LeaseConfig", "ConfigError", "STAGES", "ALL_STAGES",
            "DEFAULT_LOCAL_FEATURES", "load_config", "config_from_dict", "build", "to_plain"]

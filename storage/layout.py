@@ -46,6 +46,8 @@ ARTEFACT_FILES: dict[str, tuple[str, str]] = {
     "mined_pairs_info": ("mined_pairs", "info.json"),
     "learned_projection": ("learned_projection", "projection.npz"),  # jobs.train_projection (issue 17)
     "learned_projection_info": ("learned_projection", "info.json"),
+    "rpn": ("rpn", "rpn.npz"),                                        # jobs.train_rpn (issue 17)
+    "rpn_info": ("rpn", "info.json"),
 }
 
 

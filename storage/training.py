@@ -76,6 +76,35 @@ def save_learned_whitening(root: str, arrays: dict[str, np.ndarray]) -> None:
     save_arrays(RunLayout(root).whitening(LEARNED_WHITENING), **arrays)
 
 
+# ------------------------------------------------------------------------------------------ region proposal net
+RPN_FILE = ARTEFACT_FILES["rpn"][1]
+RPN_INFO_FILE = ARTEFACT_FILES["rpn_info"][1]
+
+
+def default_rpn_location(root: str) -> str:
+    """The run's own RPN folder (``artefacts/rpn``): where ``jobs.train_rpn`` writes by default and where the
+    ``rpn`` stage keeps the RPN it applied (the query side proposes with it)."""
+    return RunLayout(root).artefact_dir(ARTEFACT_FILES["rpn"][0])
+
+
+def save_rpn(location: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+    """Write the RPN's arrays (``pipeline.rpn.rpn_to_arrays``), then ``info.json`` (the completeness marker)."""
+    save_arrays(join(location, RPN_FILE), **arrays)
+    save_json(join(location, RPN_INFO_FILE), info)
+
+
+def load_rpn(location: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays, info) of the RPN in folder ``location`` (or in the run at ``location``)."""
+    for folder in (location, default_rpn_location(location)):
+        if exists(join(folder, RPN_INFO_FILE)):
+            return load_arrays(join(folder, RPN_FILE)), load_json(join(folder, RPN_INFO_FILE))
+    raise FileNotFoundError(f"{location}: no trained RPN ({RPN_INFO_FILE} missing)")
+
+
+def has_rpn(root: str) -> bool:
+    return exists(join(default_rpn_location(root), RPN_INFO_FILE))
+
+
 # ------------------------------------------------------------------------------------------ mining inputs
 def load_mining_graph(root: str) -> dict[str, Any]:
     """The graph stage's artefacts pair mining reads: ``W`` arrays (mutual k-NN graph, ``graph_to_arrays``),
@@ -122,4 +151,4 @@ def read_keypoints(root: str, image_ids: Iterable[str]) -> dict[str, dict[str, A
 
 __all__ = ["default_pairs_location", "save_pairs", "load_pairs", "default_projection_location", "save_projection",
            "load_projection", "save_learned_whitening", "load_mining_graph", "has_keypoints", "read_keypoints",
-           "LEARNED_WHITENING", "PROJECTION_FILE"]
+           "LEARNED_WHITENING", "PROJECTION_FILE", "default_rpn_location", "save_rpn", "load_rpn", "has_rpn"]
