@@ -53,13 +53,13 @@ def rpn_samples(root: str, n_images: int, seed: int = 0) -> tuple[list[tuple[tor
                               device=torch.device("cpu"))
     uris = image_uris(root, chosen)
     samples = []
-    with torch.inference_mode():
+    with torch.no_grad():   # not inference_mode: the maps feed a training graph (they are constants there)
         for i in chosen:
             img = decode_image(read_bytes(uris[i])).convert("RGB")
             w, h = next(iter(scaled_sizes(img.width, img.height, cfg)))
             A = backbone(to_network_input(img, size=(w, h))[None])[0].float()
             cells = pixels_to_cells(boxes[ids_arr == i], tuple(A.shape[-2:]), (img.height, img.width))
-            samples.append((A.clone(), cells))
+            samples.append((A.clone(), cells))  # a normal tensor: the backbone may run in inference mode
     return samples, chosen
 
 

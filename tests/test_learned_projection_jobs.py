@@ -3,7 +3,9 @@
 A small index is built from a copy of some museum-landmarks photos (two landmarks, a few paintings and
 distractors); the copy is removed before mining, and mining runs with ``open`` watched: it reads the index only,
 never an image, a dataset folder or a ground-truth file. The trained projection then becomes the run's
-``rmac_learned`` globals and FAISS snapshot next to the PCA-whitened ``rmac``, searchable through the service.
+``rmac_learned`` globals and FAISS snapshot next to the PCA-whitened ``rmac``; an RPN trained on the run's OS.EGM
+boxes adds ``rpn`` regions (``rmac_rpn``, ``rmac_learned_rpn``, ``regional:rpn``), all searchable through the
+service and listed as benchmark rows.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 from jobs import index as index_job
 from jobs import mine_pairs as mine_job
 from jobs import train_projection as train_job
+from jobs import train_rpn as train_rpn_job
 from service.benchmark import default_methods
 from service.search import SearchService
 from storage.layout import RunLayout
@@ -26,7 +29,7 @@ from storage.snapshot import list_names
 from storage.training import default_pairs_location, load_pairs, load_projection
 
 PHOTOS = ("lund_000", "sacre_coeur_000", "painting_0010", "distractor_ewer_image_000")
-STAGES = "extract,whiten,graph,descriptors,faiss"
+STAGES = "extract,whiten,graph,object_saliency,descriptors,faiss"
 
 
 def _index_args(images: Path, out: Path, *extra: str) -> list[str]:
@@ -37,7 +40,7 @@ def _index_args(images: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def small_run(museum, ray_local, tmp_path_factory):
-    """An index of a copied photo folder that no longer exists (nor does any dataset next to it)."""
+    """An index of a copied photo folder that is moved away after indexing (no dataset next to it either)."""
     base = tmp_path_factory.mktemp("learned")
     images = base / "images"
     images.mkdir()
@@ -47,8 +50,17 @@ def small_run(museum, ray_local, tmp_path_factory):
     assert len(list(images.iterdir())) >= 20
     out = base / "run"
     assert index_job.main(_index_args(images, out)) == 0
-    shutil.rmtree(images)
-    return out, images, museum
+    hidden = base / "moved_away"
+    images.rename(hidden)   # mining runs without the photos; later stages get them back (same files, same mtimes)
+    yield out, images, museum
+    if hidden.exists():
+        shutil.rmtree(hidden)
+
+
+def _photos_back(images: Path) -> None:
+    hidden = images.parent / "moved_away"
+    if hidden.exists():
+        hidden.rename(images)
 
 
 def test_mining_reads_the_index_only(small_run, monkeypatch) -> None:
@@ -81,7 +93,7 @@ def test_mining_reads_the_index_only(small_run, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_learned_projection_is_indexed_next_to_rmac(small_run, tmp_path) -> None:
+def test_learned_projection_and_rpn_are_indexed_next_to_rmac(small_run, tmp_path) -> None:
     out, images, _ = small_run
     if not Path(default_pairs_location(str(out))).exists():
         assert mine_job.main(["--index", str(out), "--weak-min-sim", "0.0", "--weak-min-pairs", "1"]) == 0
@@ -94,18 +106,27 @@ def test_learned_projection_is_indexed_next_to_rmac(small_run, tmp_path) -> None
         np.testing.assert_array_equal(ray_arrays[key], plain_arrays[key])
     assert info["config"]["epochs"] == 2 and info["pairs"]["positives"] > 0
 
+    # the RPN on the run's own OS.EGM boxes (a smoke configuration: few images and steps)
+    _photos_back(images)
+    assert train_rpn_job.main(["--index", str(out), "--images", "6", "--iterations", "30"]) == 0
     folder = RunLayout(str(out)).artefact_dir("learned_projection")
-    assert index_job.main(_index_args(images, out, "--set", "whiten.kind=learned",
-                                      "--set", f"whiten.projection={folder}")) == 0
-    stages = RunManifest(str(out)).stage
-    assert stages("descriptors")["result"]["projection"] == folder
-    names = list_names(str(out))
-    assert {"global_rmac", "global_rmac_learned"} <= set(names)
+    assert index_job.main(_index_args(images, out, "--set", "whiten.kind=learned", "--set",
+                                      f"whiten.projection={folder}", "--set", "regions.source=rpn")) == 0
+    manifest = RunManifest(str(out))
+    assert manifest.stage("descriptors")["result"]["projection"] == folder
+    assert manifest.stage("rpn")["result"]["images"] > 0
+    assert manifest.stage("extract")["status"] == "done"
+    names = set(list_names(str(out)))
+    assert {"global_rmac", "global_rmac_learned", "global_rmac_rpn", "global_rmac_learned_rpn",
+            "regional_rpn"} <= names
     ids, X = read_globals(str(out), "rmac_learned")
     ids_pca, X_pca = read_globals(str(out), "rmac")
     assert sorted(ids) == sorted(ids_pca) and not np.allclose(X[:, :X_pca.shape[1]], X_pca)
     with SearchService(str(out)) as service:
-        assert "rmac_learned" in service.available_methods()
-        assert "rmac_learned" in default_methods(service.available_methods())   # a benchmark row
-        spec = service.spec("rmac_learned")
-        assert spec.index_name == "global_rmac_learned"
+        rows = default_methods(service.available_methods())   # the benchmark's rows
+        for m in ("rmac", "rmac_learned", "rmac_rpn", "rmac_learned_rpn", "regional:rpn"):
+            assert m in rows
+        photo = sorted(images.iterdir())[0]
+        for m in ("rmac_learned", "rmac_rpn", "rmac_learned_rpn", "regional:rpn"):
+            results, _ = service.search(photo.read_bytes(), method=m, top_k=3)
+            assert results[0].image_id == photo.stem, (m, results)   # a database photo finds itself first
