@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from jobs import index as index_job
@@ -23,9 +24,11 @@ from jobs import train_rpn as train_rpn_job
 from service.benchmark import default_methods
 from service.search import SearchService
 from storage.layout import RunLayout
-from storage.readers import read_globals
+from storage.readers import image_uris, read_globals
 from storage.run import RunManifest
+from storage.schemas import descriptor_array, keypoints_schema
 from storage.snapshot import list_names
+from storage.tables import StageManifest, TableStore
 from storage.training import default_pairs_location, load_pairs, load_projection
 
 PHOTOS = ("lund_000", "sacre_coeur_000", "painting_0010", "distractor_ewer_image_000")
@@ -130,3 +133,48 @@ def test_learned_projection_and_rpn_are_indexed_next_to_rmac(small_run, tmp_path
         for m in ("rmac_learned", "rmac_rpn", "rmac_learned_rpn", "regional:rpn"):
             results, _ = service.search(photo.read_bytes(), method=m, top_k=3)
             assert results[0].image_id == photo.stem, (m, results)   # a database photo finds itself first
+
+
+def _plant_keypoints(root: str, ids: list[str], scene: set[str], n: int = 150, dim: int = 32) -> None:
+    """A committed ``keypoints`` table: the images of ``scene`` see one planar scene (the same descriptors at
+    affinely moved positions); every other image has its own random keypoints."""
+    rng = np.random.default_rng(0)
+    base_xy = rng.uniform(10, 240, size=(n, 2)).astype(np.float32)
+    base_desc = rng.standard_normal((n, dim)).astype(np.float32)
+    rows = {"image_id": [], "keypoint_id": [], "x": [], "y": [], "score": []}
+    descs = []
+    for k, i in enumerate(ids):
+        if i in scene:
+            xy, desc = base_xy * (0.8 + 0.05 * (k % 4)) + 3.0 * (k % 5), base_desc
+        else:
+            xy, desc = rng.uniform(0, 250, size=(n, 2)).astype(np.float32), rng.standard_normal((n, dim))
+        rows["image_id"] += [i] * n
+        rows["keypoint_id"] += list(range(n))
+        rows["x"] += xy[:, 0].tolist()
+        rows["y"] += xy[:, 1].tolist()
+        rows["score"] += np.linspace(1, 0.1, n).tolist()
+        descs.append(desc / np.linalg.norm(desc, axis=1, keepdims=True))
+    table = pa.table({**rows, "descriptor": descriptor_array(np.concatenate(descs), "float16")},
+                     schema=keypoints_schema(dim))
+    uri = TableStore(root).write("keypoints", "keypoints", 0, table)
+    StageManifest(root, "keypoints").commit(0, {"keypoints": uri})
+
+
+def test_mining_verifies_with_a_keypoints_table(small_run, tmp_path) -> None:
+    """With keypoints the labels are the verified ones: pairs inside the planted scene pass (positive when their
+    regions are mutual neighbours), every other verified pair is a hard negative."""
+    out, _, _ = small_run
+    ids = sorted(image_uris(str(out)))
+    scene = {i for i in ids if i.startswith("lund_")}
+    _plant_keypoints(str(out), ids, scene)
+    pairs_uri = str(tmp_path / "verified.parquet")
+    assert mine_job.main(["--index", str(out), "--out", pairs_uri]) == 0
+    t = load_pairs(pairs_uri)
+    assert t.num_rows > 0 and all(t.column("verified").to_pylist())
+    for a, b, kind, inl, mutual in zip(*(t.column(c).to_pylist()
+                                         for c in ("image_a", "image_b", "kind", "inliers", "mutual_links"))):
+        same = a in scene and b in scene
+        assert (inl >= 15) if same else (inl <= 5), (a, b, inl)
+        assert kind == ("positive" if same and mutual >= 2 else "ambiguous" if same else "hard_negative")
+    assert "hard_negative" in t.column("kind").to_pylist()
+    StageManifest(str(out), "keypoints").uncommit(0)   # the run is shared with the other tests
