@@ -26,11 +26,13 @@ from actors.common import init_ray
 from actors.train import load_triplet_data, train_projection_ray
 from jobs.index import setup_logging
 from pipeline.pair_mining import POSITIVE, WEAK_POSITIVE
-from pipeline.projection import ProjectionConfig, train_projection, triplet_accuracy, LearnedProjection
+from pipeline.projection import LearnedProjection, ProjectionConfig, TripletData, train_projection, triplet_accuracy
 from service.errors import UserError, run_cli
 from storage.artefacts import load_whitening_arrays
 from storage.training import default_pairs_location, default_projection_location, load_pairs, save_projection
 from storage.uri import exists
+
+ACCURACY_MAX_IMAGES = 20_000
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -68,6 +70,17 @@ def train(args: argparse.Namespace, cfg: ProjectionConfig, data: Any, init: dict
     return run.arrays, run.metrics
 
 
+def accuracies(data: TripletData, init: dict, arrays: dict, dim: int | None,
+               max_images: int = ACCURACY_MAX_IMAGES) -> dict[str, float]:
+    """Share of mined triplets ranked right before and after training (on the training pairs themselves: a sanity
+    check, not an evaluation); skipped above ``max_images`` images (it compares every pair with every image)."""
+    if data.n_images > max_images:
+        return {}
+    before = LearnedProjection.from_whitening(init["mean"], init["projection"], dim).describe(data)
+    return {"before": triplet_accuracy(before, data),
+            "after": triplet_accuracy(LearnedProjection.from_arrays(arrays).describe(data), data)}
+
+
 def run(args: argparse.Namespace) -> int:
     pairs_uri = args.pairs or default_pairs_location(args.index)
     if not exists(pairs_uri):
@@ -82,9 +95,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     arrays, metrics = train(args, cfg, data, init)
     seconds = time.time() - t0
-    acc = {"before": triplet_accuracy(LearnedProjection.from_whitening(init["mean"], init["projection"],
-                                                                       args.dim).describe(data), data),
-           "after": triplet_accuracy(LearnedProjection.from_arrays(arrays).describe(data), data)}
+    acc = accuracies(data, init, arrays, args.dim)
     info = {"kind": "learned_projection", "config": cfg.to_dict(), "index": args.index, "seconds": seconds,
             "pairs": {"uri": pairs_uri, "kinds": list(kinds), "positives": int(data.positives.shape[0])},
             "images": len(names), "regions": int(data.regions.shape[0]), "runner": "plain" if args.plain else
@@ -93,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_projection_location(args.index)
     save_projection(out, arrays, info)
     print(f"[train_projection] {data.positives.shape[0]} positive pairs over {len(names)} images, {cfg.epochs} "
-          f"epochs in {seconds:.1f} s; triplet accuracy {acc['before']:.4f} -> {acc['after']:.4f}; "
-          f"written to {out}", flush=True)
+          f"epochs in {seconds:.1f} s; triplet accuracy {acc.get('before', float('nan')):.4f} -> "
+          f"{acc.get('after', float('nan')):.4f}; written to {out}", flush=True)
     return 0
 
 
