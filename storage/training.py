@@ -68,7 +68,8 @@ def load_projection(location: str) -> tuple[dict[str, np.ndarray], dict[str, Any
     for folder in (location, default_projection_location(location)):
         if exists(join(folder, PROJECTION_INFO_FILE)):
             return load_arrays(join(folder, PROJECTION_FILE)), load_json(join(folder, PROJECTION_INFO_FILE))
-    raise FileNotFoundError(f"{location}: no learned projection ({PROJECTION_INFO_FILE} missing)")
+    raise FileNotFoundError(f"{location}: no learned projection ({PROJECTION_INFO_FILE} missing; train one with "
+                            f"python -m jobs.train_projection --index <run>)")
 
 
 def save_learned_whitening(root: str, arrays: dict[str, np.ndarray]) -> None:
@@ -98,7 +99,8 @@ def load_rpn(location: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for folder in (location, default_rpn_location(location)):
         if exists(join(folder, RPN_INFO_FILE)):
             return load_arrays(join(folder, RPN_FILE)), load_json(join(folder, RPN_INFO_FILE))
-    raise FileNotFoundError(f"{location}: no trained RPN ({RPN_INFO_FILE} missing)")
+    raise FileNotFoundError(f"{location}: no trained RPN ({RPN_INFO_FILE} missing; train one with "
+                            f"python -m jobs.train_rpn --index <run>)")
 
 
 def has_rpn(root: str) -> bool:
