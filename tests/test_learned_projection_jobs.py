@@ -31,6 +31,7 @@ from storage.snapshot import list_names
 from storage.tables import StageManifest, TableStore
 from storage.training import default_pairs_location, load_pairs, load_projection
 
+pytestmark = pytest.mark.slow   # every test here shares one small index (Ray and the backbone)
 PHOTOS = ("lund_000", "sacre_coeur_000", "painting_0010", "distractor_ewer_image_000")
 STAGES = "extract,whiten,graph,object_saliency,descriptors,faiss"
 
@@ -95,7 +96,6 @@ def test_mining_reads_the_index_only(small_run, monkeypatch) -> None:
     assert all(x < y for x, y in zip(a, b))
 
 
-@pytest.mark.slow
 def test_learned_projection_and_rpn_are_indexed_next_to_rmac(small_run, tmp_path) -> None:
     out, images, _ = small_run
     if not Path(default_pairs_location(str(out))).exists():
