@@ -56,8 +56,11 @@ def pixels_to_cells(boxes: np.ndarray, feat_hw: tuple[int, int], image_hw: tuple
 def rpn_features(head: RPNHead, cfg: RPNConfig, A: torch.Tensor, image_hw: tuple[int, int],
                  proposals: int) -> ImageFeatures:
     """The RPN's proposals of one image as ``rpn`` regions (regional MACs, pixel boxes, objectness as score).
-    An image without any proposal gets its whole frame, so every image keeps an ``rpn`` region."""
+    An image without any proposal gets its whole frame, so every image keeps an ``rpn`` region. The head is
+    moved to the map's device on first use (a GPU actor proposes on its GPU)."""
     A = A.float()
+    if next(head.parameters()).device != A.device:
+        head.to(A.device)
     C, H, W = A.shape
     boxes, scores = propose(head, A, replace(cfg, post_nms_top_n=proposals))
     if len(boxes) == 0:
