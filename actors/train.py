@@ -8,6 +8,9 @@ writes a checkpoint after every epoch: ``projection.npz`` (``mean``, ``projectio
 ``ProjectionConfig``, the epoch and its statistics). Checkpoints go to ``storage_path`` (a local folder or
 a URI that pyarrow understands, e.g. ``s3://bucket/runs``; on a multi-node cluster it must be shared).
 
+:func:`load_triplet_data` assembles the training data of ``jobs.train_projection`` from a run's tables and its
+mined pairs (``jobs.mine_pairs``).
+
 With one CPU worker the result is bit-identical to the plain call for the same seed and data (tested).
 With N workers DDP averages the N shares' gradients, so pass ``lr`` scaled by N for the same step.
 """
@@ -19,14 +22,20 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.train
 import ray.train.torch
 
+from pipeline.descriptors import RMAC_SOURCES
+from pipeline.pair_mining import POSITIVE, WEAK_POSITIVE
 from pipeline.projection import ProjectionConfig, TripletData, train_projection
 from storage.arrays import load_arrays, load_json, save_arrays, save_json
+from storage.readers import iter_regions
+from storage.training import PROJECTION_FILE
 
-ARRAYS_FILE = "projection.npz"
+ARRAYS_FILE = PROJECTION_FILE
 CONFIG_FILE = "projection_config.json"   # inside a Ray Train checkpoint folder
 
 
@@ -62,6 +71,29 @@ def _projection_worker(loop_config: dict) -> None:
     train_projection(config, data, payload["init"], epoch_callback=report,
                      prepare_model=ray.train.torch.prepare_model, rank=rank, world_size=world,
                      device=ray.train.torch.get_device())
+
+
+def load_triplet_data(root: str, pairs: pa.Table, sources: tuple[str, ...] = RMAC_SOURCES,
+                      accept: tuple[str, ...] = (POSITIVE, WEAK_POSITIVE)) -> tuple[TripletData, list[str]]:
+    """The run's stored regional MACs of ``sources`` (every indexed image: the database itself is the training
+    set) and the mined pairs of kinds ``accept`` as positives. Returns the data and the image id of each row."""
+    ids, parts = [], []
+    for src in sources:
+        for rid, _, X in iter_regions(root, src):   # one file at a time
+            ids += rid
+            parts.append(X.astype(np.float32))
+    if not parts:
+        raise RuntimeError(f"no regions of sources {list(sources)} in {root}")
+    ids_arr = np.asarray(ids, dtype=str)
+    order = np.argsort(ids_arr, kind="stable")
+    names, starts = np.unique(ids_arr[order], return_index=True)
+    index = {n: i for i, n in enumerate(names.tolist())}
+    t = pairs.filter(pc.is_in(pairs.column("kind"), value_set=pa.array(list(accept))))
+    pos = [(index[a], index[b]) for a, b in zip(t.column("image_a").to_pylist(), t.column("image_b").to_pylist())
+           if a in index and b in index]
+    data = TripletData(np.concatenate(parts)[order], np.r_[starts, len(ids_arr)].astype(np.int64),
+                       np.asarray(pos, np.int64).reshape(-1, 2))
+    return data, names.tolist()
 
 
 def load_projection_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict]:

@@ -29,9 +29,10 @@ from actors.extract import run_extract_stage
 from actors.graph import run_graph_stage
 from actors.indexes import run_faiss_stage
 from actors.object_saliency import run_object_saliency_stage
+from actors.rpn import run_rpn_stage
 from actors.whiten import run_whiten_stage
 from pipeline import faiss_index as fi
-from pipeline.config import STAGES, IndexConfig, load_config
+from pipeline.config import ALL_STAGES, STAGES, IndexConfig, load_config
 from service.errors import run_cli
 from storage.run import save_run_config
 from storage.lease import Lease
@@ -45,21 +46,31 @@ def _os_methods(cfg: IndexConfig) -> tuple[str, ...]:
     return tuple(m for m in cfg.descriptors.methods if "object_saliency" in cfg.stages or not m.startswith("os_egm"))
 
 
+def descriptors_params(cfg: IndexConfig) -> Any:
+    """What the descriptors stage depends on: its section, and the learned projection / RPN regions when they
+    are used (a run without either keeps the hash it always had)."""
+    if cfg.whiten.kind == "pca" and cfg.regions.source == "grid":
+        return cfg.descriptors
+    return cfg.descriptors, cfg.whiten.projection, cfg.regions
+
+
 # The DAG, in order: name, what it runs, the config sections its hash covers.
 DAG: tuple[Stage, ...] = (
     Stage("extract", lambda c, m, r: run_extract_stage(c.out, c.extract, m, r), lambda c: c.extract),
-    Stage("whiten", lambda c, m, r: run_whiten_stage(c.out, c.whiten), lambda c: c.whiten),
+    Stage("whiten", lambda c, m, r: run_whiten_stage(c.out, c.whiten), lambda c: c.whiten.pca_params()),
     Stage("graph", lambda c, m, r: run_graph_stage(c.out, c.graph, c.katz, r.num_cpus, max(2, r.num_workers)),
           lambda c: (c.graph, c.katz)),
     Stage("object_saliency", run_object_saliency_stage, lambda c: (c.object_saliency, c.graph.beta)),
+    Stage("rpn", run_rpn_stage, lambda c: c.regions),   # only with regions.source: rpn (IndexConfig.validated)
     Stage("descriptors", lambda c, m, r: run_descriptors_stage(c.out, _os_methods(c), c.extract.descriptor_dtype,
-                                                               light_resources()), lambda c: c.descriptors),
+                                                               light_resources(), c.whiten.projection),
+          descriptors_params),
     Stage("faiss", lambda c, m, r: run_faiss_stage(c.out, c.faiss), lambda c: fi.stage_parameters(c.faiss)),
     Stage("asmk", lambda c, m, r: run_asmk_stage(c.out, c.asmk, reuse_codebook=c.reindex.reuse_codebook),
           lambda c: c.asmk),
     Stage("diffusion", lambda c, m, r: run_diffusion_stage(c.out, c.diffusion), lambda c: c.diffusion),
 )
-assert tuple(s.name for s in DAG) == STAGES
+assert tuple(s.name for s in DAG) == ALL_STAGES
 
 
 def setup_logging(verbose: bool = False) -> None:

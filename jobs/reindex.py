@@ -39,7 +39,7 @@ from storage.lease import Lease
 from storage.uri import check_access, redact
 
 log = logging.getLogger("indexer")
-SHARD_STAGES = ("extract", "object_saliency", "descriptors")
+SHARD_STAGES = ("extract", "object_saliency", "rpn", "descriptors")   # rpn: regions.source rpn only
 
 
 def update_manifest(cfg: IndexConfig, previous: pa.Table, summary: dict[str, Any]) -> tuple[pa.Table, float]:

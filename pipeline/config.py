@@ -25,10 +25,13 @@ from pipeline.faiss_index import FaissConfig
 from pipeline.katz import KatzConfig
 from pipeline.knn_graph import GraphConfig
 from pipeline.object_saliency import ObjectSaliencyConfig
+from pipeline.rpn_regions import RPN_SOURCE, RegionSourceConfig
 from pipeline.whitening import WhitenConfig
 
 DEFAULT_LOCAL_FEATURES = 1000  # top-N locals per image when ASMK is on and the config does not say (issue 5)
 STAGES = ("extract", "whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk", "diffusion")
+# every stage the DAG knows, in order: the optional ``rpn`` pass (regions.source: rpn) runs before the descriptors
+ALL_STAGES = STAGES[:4] + ("rpn",) + STAGES[4:]
 
 
 class ConfigError(ValueError):
@@ -83,6 +86,7 @@ class IndexConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     whiten: WhitenConfig = field(default_factory=WhitenConfig)
+    regions: RegionSourceConfig = field(default_factory=RegionSourceConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     katz: KatzConfig = field(default_factory=KatzConfig)
     object_saliency: ObjectSaliencyConfig = field(default_factory=ObjectSaliencyConfig)
@@ -99,9 +103,9 @@ class IndexConfig:
             raise ConfigError("images: required (folder, URI list, Parquet manifest or s3:// prefix)")
         if not self.out:
             raise ConfigError("out: required (output root URI)")
-        bad = [s for s in self.stages if s not in STAGES]
+        bad = [s for s in self.stages if s not in ALL_STAGES]
         if bad:
-            raise ConfigError(f"stages: unknown {bad}; known: {list(STAGES)}")
+            raise ConfigError(f"stages: unknown {bad}; known: {list(ALL_STAGES)}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1 or null")
         cfg = self
@@ -110,6 +114,15 @@ class IndexConfig:
             cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, local_features=n))
         if "asmk" in cfg.stages and cfg.extract.local_features <= 0:
             raise ConfigError("stage asmk needs extract.local_features > 0")
+        if cfg.whiten.kind == "learned":   # its own globals and FAISS snapshot, next to the PCA-whitened rmac
+            cfg = with_methods(cfg, ("rmac_learned",))
+        if cfg.regions.source == RPN_SOURCE:  # the rpn pass, R-MAC over its proposals, and regional:rpn
+            methods = ("rmac_rpn", "rmac_learned_rpn") if cfg.whiten.kind == "learned" else ("rmac_rpn",)
+            cfg = with_methods(cfg, methods)
+            stages = set(cfg.stages) | ({RPN_SOURCE} if "descriptors" in cfg.stages else set())
+            regional = cfg.faiss.regional + (() if RPN_SOURCE in cfg.faiss.regional else (RPN_SOURCE,))
+            cfg = dataclasses.replace(cfg, stages=tuple(s for s in ALL_STAGES if s in stages),
+                                      faiss=dataclasses.replace(cfg.faiss, regional=regional))
         return cfg
 
     @property
@@ -120,6 +133,16 @@ class IndexConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able mapping (tuples as lists); :func:`config_from_dict` reads it back."""
         return to_plain(self)
+
+
+def with_methods(cfg: IndexConfig, methods: tuple[str, ...]) -> IndexConfig:
+    """``cfg`` with ``methods`` added to the final descriptors and to the FAISS global indexes (when absent)."""
+    def add(have: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(have) + tuple(m for m in methods if m not in have)
+
+    descriptors = dataclasses.replace(cfg.descriptors, methods=add(cfg.descriptors.methods))
+    return dataclasses.replace(cfg, descriptors=descriptors,
+                               faiss=dataclasses.replace(cfg.faiss, methods=add(cfg.faiss.methods)))
 
 
 # ------------------------------------------------------------------------------------------------ loader
@@ -239,5 +262,5 @@ def config_from_dict(data: Mapping[str, Any]) -> IndexConfig:
     return build(IndexConfig, data)
 
 
-__all__ = ["IndexConfig", "RayConfig", "ReindexConfig", "LeaseConfig", "ConfigError", "STAGES",
+__all__ = ["IndexConfig", "RayConfig", "ReindexConfig", "LeaseConfig", "ConfigError", "STAGES", "ALL_STAGES",
            "DEFAULT_LOCAL_FEATURES", "load_config", "config_from_dict", "build", "to_plain"]

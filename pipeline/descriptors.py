@@ -20,20 +20,26 @@ import numpy as np
 from pipeline.pooling import l2n_np
 from pipeline.whitening import Whitening
 
-FINAL_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "cam_ona", "rmac", "fs_egm", "os_egm",
-                 "os_egm4")
-MAC_FAMILY = ("mac", "rmac", "fs_egm", "os_egm", "os_egm4")
+DEFAULT_METHODS = ("mac", "gem", "spoc", "crow", "cam_ofa", "cam_ofa_sum", "cam_ona", "rmac", "fs_egm", "os_egm",
+                   "os_egm4")
+RMAC_SOURCES = ("full", "grid")
+# R-MAC variants (issue 17): (whitening, region sources). ``learned``: the projection trained by
+# jobs.train_projection (whiten.kind: learned); ``rpn``: regions proposed by the trained RPN (regions.source: rpn)
+RMAC_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "rmac": ("regions", RMAC_SOURCES), "rmac_learned": ("learned", RMAC_SOURCES),
+    "rmac_rpn": ("regions", ("full", "rpn")), "rmac_learned_rpn": ("learned", ("full", "rpn"))}
+FINAL_METHODS = DEFAULT_METHODS + ("rmac_learned", "rmac_rpn", "rmac_learned_rpn")
+MAC_FAMILY = ("mac", "rmac", "fs_egm", "os_egm", "os_egm4", "rmac_learned", "rmac_rpn", "rmac_learned_rpn")
 OWN_WHITENING = ("gem", "spoc", "crow", "cam_ofa_sum")
 PRE_WHITENED = ("cam_ofa", "cam_ona")   # whitened class vector by class vector at extraction (seed 004): L2 only
 SUM_INPUTS = {"fs_egm": "fs_egm_sum", "os_egm": "os_egm_sum", "os_egm4": "os_egm4_sum"}
-RMAC_SOURCES = ("full", "grid")
 
 
 @dataclass(frozen=True)
 class DescriptorsConfig:
     """Which final global descriptors the ``descriptors`` stage writes."""
 
-    methods: tuple[str, ...] = FINAL_METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS   # the R-MAC variants of issue 17 are added when configured
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in FINAL_METHODS]
@@ -86,16 +92,17 @@ def final_descriptors(regions: DescriptorRows, raw_globals: DescriptorRows, meth
         out.methods.extend([method] * len(ids))
         parts.append(X.astype(np.float32))
 
-    if "rmac" in methods and len(regions.image_ids):
-        mask = np.isin(regions.labels, RMAC_SOURCES)
-        ids = regions.image_ids[mask]
-        if len(ids):
-            order = np.argsort(ids, kind="stable")  # group rows per image, keeping their order inside it
-            ids, R = ids[order], whitenings["regions"].apply(regions.X[mask][order])
-            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-            emit(ids[starts], "rmac", l2n_np(np.add.reduceat(R, starts, axis=0)))
+    for method, (white, sources) in RMAC_VARIANTS.items():
+        if method in methods and white in whitenings and len(regions.image_ids):
+            mask = np.isin(regions.labels, sources)
+            ids = regions.image_ids[mask]
+            if len(ids) and (sources == RMAC_SOURCES or np.isin(regions.labels[mask], sources[1:]).any()):
+                order = np.argsort(ids, kind="stable")  # group rows per image, keeping their order inside it
+                ids, R = ids[order], whitenings[white].apply(regions.X[mask][order])
+                starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+                emit(ids[starts], method, l2n_np(np.add.reduceat(R, starts, axis=0)))
     for method in methods:
-        if method == "rmac":
+        if method in RMAC_VARIANTS:
             continue
         mask = raw_globals.labels == SUM_INPUTS.get(method, method)
         if not mask.any():
@@ -111,4 +118,4 @@ def final_descriptors(regions: DescriptorRows, raw_globals: DescriptorRows, meth
 
 
 __all__ = ["DescriptorsConfig", "DescriptorRows", "FinalDescriptors", "final_descriptors", "whitening_for",
-           "FINAL_METHODS", "MAC_FAMILY", "OWN_WHITENING", "SUM_INPUTS"]
+           "FINAL_METHODS", "DEFAULT_METHODS", "RMAC_VARIANTS", "MAC_FAMILY", "OWN_WHITENING", "SUM_INPUTS"]

@@ -19,6 +19,11 @@ earlier: the region k-NN search of the graph stage (seed 001 §3.6) proposes whi
   ``max_negative_inliers``; ``ambiguous`` in between. Without verification: ``weak_positive`` = mutual
   neighbours with ``best_mutual_sim >= weak_min_sim`` over ``weak_min_pairs`` or more region pairs (weaker
   evidence: a similar background or a near-duplicate distractor passes too); no negatives can be named.
+* :func:`weak_negatives` — without verification, the weaker stand-in for hard negatives: pairs of images that
+  are among each other's nearest regions (``best_sim`` within the ``rank`` most similar candidates of one of
+  the images) without a single mutual region pair.
+* :func:`candidates_from_links` — one shard of region k-NN lists whose mutuality is read from the stored
+  mutual graph (so a shard never needs every list).
 
 Thresholds: seed 003 only says it "prune[s] all edges which have a low score"; 15 inliers for a match and
 at most 5 (what RANSAC finds among random matches) for a failure are conventional values, not the paper's.
@@ -35,7 +40,8 @@ WEAK_POSITIVE = "weak_positive"
 HARD_NEGATIVE = "hard_negative"
 AMBIGUOUS = "ambiguous"
 UNVERIFIED = "unverified"
-LABELS = (POSITIVE, WEAK_POSITIVE, HARD_NEGATIVE, AMBIGUOUS, UNVERIFIED)
+WEAK_NEGATIVE = "weak_negative"
+LABELS = (POSITIVE, WEAK_POSITIVE, HARD_NEGATIVE, AMBIGUOUS, UNVERIFIED, WEAK_NEGATIVE)
 
 CANDIDATE_COLUMNS = ("image_a", "image_b", "best_sim", "links", "mutual_links", "best_mutual_sim",
                      "region_a", "region_b")
@@ -51,6 +57,7 @@ class MiningConfig:
     weak_min_sim: float = 0.7
     weak_min_pairs: int = 2
     max_pairs_per_image: int | None = 20
+    weak_negative_rank: int = 5
 
 
 def _empty() -> dict[str, np.ndarray]:
@@ -138,6 +145,22 @@ def candidates_from_graph(W: sp.spmatrix, region_image: np.ndarray, beta: float 
     return candidate_pairs(src, block.col, s, np.ones(src.size, bool), region_image)
 
 
+def candidates_from_links(ids: np.ndarray, sims: np.ndarray, rows: np.ndarray, W_rows: sp.spmatrix,
+                          region_image: np.ndarray) -> dict[str, np.ndarray]:
+    """Candidates from the k-NN lists ``ids``/``sims`` (B, k) of the query regions ``rows`` (B,) (a shard),
+    a link being mutual iff the stored mutual k-NN graph has that edge: ``W_rows`` (B, R) are the graph's rows
+    of ``rows``. Shards whose rows partition ``0..R-1`` combine with :func:`merge_candidates`."""
+    ids = np.asarray(ids, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    pos = np.repeat(np.arange(rows.size, dtype=np.int64), ids.shape[1])
+    src, dst = rows[pos], ids.ravel()
+    s = np.asarray(sims, dtype=np.float32).ravel()
+    valid = (dst >= 0) & (dst != src)
+    pos, src, dst, s = pos[valid], src[valid], dst[valid], s[valid]
+    mutual = np.asarray(sp.csr_matrix(W_rows)[pos, dst]).ravel() > 0 if src.size else np.zeros(0, bool)
+    return candidate_pairs(src, dst, s, mutual, region_image)
+
+
 def merge_candidates(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Combine shard candidates (shards partition the directed links): counts add, similarities take the
     max, the best link follows ``best_sim``. Equals :func:`candidate_pairs` over all the links at once."""
@@ -207,6 +230,20 @@ def classify_pairs(cand: dict[str, np.ndarray], inliers: np.ndarray | None, cfg:
     hard = verified & (inl <= cfg.max_negative_inliers) & (cand["best_sim"] >= cfg.hard_negative_min_sim)
     labels[hard] = HARD_NEGATIVE
     return labels
+
+
+def weak_negatives(cand: dict[str, np.ndarray], labels: np.ndarray, rank: int) -> np.ndarray:
+    """``labels`` with :data:`WEAK_NEGATIVE` on unverified pairs that share no mutual region pair although one
+    image ranks the other among its ``rank`` most similar candidate images (by ``best_sim``): what the index
+    finds similar but cannot back with a second, independent neighbour relation."""
+    out = np.array(labels, copy=True)
+    if cand["image_a"].size == 0 or rank < 1:
+        return out
+    kept = cap_per_image({**cand, "_row": np.arange(cand["image_a"].size)}, rank)["_row"]
+    sel = np.zeros(out.size, bool)
+    sel[kept] = True
+    out[sel & (cand["mutual_links"] == 0) & (out == UNVERIFIED)] = WEAK_NEGATIVE
+    return out
 
 
 def training_pairs(cand: dict[str, np.ndarray], labels: np.ndarray,

@@ -22,6 +22,7 @@ import scipy.linalg
 import torch
 
 _CHUNK = 16384
+WHITEN_KINDS = ("pca", "learned")
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,22 @@ class WhitenConfig:
     sample: int = 100_000               # region descriptors sampled to learn it
     sources: tuple[str, ...] = ("grid", "fs_egm")
     pairs: str | None = None            # optional Parquet of matching (image_id, region_id) pairs -> Lw whitening
+    # "learned": also apply a projection trained by jobs.train_projection (folder URI in ``projection``) to the
+    # R-MAC regional MACs, as the extra global ``rmac_learned``; the PCA-whitening above stays for every other use
+    kind: str = "pca"
+    projection: str | None = None
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.sample < 2:
             raise ValueError("dim must be >= 1 and sample >= 2")
+        if self.kind not in WHITEN_KINDS:
+            raise ValueError(f"kind must be one of {list(WHITEN_KINDS)}, got {self.kind!r}")
+        if (self.kind == "learned") != bool(self.projection):
+            raise ValueError("kind: learned needs projection: <folder URI of jobs.train_projection> (and only it)")
+
+    def pca_params(self) -> dict:
+        """The parameters the PCA-whitening itself depends on (the ``whiten`` stage's hash)."""
+        return {"dim": self.dim, "sample": self.sample, "sources": list(self.sources), "pairs": self.pairs}
 
 
 def _l2n64(x: np.ndarray) -> np.ndarray:

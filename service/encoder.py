@@ -26,6 +26,8 @@ from pipeline.object_saliency import ObjectSaliencyComputer, given_box_features
 from pipeline.preprocess import to_network_input
 from pipeline.query_patches import encode_patches
 from pipeline.query_regions import ProposalConfig, feature_names
+from pipeline.rpn import rpn_from_arrays
+from pipeline.rpn_regions import RPN_SOURCE, rpn_features
 from pipeline.saliency import feature_saliency
 from pipeline.whitening import Whitening, whitenings_from_arrays
 from service.errors import UserError
@@ -33,6 +35,7 @@ from storage.artefacts import has_graph, load_cam_whitening, load_graph_artefact
     load_whitening_arrays
 from storage.run import load_run_config
 from storage.shard_writer import pad_width
+from storage.training import has_rpn, load_rpn
 from storage.weights import load_state_dict
 
 
@@ -146,6 +149,9 @@ class QueryEncoder:
         self.local_pca = load_local_pca(root)
         cam = load_cam_whitening(root)
         self.cam_whitening = Whitening.from_arrays(cam) if cam is not None else None
+        self.rpn = None   # the run's RPN (regions.source: rpn): queries get rpn regions like the database
+        if self.cfg.regions.source == RPN_SOURCE and has_rpn(root):
+            self.rpn = rpn_from_arrays(load_rpn(root)[0])
 
     def _regions(self, q: QueryDescriptors, feats: list[ImageFeatures]) -> None:
         """Regional descriptors per source, whitened like the database's."""
@@ -190,6 +196,10 @@ class QueryEncoder:
                         for f in per_pass] + [boxf]
             globals_raw.update({k: v for k, v in boxf.globals.items() if k in globals_raw})
             feats = _select_regions(feats, keep)
+        if self.rpn is not None:
+            rpnf = rpn_features(*self.rpn, acts[0], hw, self.cfg.regions.proposals)
+            per_pass.append(rpnf)
+            feats = _with_regions(feats, rpnf)
         self._regions(q, per_pass)
         # final globals through the same code as the database's descriptors stage
         n_reg, names = len(feats.region_source), list(globals_raw)
@@ -208,6 +218,15 @@ class QueryEncoder:
             q.local_xy = feats.local_xy
             q.local_desc = apply_pca(feats.local_desc, self.local_pca["mean"], self.local_pca["projection"])
         return q
+
+
+def _with_regions(f: ImageFeatures, extra: ImageFeatures) -> ImageFeatures:
+    """A copy of ``f`` whose regions also include those of ``extra`` (the rpn proposals)."""
+    g = _select_regions(f, [True] * len(f.region_source))
+    g.region_source = list(f.region_source) + list(extra.region_source)
+    for name in ("region_level", "region_boxes", "region_score", "region_saliency", "region_desc"):
+        setattr(g, name, np.concatenate([getattr(f, name), getattr(extra, name)]))
+    return g
 
 
 def _select_regions(f: ImageFeatures, keep: list[bool]) -> ImageFeatures:

@@ -3,7 +3,7 @@
 Method names (``--method``):
 
 * a global method (``gem``, ``rmac``, ``os_egm`` ...): the ``global_<method>`` index;
-* ``regional:<source>`` (``fs_egm``, ``os_egm``, ``grid``): D2R regional search (seed 002 eq. 3) over the
+* ``regional:<source>`` (``fs_egm``, ``os_egm``, ``grid``, ``rpn``): D2R regional search (seed 002 eq. 3) over the
   ``regional_<source>`` index, whose items are every image's full view and its ``<source>`` regions; the
   query's items are its full view and its own ``<source>`` regions, an image scores the max over (query item,
   database item). ``regional:<source>@full`` uses the query's full view only (the paper's asymmetric case);
@@ -53,7 +53,7 @@ from storage.uri import StorageError, redact
 
 log = logging.getLogger("indexer")
 
-REGIONAL_SOURCES = ("fs_egm", "os_egm", "grid", "cam")
+REGIONAL_SOURCES = ("fs_egm", "os_egm", "grid", "cam", "rpn")   # rpn: regions.source: rpn (issue 17)
 RERANKS = ("aqe", "alphaqe", "diffusion", "local_diffusion", "cam")   # re-rankings of global methods
 CAM_RERANK_TOP = 1000   # seed 004 Table 2b: R = 1000
 PATCHES = "patches"

@@ -11,12 +11,16 @@ from storage.layout import RunLayout
 from storage.uri import exists
 
 GLOBAL_WHITENING_PREFIX = "global-"
+LEARNED_WHITENING = "learned"   # the learned R-MAC projection a run applies (whiten.kind: learned, issue 17)
 
 
 def load_whitening_arrays(root: str, names: tuple[str, ...] = ()) -> dict[str, dict[str, np.ndarray]]:
-    """``regions`` and every ``global-<method>`` whitening of ``names`` that the run stores."""
+    """``regions``, every ``global-<method>`` whitening of ``names`` and the ``learned`` projection that the run
+    stores."""
     layout = RunLayout(root)
     out = {"regions": load_arrays(layout.whitening("regions"))}
+    if exists(layout.whitening(LEARNED_WHITENING)):
+        out[LEARNED_WHITENING] = load_arrays(layout.whitening(LEARNED_WHITENING))
     for method in names:
         name = GLOBAL_WHITENING_PREFIX + method
         if exists(layout.whitening(name)):
@@ -66,4 +70,4 @@ def load_cam_whitening(root: str) -> dict[str, np.ndarray] | None:
 
 __all__ = ["load_whitening_arrays", "save_graph_artefacts", "load_graph_artefacts", "has_graph", "load_local_pca",
            "load_cam_whitening",
-           "GLOBAL_WHITENING_PREFIX"]
+           "GLOBAL_WHITENING_PREFIX", "LEARNED_WHITENING"]

@@ -42,6 +42,12 @@ ARTEFACT_FILES: dict[str, tuple[str, str]] = {
     "asmk_info": ("asmk", "info.json"),
     "query_scorer": ("query_scorer", "scorer.npz"),          # seed 000 region scorer (jobs.train_query_scorer)
     "query_scorer_info": ("query_scorer", "info.json"),
+    "mined_pairs": ("mined_pairs", "pairs.parquet"),                 # jobs.mine_pairs (issue 17)
+    "mined_pairs_info": ("mined_pairs", "info.json"),
+    "learned_projection": ("learned_projection", "projection.npz"),  # jobs.train_projection (issue 17)
+    "learned_projection_info": ("learned_projection", "info.json"),
+    "rpn": ("rpn", "rpn.npz"),                                        # jobs.train_rpn (issue 17)
+    "rpn_info": ("rpn", "info.json"),
 }
 
 

@@ -21,7 +21,10 @@ BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
 def region_stage(source: str) -> str:
-    """The stage that writes a region source: object saliency for ``os_*`` regions, extraction otherwise."""
+    """The stage that writes a region source: object saliency for ``os_*`` regions, the ``rpn`` pass for ``rpn``
+    proposals, extraction otherwise."""
+    if source == "rpn":
+        return "rpn"
     return "object_saliency" if source.startswith("os_") else "extract"
 
 

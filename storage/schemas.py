@@ -70,6 +70,19 @@ def keypoints_schema(dim: int, dtype: str = "float16") -> pa.Schema:
     ], metadata=_meta("keypoints"))
 
 
+def pairs_schema() -> pa.Schema:
+    """Mined training pairs (``jobs.mine_pairs``): one row per candidate image pair and its evidence. ``kind``:
+    ``positive`` / ``hard_negative`` / ``ambiguous`` (spatially verified), ``weak_positive`` / ``weak_negative``
+    (mutual k-NN and similarity only, no keypoints), ``unverified``; ``inliers`` -1 when not verified;
+    ``similarity``: best region link, ``mutual_similarity``: best mutual link (-inf when none); ``links`` /
+    ``mutual_links``: directed region links; ``region_a`` / ``region_b``: region ids of the best link."""
+    return pa.schema([
+        ("image_a", pa.string()), ("image_b", pa.string()), ("kind", pa.string()), ("verified", pa.bool_()),
+        ("inliers", pa.int32()), ("similarity", pa.float32()), ("mutual_similarity", pa.float32()),
+        ("links", pa.int32()), ("mutual_links", pa.int32()), ("region_a", pa.int32()), ("region_b", pa.int32()),
+    ], metadata=_meta("pairs"))
+
+
 ERRORS_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
     ("detail", pa.string()),

@@ -7,8 +7,9 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline.knn_graph import mutual_knn_graph
-from pipeline.pair_mining import (CANDIDATE_COLUMNS, MiningConfig, cap_per_image, candidates_from_graph,
-                                  candidates_from_knn, classify_pairs, merge_candidates, training_pairs)
+from pipeline.pair_mining import (CANDIDATE_COLUMNS, UNVERIFIED, WEAK_NEGATIVE, WEAK_POSITIVE, MiningConfig,
+                                  cap_per_image, candidates_from_graph, candidates_from_knn, candidates_from_links,
+                                  classify_pairs, merge_candidates, training_pairs, weak_negatives)
 
 # regions r0, r1 in image 0; r2, r3 in image 1; r4 in image 2. Lists start with the region itself (a search
 # with k + 1), -1 marks a missing neighbour.
@@ -115,3 +116,22 @@ def test_classify_pairs_by_hand() -> None:
     assert labels.tolist() == ["weak_positive", "weak_positive", "unverified"]
     np.testing.assert_array_equal(training_pairs(cand, labels), [[0, 1], [0, 2]])
     np.testing.assert_array_equal(training_pairs(cand, labels, accept=("positive",)).shape, (0, 2))
+
+
+def test_links_with_mutuality_from_the_stored_graph_equal_the_whole_lists() -> None:
+    """A shard of k-NN lists, mutual links read from the stored mutual graph (jobs.mine_pairs), gives what the
+    whole lists give."""
+    W = mutual_knn_graph(IDS, SIMS, beta=3.0)
+    parts = [candidates_from_links(IDS[rows], SIMS[rows], rows, W[rows], REGION_IMAGE)
+             for rows in (np.array([0, 1]), np.array([2, 3, 4]))]
+    _check(merge_candidates(parts), EXPECTED)
+
+
+def test_weak_negatives_by_hand() -> None:
+    """Without verification: pair (1, 2) has no mutual region pair and is the second most similar candidate of
+    both its images: a weak negative within rank 2, not within rank 1."""
+    cand = candidates_from_knn(IDS, SIMS, REGION_IMAGE)
+    labels = classify_pairs(cand, None, MiningConfig(weak_min_sim=0.5, weak_min_pairs=1))
+    assert labels.tolist() == [WEAK_POSITIVE, WEAK_POSITIVE, UNVERIFIED]
+    assert weak_negatives(cand, labels, rank=2).tolist() == [WEAK_POSITIVE, WEAK_POSITIVE, WEAK_NEGATIVE]
+    assert weak_negatives(cand, labels, rank=1).tolist() == labels.tolist()

@@ -1,0 +1,125 @@
+"""Ray side of pair mining (issue 17): training pairs for the learned projection, from the index alone.
+
+Inputs are the graph stage's artefacts (whitened regions ``V``, the FAISS index over them, the mutual k-NN graph
+``W``, the image of every region) and, when the run has one, the ``keypoints`` table. Never a ground truth.
+
+1. **Candidates** (a Ray task per row block of regions): the block's k-NN lists from the stored index, each
+   link flagged mutual when ``W`` has the edge (:func:`pipeline.pair_mining.candidates_from_links`); the
+   driver merges the blocks (:func:`pipeline.pair_mining.merge_candidates`).
+2. **Verification** (with keypoints; a Ray task per block of pairs): the ``max_pairs_per_image`` most similar
+   candidates of every image are matched (MNN) and fitted (MAGSAC, ``pipeline.verification``); the inlier
+   counts label them ``positive`` / ``hard_negative`` / ``ambiguous`` (:func:`classify_pairs`).
+   Without keypoints: ``weak_positive`` (mutual neighbours above a similarity) and ``weak_negative``
+   (near neighbours with no mutual region pair), weaker evidence, labelled as such.
+"""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import numpy as np
+import ray
+import scipy.sparse as sp
+
+from actors.graph import _cached_index
+from pipeline.keypoints import Keypoints
+from pipeline.knn_graph import DEFAULT_NPROBE, graph_from_arrays, graph_to_arrays
+from pipeline.matching import MnnMatcher
+from pipeline.pair_mining import (UNVERIFIED, MiningConfig, cap_per_image, candidates_from_links, classify_pairs,
+                                  merge_candidates, weak_negatives)
+from pipeline.pooling import l2n_np
+from pipeline.verification import VerifyConfig, verify_pair
+from storage.training import has_keypoints, load_mining_graph, read_keypoints
+
+
+@ray.remote
+def _candidates_block(token: str, index_bytes: np.ndarray, V: np.ndarray, W_rows: dict[str, np.ndarray],
+                      start: int, region_image: np.ndarray, k: int, nprobe: int) -> dict[str, np.ndarray]:
+    """Candidate image pairs of the links from regions ``start:start + rows`` (one block)."""
+    index = _cached_index(token, index_bytes, nprobe)
+    W = graph_from_arrays(W_rows)
+    stop = start + W.shape[0]
+    sims, ids = index.search(np.ascontiguousarray(V[start:stop], dtype=np.float32), k)
+    return candidates_from_links(ids, sims, np.arange(start, stop), W, region_image)
+
+
+def _keypoints(d: dict[str, Any]) -> Keypoints:
+    desc = l2n_np(np.asarray(d["descriptors"], np.float32))
+    return Keypoints(np.asarray(d["xy"], np.float32), np.asarray(d["scores"], np.float32), desc,
+                     tuple(d.get("image_size", (0, 0))))
+
+
+@ray.remote
+def _verify_block(root: str, image_a: list[str], image_b: list[str], cfg: VerifyConfig) -> np.ndarray:
+    """Inlier counts of the pairs ``(image_a[i], image_b[i])`` from the run's keypoints (-1: no keypoints)."""
+    kps = {i: _keypoints(d) for i, d in read_keypoints(root, set(image_a) | set(image_b)).items()}
+    matcher = MnnMatcher(cfg.matcher)
+    out = np.full(len(image_a), -1, np.int64)
+    for t, (a, b) in enumerate(zip(image_a, image_b)):
+        if a in kps and b in kps:
+            out[t] = verify_pair(kps[a], kps[b], cfg, matcher).inliers
+    return out
+
+
+def mine_candidates(graph: dict[str, Any], region_image: np.ndarray, k: int, block_rows: int,
+                    nprobe: int = DEFAULT_NPROBE) -> dict[str, np.ndarray]:
+    """Merged candidate pairs over every region, one Ray task per block of ``block_rows`` regions."""
+    W = sp.csr_matrix(graph_from_arrays(graph["W"]))
+    n = W.shape[0]
+    V_ref, index_ref, image_ref = ray.put(graph["V"]), ray.put(graph["index_bytes"]), ray.put(region_image)
+    token = uuid.uuid4().hex
+    refs = [_candidates_block.remote(token, index_ref, V_ref, graph_to_arrays(W[s:min(n, s + block_rows)]), s,
+                                     image_ref, int(min(k + 1, n)), nprobe)
+            for s in range(0, n, block_rows)]
+    return merge_candidates(ray.get(refs))
+
+
+def verify_candidates(root: str, cand: dict[str, np.ndarray], names: np.ndarray, cfg: VerifyConfig,
+                      block_pairs: int) -> np.ndarray:
+    """Inliers of every candidate pair (-1 where not verified), one Ray task per ``block_pairs`` pairs."""
+    a, b = names[cand["image_a"]].tolist(), names[cand["image_b"]].tolist()
+    refs = [_verify_block.remote(root, a[s:s + block_pairs], b[s:s + block_pairs], cfg)
+            for s in range(0, len(a), block_pairs)]
+    return np.concatenate(ray.get(refs)) if refs else np.zeros(0, np.int64)
+
+
+def mine_pairs(root: str, cfg: MiningConfig, k: int | None = None, block_rows: int = 20_000,
+               block_pairs: int = 500, verify: VerifyConfig | None = None, use_keypoints: bool = True
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The labelled pairs of the run at ``root`` (columns of ``storage.schemas.pairs_schema``) and a summary.
+
+    ``k``: neighbours per region (default: the graph's own k). Keypoints are used when the run has a
+    ``keypoints`` table and ``use_keypoints``; otherwise the weak labels. Rows labelled ``unverified`` are
+    dropped (they carry no evidence either way).
+    """
+    graph = load_mining_graph(root)
+    names, region_image = np.unique(np.asarray(graph["image_id"], dtype=str), return_inverse=True)
+    k = int(k or graph["info"].get("k", 50))
+    cand = mine_candidates(graph, region_image.astype(np.int64), k, block_rows)
+    verified = use_keypoints and has_keypoints(root)
+    inliers = np.full(cand["image_a"].size, -1, np.int64)
+    if verified:
+        rows = cap_per_image({**cand, "_row": np.arange(inliers.size)}, cfg.max_pairs_per_image)["_row"]
+        inliers[rows] = verify_candidates(root, {c: v[rows] for c, v in cand.items()}, names,
+                                          verify or VerifyConfig(min_inliers=cfg.min_inliers), block_pairs)
+        labels = classify_pairs(cand, inliers, cfg)
+    else:
+        labels = weak_negatives(cand, classify_pairs(cand, None, cfg), cfg.weak_negative_rank)
+    keep = labels != UNVERIFIED
+    region_ids = np.asarray(graph["region_id"], np.int64)
+    columns = {"image_a": names[cand["image_a"][keep]], "image_b": names[cand["image_b"][keep]],
+               "kind": labels[keep], "verified": inliers[keep] >= 0, "inliers": inliers[keep].astype(np.int32),
+               "similarity": cand["best_sim"][keep], "mutual_similarity": cand["best_mutual_sim"][keep],
+               "links": cand["links"][keep].astype(np.int32),
+               "mutual_links": cand["mutual_links"][keep].astype(np.int32),
+               "region_a": region_ids[cand["region_a"][keep]].astype(np.int32),
+               "region_b": region_ids[cand["region_b"][keep]].astype(np.int32)}
+    kinds, counts = np.unique(labels[keep], return_counts=True)
+    info = {"images": int(names.size), "regions": int(region_image.size), "k": k, "candidates": int(labels.size),
+            "verified": bool(verified), "verified_pairs": int((inliers >= 0).sum()),
+            "counts": {str(a): int(c) for a, c in zip(kinds, counts)},
+            "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}}
+    return columns, info
+
+
+__all__ = ["mine_pairs", "mine_candidates", "verify_candidates"]
