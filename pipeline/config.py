@@ -110,6 +110,8 @@ class IndexConfig:
             cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, local_features=n))
         if "asmk" in cfg.stages and cfg.extract.local_features <= 0:
             raise ConfigError("stage asmk needs extract.local_features > 0")
+        if cfg.extract.keypoints.name == "cnn" and cfg.extract.local_features <= 0:
+            raise ConfigError("extract.keypoints.name: cnn keypoints are the locals: needs extract.local_features > 0")
         return cfg
 
     @property

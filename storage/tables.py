@@ -22,10 +22,11 @@ from storage.schemas import check_schema_version
 from storage.uri import exists, listdir, read_bytes, remove, write_bytes_atomic
 
 
-def write_parquet(uri: str, table: pa.Table, compression: str = "zstd") -> int:
-    """Atomically write one Parquet file; returns its size in bytes."""
+def write_parquet(uri: str, table: pa.Table, compression: str = "zstd", row_group_size: int | None = None) -> int:
+    """Atomically write one Parquet file; returns its size in bytes. ``row_group_size``: rows per row group
+    (small groups let a reader fetch a few images' rows by their ``image_id`` statistics)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression)
+    pq.write_table(table, buf, compression=compression, row_group_size=row_group_size)
     data = buf.getvalue()
     write_bytes_atomic(uri, data)
     return len(data)
@@ -92,10 +93,11 @@ class TableStore:
     def file_uri(self, table: str, stage: str, shard: int | str) -> str:
         return self.layout.table_file(table, stage, shard)
 
-    def write(self, table: str, stage: str, shard: int | str, data: pa.Table) -> str:
+    def write(self, table: str, stage: str, shard: int | str, data: pa.Table, row_group_size: int | None = None
+              ) -> str:
         """Write ``data`` as the shard's file of ``table`` (not visible until the shard is committed)."""
         uri = self.file_uri(table, stage, shard)
-        write_parquet(uri, data)
+        write_parquet(uri, data, row_group_size=row_group_size)
         return uri
 
     def committed_files(self, table: str, stages: Iterable[str] | None = None) -> list[str]:
