@@ -25,6 +25,7 @@ from pipeline.faiss_index import FaissConfig
 from pipeline.katz import KatzConfig
 from pipeline.knn_graph import GraphConfig
 from pipeline.object_saliency import ObjectSaliencyConfig
+from pipeline.verification import VerifyConfig
 from pipeline.whitening import WhitenConfig
 
 DEFAULT_LOCAL_FEATURES = 1000  # top-N locals per image when ASMK is on and the config does not say (issue 5)
@@ -90,6 +91,7 @@ class IndexConfig:
     faiss: FaissConfig = field(default_factory=FaissConfig)
     asmk: AsmkIndexConfig = field(default_factory=AsmkIndexConfig)
     diffusion: DiffusionStageConfig = field(default_factory=DiffusionStageConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)   # +sv at query time (matcher, MAGSAC, fusion)
     reindex: ReindexConfig = field(default_factory=ReindexConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
 

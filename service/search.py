@@ -37,12 +37,14 @@ from pipeline.descriptors import FINAL_METHODS
 from pipeline.diffusion import diffuse_query
 from pipeline.query_expansion import alpha_qe, gather
 from pipeline.query_patches import PatchSearchConfig
+from pipeline.verification import VerifyConfig
 from pipeline.ranking import AQE_N, DIFFUSION_M, diffusion_reorder, query_expand
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
 from service.indexes import LoadedASMK, LoadedDiffusion, LoadedIndex, open_asmk, open_diffusion, open_index, \
     open_itq
 from service.patches import PatchSearch
+from service.verify import SpatialVerifier, sv_rerank
 from storage.images import decode_image
 from storage.readers import read_globals
 from storage.layout import SnapshotFiles
@@ -73,6 +75,9 @@ def register_reranker(name: str, fn: ListReranker, default_depth: int = 0) -> No
         raise ValueError(f"bad re-ranking name {name!r}")
     LIST_RERANKERS[name] = fn
     LIST_RERANK_DEPTH[name] = int(default_depth)
+
+
+register_reranker("sv", sv_rerank, VerifyConfig().shortlist)   # spatial verification (service.verify)
 
 
 def known_reranks() -> list[str]:
@@ -172,6 +177,7 @@ class SearchResult:
     image_id: str
     score: float
     rank: int
+    matches: np.ndarray | None = None   # (n, 4) verified matches [xq, yq, xd, yd] (query crop / database pixels)
 
 
 class SearchService:
@@ -191,6 +197,7 @@ class SearchService:
         self._diffusion: dict[str, LoadedDiffusion] = dict(diffusion or {})
         self._scorer_uri, self._patch_cfg = scorer or root, patches
         self._patches: PatchSearch | None = None
+        self._verifier: SpatialVerifier | None = None
         self._pins = pin_release(root)
 
     def close(self) -> None:
@@ -234,6 +241,12 @@ class SearchService:
         if self._patches is None:
             self._patches = PatchSearch.load(self._scorer_uri, self._patch_cfg)
         return self._patches
+
+    def verifier(self) -> SpatialVerifier:
+        """Spatial verification of this run (``+sv``; its keypoints table and ``verify`` config), made once."""
+        if self._verifier is None:
+            self._verifier = SpatialVerifier(self.root, self.encoder)
+        return self._verifier
 
     def asmk(self, kernel: str) -> LoadedASMK:
         if kernel not in self._asmk:
@@ -433,7 +446,8 @@ class SearchService:
         spec = self.spec(method)
         q = self.encode(image, bbox, patches=spec.family == PATCHES)
         r = self.search_ranking(q, spec, top_k)
-        return [SearchResult(i, float(s), k) for k, (i, s) in enumerate(zip(r.image_ids, r.scores))], q
+        matches = r.extra.get("matches") or {}
+        return [SearchResult(i, float(s), k, matches.get(i)) for k, (i, s) in enumerate(zip(r.image_ids, r.scores))], q
 
 
 __all__ = ["SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS",

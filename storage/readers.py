@@ -116,6 +116,11 @@ def read_locals_file(uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.asarray(descriptors_to_numpy(t.column("descriptor")), np.float32))
 
 
+def has_keypoints(root: str, stage: str = "extract") -> bool:
+    """Whether the run has committed ``keypoints`` files."""
+    return any(m.get("files", {}).get("keypoints") for m in StageManifest(root, stage).committed().values())
+
+
 class KeypointReader:
     """Per-shard reads of the ``keypoints`` table: the rows of some images only, from the shards that hold them.
 
@@ -131,9 +136,14 @@ class KeypointReader:
         markers = StageManifest(root, stage).committed()
         self.files = {label: m["files"]["keypoints"] for label, m in markers.items()
                       if m.get("files", {}).get("keypoints")}
-        t = TableStore(root).read("images", [stage], columns=["image_id", "shard"]) if self.files else None
-        self.shard_of: dict[str, str] = {} if t is None or t.num_rows == 0 else dict(zip(
-            t.column("image_id").to_pylist(), (shard_label(s) for s in t.column("shard").to_pylist())))
+        cols = ["image_id", "shard", "width", "height"]
+        t = TableStore(root).read("images", [stage], columns=cols) if self.files else None
+        ok = t is not None and t.num_rows > 0
+        ids = t.column("image_id").to_pylist() if ok else []
+        self.shard_of: dict[str, str] = dict(zip(ids, (shard_label(s) for s in t.column("shard").to_pylist()))) \
+            if ok else {}
+        self.size_of: dict[str, tuple[int, int]] = dict(zip(ids, zip(t.column("width").to_pylist(),
+                                                                     t.column("height").to_pylist()))) if ok else {}
         self._meta: dict[str, pq.FileMetaData] = {}
 
     @property
@@ -220,6 +230,6 @@ def available_sources(root: str) -> set[str]:
     return out
 
 
-__all__ = ["KeypointReader",
+__all__ = ["KeypointReader", "has_keypoints",
            "read_globals", "read_regions", "iter_regions", "read_locals", "read_locals_file", "read_region_boxes_file",
            "image_uris", "available_globals", "available_sources", "region_stage", "count_rows"]
