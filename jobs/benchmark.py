@@ -130,7 +130,7 @@ def run_index(args: argparse.Namespace, list_uri: str, index_root: str) -> None:
         key, _, val = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(val)
     cfg = load_config(args.config, {**overrides, "stages": [s for s in STAGES if s != "asmk"]})
-    if cfg.extract.n_locals > 0:  # the ASMK family needs local features; without them it is left out
+    if cfg.extract.n_locals > 0 or cfg.asmk.locals != "cnn":  # the ASMK family needs local features (or keypoints)
         cfg = load_config(args.config, overrides)
     was_up = ray.is_initialized()
     index(cfg)

@@ -107,11 +107,15 @@ class IndexConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1 or null")
         cfg = self
+        cnn_asmk = "asmk" in cfg.stages and cfg.asmk.locals == "cnn"
         if cfg.extract.local_features is None:
-            n = DEFAULT_LOCAL_FEATURES if "asmk" in cfg.stages else 0
+            n = DEFAULT_LOCAL_FEATURES if cnn_asmk else 0
             cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, local_features=n))
-        if "asmk" in cfg.stages and cfg.extract.local_features <= 0:
-            raise ConfigError("stage asmk needs extract.local_features > 0")
+        if cnn_asmk and cfg.extract.local_features <= 0:
+            raise ConfigError("stage asmk needs extract.local_features > 0 (or asmk.locals: xfeat|aliked)")
+        if "asmk" in cfg.stages and cfg.asmk.locals != "cnn" and cfg.asmk.locals != cfg.extract.keypoints.name:
+            raise ConfigError(f"asmk.locals: {cfg.asmk.locals} needs extract.keypoints.name: {cfg.asmk.locals} "
+                              f"(got {cfg.extract.keypoints.name})")
         if cfg.extract.keypoints.name == "cnn" and cfg.extract.local_features <= 0:
             raise ConfigError("extract.keypoints.name: cnn keypoints are the locals: needs extract.local_features > 0")
         return cfg

@@ -366,14 +366,22 @@ class SearchService:
             items.append(np.concatenate(parts) if parts else np.zeros((0, idx.dim), np.float32))
         return idx.search_regional(items, depth, allowed)
 
+    def _asmk_locals(self, q: QueryDescriptors) -> np.ndarray:
+        """The query's local descriptors in the space the run's ASMK was built from (``asmk.locals``): its CNN
+        locals, or its learned keypoints' descriptors (extracted as the run's query-side keypoint settings say)."""
+        if self.encoder.cfg.asmk.locals != "cnn":
+            return np.asarray(self.encoder.add_keypoints(q).kp_desc, np.float32)
+        if q.local_desc is None:
+            raise UserError("this run has no local features: ASMK methods need extract.local_features > 0")
+        return q.local_desc
+
     def _rank_asmk(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, depth: int | None,
                    allowed: np.ndarray | None) -> list[Ranking]:
-        if any(q.local_desc is None for q in qs):
-            raise UserError("this run has no local features: ASMK methods need extract.local_features > 0")
+        descs = [self._asmk_locals(q) for q in qs]
         a = self.asmk(spec.base)
         keep = None if allowed is None else set(str(i) for i in allowed)
         out = []
-        for scores, ids in a.search([q.local_desc for q in qs], top_k=None):
+        for scores, ids in a.search(descs, top_k=None):
             names = a.image_ids[ids].astype(str) if len(ids) else np.zeros(0, str)
             ok = np.ones(len(names), bool) if keep is None else np.array([n in keep for n in names], bool)
             n = int(ok.sum()) if depth is None else min(int(depth), int(ok.sum()))
