@@ -214,6 +214,19 @@ def verify_shortlist(query_kp: Keypoints, db_kps: Sequence[Keypoints], cfg: Veri
     return [_result_from_matches(query_kp, d, pairs, cfg) for d, (pairs, _) in zip(db_kps, matches)]
 
 
+def inlier_matches(query_kp: Keypoints, db_kps: Sequence[Keypoints], cfg: VerifyConfig, matcher: Matcher
+                   ) -> list[tuple[int, np.ndarray]]:
+    """Per database image of a shortlist: (inlier count, (n, 4) float32 inlier matches ``[xq, yq, xd, yd]`` in
+    query / database pixels) -- what a re-ranking keeps of :func:`verify_shortlist` (0 and no rows when the
+    image is not verified)."""
+    out = []
+    for d, res in zip(db_kps, verify_shortlist(query_kp, db_kps, cfg, matcher)):
+        m = np.concatenate([query_kp.xy[res.matches[:, 0]], d.xy[res.matches[:, 1]]], axis=1) if res.inliers \
+            else np.zeros((0, 4), np.float32)
+        out.append((int(res.inliers), np.asarray(m, np.float32)))
+    return out
+
+
 def fuse_scores(first_stage: np.ndarray, inliers: np.ndarray, cfg: VerifyConfig) -> np.ndarray:
     """Fused shortlist scores (higher = better) from first-stage scores and inlier counts (module docstring).
 

@@ -130,6 +130,16 @@ def method_names_help() -> str:
             f"{['+' + r for r in known_reranks()]}")
 
 
+def is_sv(name: str) -> bool:
+    """Whether a method name ends with the spatial verification re-ranking (``...+sv`` / ``...+sv:K``)."""
+    return rerank_name(name.rsplit("+", 1)[-1])[0] == "sv" if "+" in name else False
+
+
+def sv_base(name: str) -> str:
+    """The method a ``+sv`` method verifies the shortlist of (``gem+aqe+sv:50`` -> ``gem+aqe``)."""
+    return name.rsplit("+", 1)[0] if is_sv(name) else name
+
+
 def rerank_name(text: str) -> tuple[str, int | None]:
     """``"aqe:3"`` -> ``("aqe", 3)``; ``"aqe"`` -> ``("aqe", None)``."""
     name, _, arg = text.partition(":")
@@ -266,11 +276,12 @@ class SearchService:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, image: bytes | Image.Image, bbox: Iterable[float] | None = None,
-               patches: bool = False) -> QueryDescriptors:
+               patches: bool = False, keypoints: bool = False) -> QueryDescriptors:
         """Decode (with the pipeline's bomb/corrupt guards) and encode a query, cropped to ``bbox``; with
-        ``patches``, also its patches as the scorer's config proposes them (for ``patches[:k]``)."""
+        ``patches``, also its patches as the scorer's config proposes them (for ``patches[:k]``); with
+        ``keypoints``, also its keypoints (``+sv`` otherwise extracts them when it first needs them)."""
         img = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
-        return self.encoder.encode(img, bbox, self.patch_search().cfg.proposals if patches else None)
+        return self.encoder.encode(img, bbox, self.patch_search().cfg.proposals if patches else None, keypoints)
 
     # ------------------------------------------------------------------ ranking
     def _global_vectors(self, idx: LoadedIndex, spec: MethodSpec) -> np.ndarray:
@@ -458,5 +469,6 @@ class SearchService:
         return [SearchResult(i, float(s), k, matches.get(i)) for k, (i, s) in enumerate(zip(r.image_ids, r.scores))], q
 
 
-__all__ = ["SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS",
+__all__ = ["is_sv", "sv_base",
+           "SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS",
            "PATCHES", "LIST_RERANKERS", "register_reranker", "known_reranks"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.keypoints import Keypoints
 from pipeline.matching import Matcher, build_matcher
-from pipeline.verification import VerifyConfig, fuse_scores, verify_shortlist
+from pipeline.verification import VerifyConfig, fuse_scores, inlier_matches
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
 from storage.keypoint_weights import load_keypoint_weights
@@ -94,12 +94,8 @@ class SpatialVerifier:
         if todo:
             db = self.database_keypoints(todo)
             empty = Keypoints.empty(qkp.dim, (1, 1))
-            results = verify_shortlist(qkp, [db.get(i, empty) for i in todo], self.cfg, self.matcher)
-            for i, res in zip(todo, results):
-                d = db.get(i, empty)
-                m = np.concatenate([qkp.xy[res.matches[:, 0]], d.xy[res.matches[:, 1]]], axis=1) \
-                    if res.inliers else np.zeros((0, 4), np.float32)
-                self.pairs[(key, i)] = (int(res.inliers), m.astype(np.float32))
+            for i, res in zip(todo, inlier_matches(qkp, [db.get(i, empty) for i in todo], self.cfg, self.matcher)):
+                self.pairs[(key, i)] = res
             self.pairs_verified += len(todo)
         return [self.pairs[(key, i)] for i in image_ids]
 
