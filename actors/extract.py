@@ -372,7 +372,7 @@ class ImageShardMapper:
 
     def _keypoints(self, batch: list[_Decoded]) -> None:
         """Learned keypoints of a batch (one batched call, image by image when it fails), on the mapper's device;
-        an image whose keypoints fail or that yields none gets ``kp_error`` (its other rows are kept)."""
+        an image whose keypoints fail or that is too small for them gets ``kp_error`` (its other rows are kept)."""
         todo = [d for d in batch if d.rgb is not None and d.kp_error is None]
         if getattr(self, "kp_extractor", None) is None or not todo:
             return
@@ -391,12 +391,10 @@ class ImageShardMapper:
             d.rgb = None
             if kp is None:
                 continue
-            if len(kp) == 0:
-                w, h = d.image_hw[1], d.image_hw[0]
-                small = min(w, h) * min(1.0, self.config.keypoints.max_side / max(w, h)) < MIN_INPUT_SIDE
-                d.kp_error = ("unsupported" if small else "empty",
-                              f"keypoints: {'image too small' if small else 'none detected'} ({w}x{h} pixels)")
-            else:
+            w, h = d.image_hw[1], d.image_hw[0]
+            if len(kp) == 0 and min(w, h) * min(1.0, self.config.keypoints.max_side / max(w, h)) < MIN_INPUT_SIDE:
+                d.kp_error = ("unsupported", f"keypoints: image too small ({w}x{h} pixels)")
+            else:  # a flat image may have none: no rows, not an error (verification finds no inliers)
                 d.keypoints = kp
 
     # ---------------------------------------------------------------- writer

@@ -127,7 +127,7 @@ class KeypointReader:
     The shard of every image comes from the ``images`` table (two columns, read once); a request opens only those
     shards' committed keypoints files and reads only the row groups whose ``image_id`` statistics can hold a
     requested id (the extraction stage writes each file sorted by image id,
-    ``storage.shard_writer.KEYPOINT_ROW_GROUP`` rows per group), so a shortlist of 100 images reads about
+    ``storage.schemas.KEYPOINT_ROW_GROUP`` rows per group), so a shortlist of 100 images reads about
     100 x 1-2 row groups, never the whole table.
     """
 

@@ -11,13 +11,12 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 
-from storage.schemas import (ERRORS_SCHEMA, descriptor_array, globals_schema, images_schema, keypoints_schema,
-                             locals_schema, regions_schema)
+from storage.schemas import (ERRORS_SCHEMA, KEYPOINT_ROW_GROUP, descriptor_array, globals_schema, images_schema,
+                             keypoints_schema, locals_schema, regions_schema)
 from storage.tables import TableStore
 from storage.uri import redact
 
 IMAGE_TABLES = ("images", "regions", "globals", "locals", "keypoints", "errors")
-KEYPOINT_ROW_GROUP = 1024  # rows per row group of a keypoints file: a reader fetches an image's rows, not the file
 
 
 def pad_width(vec: np.ndarray, width: int) -> np.ndarray:

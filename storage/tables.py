@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from storage.arrays import load_json, save_json
 from storage.layout import RunLayout
 from storage.layout import shard_label as shard_name
-from storage.schemas import check_schema_version
+from storage.schemas import KEYPOINT_ROW_GROUP, check_schema_version
 from storage.uri import exists, listdir, read_bytes, remove, write_bytes_atomic
 
 
@@ -157,7 +157,7 @@ def drop_images(root: str, stage: str, image_ids: set[str], shards: set[str]) ->
         new_files = {}
         for name, kept in kept_tables.items():
             new_files[name] = TableStore(root).layout.table_file(name, stage, label, stamp)
-            write_parquet(new_files[name], kept)
+            write_parquet(new_files[name], kept, row_group_size=KEYPOINT_ROW_GROUP if name == "keypoints" else None)
         info = {k: v for k, v in marker.items() if k not in ("files", "shard", "committed_at", "rewritten_at")}
         # the old marker's counts include the dropped rows: count what the rewritten shard holds
         if "images" in info:

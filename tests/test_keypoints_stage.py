@@ -78,7 +78,7 @@ def test_sharded_and_single_builds_are_identical(tmp_path: Path, photos: None) -
 
 
 def test_reader_reads_only_the_row_groups_of_the_requested_images(tmp_path: Path, photos: None, monkeypatch) -> None:
-    monkeypatch.setattr(shard_writer, "KEYPOINT_ROW_GROUP", 150)
+    monkeypatch.setattr(shard_writer, "KEYPOINT_ROW_GROUP", 150)  # the name the writer reads
     _build(tmp_path / "run", [IDS])
     reader = KeypointReader(str(tmp_path / "run"))
     uri = reader.files["00000"]
