@@ -212,7 +212,7 @@ def prefetch_verification(args: argparse.Namespace, bench: Benchmark, results: d
     if len(shortlists) > 1:
         init_ray(args.ray_address, args.num_cpus)
     pairs, info = verify_many(bench.service.root, verifier.cfg, queries, shortlists)
-    verifier.pairs.update(pairs)
+    verifier.add_pairs(pairs)
     print(f"[verify] {info['pairs']:,} (query, image) pairs in {info['seconds']:.1f} s ({info['tasks']} Ray tasks)",
           flush=True)
     return info

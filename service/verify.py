@@ -20,6 +20,7 @@ cache of database keypoints. This module does not import :mod:`service.search` (
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Protocol, Sequence
@@ -35,6 +36,9 @@ from storage.keypoint_weights import load_keypoint_weights
 from storage.readers import KeypointReader
 
 DB_CACHE = 4096   # database images whose keypoints stay in memory (about 150 KB each at 1,024 XFeat keypoints)
+# (query, image) pairs whose outcome stays cached, oldest dropped first: a benchmark's every shortlist of every
+# method (a few 100k pairs, most with no inliers and an empty match array), a long-running server's recent queries
+PAIR_CACHE = 1_000_000
 
 # (inliers, (n, 4) float32 inlier matches [xq, yq, xd, yd]) of one (query, database image) pair
 PairResult = tuple[int, np.ndarray]
@@ -64,6 +68,7 @@ class SpatialVerifier:
         self._db: OrderedDict[str, Keypoints] = OrderedDict()
         self.pairs: dict[tuple[str, str], PairResult] = {}   # the inlier cache, shared by every method
         self.pairs_verified = 0
+        self._lock = threading.Lock()   # the results browser searches from several threads over one service
 
     @property
     def matcher(self) -> Matcher:
@@ -75,13 +80,18 @@ class SpatialVerifier:
 
     def database_keypoints(self, image_ids: Sequence[str]) -> dict[str, Keypoints]:
         """Keypoints of database images (read per shard on a cache miss); images without any are absent."""
-        missing = [i for i in image_ids if i not in self._db]
+        with self._lock:
+            have = {i: self._db[i] for i in image_ids if i in self._db}
+        missing = [i for i in image_ids if i not in have]
         if missing:
-            for i, (xy, score, desc) in self.reader.read(missing).items():
-                self._db[i] = Keypoints(xy, score, desc, self.reader.size_of.get(i, (1, 1)))
-            while len(self._db) > DB_CACHE:
-                self._db.popitem(last=False)
-        return {i: self._db[i] for i in image_ids if i in self._db}
+            read = {i: Keypoints(xy, score, desc, self.reader.size_of.get(i, (1, 1)))
+                    for i, (xy, score, desc) in self.reader.read(missing).items()}
+            have.update(read)
+            with self._lock:
+                self._db.update(read)
+                while len(self._db) > DB_CACHE:
+                    self._db.popitem(last=False)
+        return have
 
     def verify(self, q: QueryDescriptors, image_ids: Sequence[str]) -> list[PairResult]:
         """(inliers, inlier matches) of the query against each image (cached per pair)."""
@@ -94,10 +104,21 @@ class SpatialVerifier:
         if todo:
             db = self.database_keypoints(todo)
             empty = Keypoints.empty(qkp.dim, (1, 1))
-            for i, res in zip(todo, inlier_matches(qkp, [db.get(i, empty) for i in todo], self.cfg, self.matcher)):
-                self.pairs[(key, i)] = res
-            self.pairs_verified += len(todo)
-        return [self.pairs[(key, i)] for i in image_ids]
+            done = dict(zip(todo, inlier_matches(qkp, [db.get(i, empty) for i in todo], self.cfg, self.matcher)))
+            with self._lock:
+                self.add_pairs({(key, i): res for i, res in done.items()})
+                self.pairs_verified += len(todo)
+        else:
+            done = {}
+        return [done[i] if i in done else self.pairs[(key, i)] for i in image_ids]
+
+    def add_pairs(self, pairs: dict[tuple[str, str], PairResult]) -> None:
+        """Put verified pairs into the cache (e.g. verified elsewhere, as Ray tasks), dropping the oldest beyond
+        :data:`PAIR_CACHE`."""
+        self.pairs.update(pairs)
+        if len(self.pairs) > PAIR_CACHE:
+            for k in list(self.pairs)[: len(self.pairs) - PAIR_CACHE]:
+                del self.pairs[k]
 
     def rerank(self, qs: Sequence[QueryDescriptors], rankings: Sequence[_Ranked], depth: int | None
                ) -> list[Any]:
