@@ -20,6 +20,7 @@ def asmk_run(museum, ray_local, tmp_path_factory):
     rc = index_job.main(["--images", str(museum / "jpg"), "--out", str(out), "--stages", "extract,asmk",
                          "--limit", "18", "--max-side", "256", "--shard-size", "6",
                          "--set", "include=['painting_*']", "--set", "extract.local_features=120",
+                         "--set", "extract.keypoints.name=none",  # CNN locals only: no XFeat pass over 287 images
                          "--set", "extract.local_pca_images=8", "--set", "asmk.codebook_size=32",
                          "--set", "asmk.kernels=[asmk_star, r_asmk_star, d2r_asmk_star]"])
     assert rc == 0
@@ -109,7 +110,7 @@ def asmk_xfeat_run(museum, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("asmk_xfeat_run")
     rc = index_job.main(["--images", str(museum / "jpg"), "--out", str(out), "--stages", "extract,asmk",
                          "--limit", "12", "--max-side", "256", "--shard-size", "6",
-                         "--set", "include=['painting_*']", "--set", "extract.keypoints.max_side=320",
+                         "--set", "extract.cam_pca_images=8", "--set", "extract.keypoints.max_side=320",
                          "--set", "extract.keypoints.top_n=256", "--set", "asmk.locals=xfeat",
                          "--set", "asmk.codebook_size=32", "--set", "asmk.kernels=[asmk_star, r_asmk_star]"])
     assert rc == 0
