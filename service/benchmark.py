@@ -376,14 +376,15 @@ def _example_rows(t: Track, results: dict[str, Result], bench: Benchmark, shown:
 
 def add_examples(tr: dict[str, Any], t: Track, results: dict[str, Result], bench: Benchmark,
                  items: dict[str, tuple[str, Any]], n_examples: int, out: Path) -> None:
-    """Example rows (best regional vs best global baseline) and saliency overlays for ``n_examples`` queries
-    where the two methods' medium APs differ most (ties by query order)."""
+    """Example rows (best regional vs best global baseline, and the best ``+sv`` method with its inlier matches)
+    and saliency overlays for ``n_examples`` queries where the first two methods' medium APs differ most (ties by
+    query order)."""
     if n_examples <= 0:
         return
     methods = tr["methods"]
-    reg = best_method(methods, is_regional)
+    reg = best_method(methods, lambda m: is_regional(m) and not is_sv(m))
     glo = best_method(methods, lambda m: m in BASELINES) or best_method(
-        methods, lambda m: parse_method(m).family == "global")
+        methods, lambda m: parse_method(m).family == "global" and not is_sv(m))
     sv = best_method(methods, is_sv)  # the best +sv method, its verified matches drawn
     shown = [m for m in dict.fromkeys((reg, glo, sv)) if m]
     if not shown:
