@@ -61,7 +61,9 @@ class QueryDescriptors:
     kp_xy: np.ndarray | None = None         # (n, 2) the query's keypoints (spatial verification), crop pixels
     kp_scores: np.ndarray | None = None     # (n,)
     kp_desc: np.ndarray | None = None       # (n, D) L2-normalised
-    image: Image.Image | None = field(default=None, repr=False, compare=False)  # the (cropped) query, not stored
+    # the (cropped) query for its keypoints, at most the keypoints' query side (``info["original_size"]``: the crop's
+    # size, the frame keypoint positions are in); not stored
+    image: Image.Image | None = field(default=None, repr=False, compare=False)
 
     @property
     def has_keypoints(self) -> bool:
@@ -197,7 +199,7 @@ class QueryEncoder:
         if self._kp_extractor is None:
             self._kp_extractor = build_keypoint_extractor(kcfg.extractor_config(query=True), self.device,
                                                           state_dict=load_keypoint_weights(kcfg.name))
-        kp = self._kp_extractor.extract(np.asarray(q.image.convert("RGB")))
+        kp = self._kp_extractor.extract(np.asarray(q.image.convert("RGB")), original_size=tuple(q.image_size))
         q.kp_xy, q.kp_scores, q.kp_desc = kp.xy, kp.scores, kp.descriptors
         return q
 
@@ -262,8 +264,18 @@ class QueryEncoder:
         if feats.local_desc is not None and self.local_pca is not None:
             q.local_xy = feats.local_xy
             q.local_desc = apply_pca(feats.local_desc, self.local_pca["mean"], self.local_pca["projection"])
-        q.image = img
+        q.image = _reduced(img, self.config.keypoints.query_max_side)
         return self.add_keypoints(q) if keypoints else q
+
+
+def _reduced(img: Image.Image, side: int) -> Image.Image:
+    """``img`` with its longest side at most ``side`` (a copy when reduced), ``info["original_size"]`` its size."""
+    out = img
+    if max(img.size) > side:
+        out = img.copy()
+        out.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out.info["original_size"] = img.size
+    return out
 
 
 def _select_regions(f: ImageFeatures, keep: list[bool]) -> ImageFeatures:

@@ -52,7 +52,8 @@ def _read_image(uri: str) -> Image.Image | None:
 def write_results_page(path: Path, query: str, results: Sequence[SearchResult], image_uris: dict[str, str],
                        query_image: Image.Image | None = None) -> None:
     """A small page with the query and its ranked results as thumbnails; with ``query_image`` (the encoded,
-    cropped query), every verified result's inlier matches are drawn as a picture saved beside the page."""
+    cropped query, ``info["original_size"]`` its size when reduced), every verified result's inlier matches are
+    drawn as a picture saved beside the page."""
     cells, pictures = [], []
     for r in results:
         uri = image_uris.get(r.image_id, "")
@@ -64,7 +65,8 @@ def write_results_page(path: Path, query: str, results: Sequence[SearchResult], 
         if img is None:
             continue
         w, h = img.info.get("original_size", img.size)
-        scale = np.array([1, 1, img.width / w, img.height / h])  # matches are in the original image's pixels
+        sq = query_image.width / query_image.info.get("original_size", query_image.size)[0]
+        scale = np.array([sq, sq, img.width / w, img.height / h])  # matches: crop / original image pixels
         folder = path.with_name(path.stem + "_matches")
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{r.rank + 1:03d}.jpg"
