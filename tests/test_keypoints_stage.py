@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from actors.extract import ImageShardMapper, ImageStageSpec
+from pipeline.config import ConfigError, load_config
 from pipeline.extract import ExtractConfig
 from pipeline.keypoints import IndexKeypointsConfig
 from storage import shard_writer
@@ -114,3 +115,19 @@ def test_keypoints_off_writes_no_table(tmp_path: Path, photos: None) -> None:
     m = ImageShardMapper(ImageStageSpec(str(tmp_path / "run"), "extract", cfg, torch_threads=1, lanes=1))
     assert "keypoints" not in m(0, _rows(IDS[:1], 0)).files
     assert not KeypointReader(str(tmp_path / "run")).available
+
+
+def test_keypoint_config_is_checked_against_the_stages() -> None:
+    base = {"images": "x/", "out": "y/"}
+    cfg = load_config(None, {**base, "extract.keypoints.top_n": 512})
+    assert cfg.extract.keypoints.extractor_config().max_side == 640
+    assert cfg.extract.keypoints.extractor_config(query=True).scales == (1.0, 0.5)
+    assert cfg.verify.min_inliers == 30 and cfg.verify.matcher.min_similarity == 0.75
+    with pytest.raises(ConfigError, match="extract.keypoints"):
+        load_config(None, {**base, "extract.keypoints.name": "sift"})
+    with pytest.raises(ConfigError, match="asmk.locals"):
+        load_config(None, {**base, "asmk.locals": "xfeat", "extract.keypoints.name": "none"})
+    with pytest.raises(ConfigError, match="cnn keypoints"):
+        load_config(None, {**base, "stages": ["extract"], "extract.keypoints.name": "cnn"})
+    assert load_config(None, {**base, "asmk.locals": "aliked", "extract.keypoints.name": "aliked"}
+                       ).extract.local_features == 0  # ASMK over keypoints needs no CNN locals
