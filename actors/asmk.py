@@ -136,7 +136,7 @@ def sample_locals(files: list[str], n: int, seed: int = 0) -> np.ndarray:
 
 
 def train_or_reuse_codebook(root: str, files: list[str], k: int, sample: int, reuse: bool,
-                            seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+                            seed: int = 0, locals_name: str = "cnn") -> tuple[np.ndarray, dict[str, Any]]:
     """The run's visual-word codebook: reused when ``reuse`` and it was trained with the same size and sample on
     descriptors of the same local PCA, else k-means on a uniform sample of all locals (the nightly re-index
     keeps its visual words; ``reindex.reuse_codebook``)."""
@@ -144,6 +144,8 @@ def train_or_reuse_codebook(root: str, files: list[str], k: int, sample: int, re
     cb_uri, info_uri, pca_uri = layout.artefact("asmk_codebook"), layout.artefact("asmk_info"), \
         layout.artefact("local_pca")
     pca_digest = hashlib.sha256(read_bytes(pca_uri)).hexdigest()[:16] if exists(pca_uri) else None
+    if locals_name != "cnn":  # learned descriptors: no PCA, the extractor names the space
+        pca_digest = locals_name
     if reuse and exists(cb_uri) and exists(info_uri):
         info = load_json(info_uri)
         if (info.get("requested_k"), info.get("requested_sample"), info.get("local_pca")) == (k, sample, pca_digest):
@@ -257,11 +259,14 @@ def run_asmk_stage(root: str, cfg: AsmkIndexConfig, reuse_codebook: bool = True)
     ``image_ids.npy``, the codebook and bytes per image in the manifest)."""
     t0 = time.time()
     markers = sorted(StageManifest(root, "extract").committed().items())
-    shards = [(label, m["files"]["locals"]) for label, m in markers if m.get("files", {}).get("locals")]
+    table = "locals" if cfg.locals == "cnn" else "keypoints"  # both have image_id, x, y, descriptor
+    shards = [(label, m["files"][table]) for label, m in markers if m.get("files", {}).get(table)]
     if not shards:
-        raise RuntimeError("asmk: the extract stage wrote no locals tables (extract.local_features must be > 0)")
+        raise RuntimeError(f"asmk: the extract stage wrote no {table} tables (asmk.locals: {cfg.locals}; "
+                           + ("extract.local_features must be > 0)" if table == "locals" else
+                              f"extract.keypoints.name must be {cfg.locals})"))
     C, cb_info = train_or_reuse_codebook(root, [u for _, u in shards], cfg.codebook_size, cfg.codebook_sample,
-                                         reuse_codebook)
+                                         reuse_codebook, locals_name=cfg.locals)
     log.info("[asmk] codebook: %d words x %d (%s)", len(C), C.shape[1],
              "reused" if cb_info.get("reused") else f"trained in {cb_info['seconds']:.1f} s")
     region_files = {label: m["files"].get("regions")

@@ -47,12 +47,14 @@ from actors.runner import ShardResult, run_on_one, run_shards
 from pipeline.backbone import build_backbone
 from pipeline.cam_aggregation import learn_cam_whitening, whitening_sample
 from pipeline.extract import ExtractConfig, ImageFeatures, cam_whitening_sample, extract_features, scaled_sizes
+from pipeline.keypoints import DESCRIPTOR_DIMS, MIN_INPUT_SIDE, Keypoints, build_keypoint_extractor
 from pipeline.local_features import apply_pca, learn_pca
 from pipeline.preprocess import orient, tensor_to_network_input, to_network_input
 from pipeline.whitening import Whitening
 from storage.arrays import load_arrays, save_arrays
 from storage.corpus import rows_by_shard, subset_ids
 from storage.images import DEFAULT_MAX_PIXELS, ImageError, ImageHeader, decode_image, probe_image
+from storage.keypoint_weights import load_keypoint_weights
 from storage.layout import RunLayout
 from storage.shard_writer import IMAGE_TABLES, ShardTables
 from storage.tables import TableStore
@@ -118,6 +120,9 @@ class _Decoded:
     n_bytes: int = 0
     sha1: str = ""
     error: tuple[str, str] | None = None
+    rgb: np.ndarray | None = None               # (H, W, 3) uint8 for the learned keypoints (freed once used)
+    keypoints: Keypoints | None = None
+    kp_error: tuple[str, str] | None = None     # the image's keypoints failed (its other rows are kept)
 
 
 class ImageShardMapper:
@@ -153,8 +158,22 @@ class ImageShardMapper:
         self._count_lock = threading.Lock()
         # numpy's BLAS (local PCA, EGM) single-threaded: same results, and no spinning workers next to torch's
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
+        self.kp_extractor, self.keypoint_dim = self._keypoint_extractor()
         if cuda:
             torch.cuda.synchronize(self.device)  # weights copied on the default stream before lanes use their own
+
+    def _keypoint_extractor(self) -> tuple[Any, int | None]:
+        """The learned keypoint extractor (xfeat / aliked, on the mapper's device) and the keypoints table's
+        descriptor width; ``cnn`` keypoints are the pass's locals (no extractor); None when not written."""
+        kcfg = self.config.keypoints
+        if not kcfg.enabled or "keypoints" not in self.spec.tables:
+            return None, None
+        if kcfg.name == "cnn":
+            if self.config.n_locals <= 0:
+                return None, None
+            return None, self.spec.local_pca.dim if self.spec.local_pca is not None else self.backbone.channels
+        ex = build_keypoint_extractor(kcfg.extractor_config(), self.device, state_dict=load_keypoint_weights(kcfg.name))
+        return ex, DESCRIPTOR_DIMS[kcfg.name]
 
     def _init_lane(self) -> None:
         # torch's intra-op thread count is per thread with OpenMP: the actor's own thread keeps torch_threads
@@ -224,6 +243,19 @@ class ImageShardMapper:
             return
         for w, h in scaled_sizes(img.width, img.height, self.config):
             d.inputs.append(to_network_input(img, size=(w, h)))
+        if getattr(self, "kp_extractor", None) is not None:
+            self._keypoint_image(d, img, data)
+
+    def _keypoint_image(self, d: _Decoded, img: Any, data: bytes) -> None:
+        """The RGB array the keypoints are extracted from: the decoded image, or a second decode at the keypoints'
+        side when it is larger than the network's (the network's inputs stay exactly what they were)."""
+        side = self.config.keypoint_side
+        try:
+            if side > self.config.decode_side and max(img.info.get("original_size", img.size)) > max(img.size):
+                img = decode_image(data, max_pixels=self.spec.max_pixels, max_side=side)
+            d.rgb = np.asarray(img.convert("RGB"))
+        except Exception as exc:  # noqa: BLE001 - the image's other rows are kept
+            d.kp_error = ("corrupt", f"keypoints: {type(exc).__name__}: {exc}")
 
     def _device_decode_jpegs(self, datas: list[bytes]) -> list[torch.Tensor | None]:
         """uint8 (3, H, W) tensors on the GPU, None for a file the device decoder rejects (Pillow then decodes it,
@@ -254,6 +286,8 @@ class ImageShardMapper:
             d.error = ("unsupported", f"image too small: {ow}x{oh} pixels")
             return True
         d.inputs = [tensor_to_network_input(img, (w, h)) for w, h in scaled_sizes(ow, oh, self.config)]
+        if getattr(self, "kp_extractor", None) is not None:
+            d.rgb = img.permute(1, 2, 0).contiguous().cpu().numpy()
         with self._count_lock:
             self.decoded_on_device += 1
         return True
@@ -326,6 +360,7 @@ class ImageShardMapper:
                 acts = self._forward(batch)
             except Exception as exc:  # noqa: BLE001 - e.g. out of memory on one odd-sized batch
                 return [(d, None, ("internal", f"forward failed: {type(exc).__name__}: {exc}")) for d in batch]
+            self._keypoints(batch)
             out: LaneResult = []
             for d, a in zip(batch, acts):
                 try:
@@ -334,6 +369,33 @@ class ImageShardMapper:
                     out.append((d, None, ("internal",
                                           f"{type(exc).__name__}: {exc} | {traceback.format_exc(limit=2)}")))
             return out
+
+    def _keypoints(self, batch: list[_Decoded]) -> None:
+        """Learned keypoints of a batch (one batched call, image by image when it fails), on the mapper's device;
+        an image whose keypoints fail or that is too small for them gets ``kp_error`` (its other rows are kept)."""
+        todo = [d for d in batch if d.rgb is not None and d.kp_error is None]
+        if getattr(self, "kp_extractor", None) is None or not todo:
+            return
+        sizes = [(d.image_hw[1], d.image_hw[0]) for d in todo]
+        try:
+            kps: list[Keypoints | None] = list(self.kp_extractor.extract_batch([d.rgb for d in todo], sizes))
+        except Exception:  # noqa: BLE001 - find the image that fails
+            kps = []
+            for d, size in zip(todo, sizes):
+                try:
+                    kps.append(self.kp_extractor.extract(d.rgb, size))
+                except Exception as exc:  # noqa: BLE001 - recorded as the image's keypoints error
+                    d.kp_error = ("internal", f"keypoints: {type(exc).__name__}: {exc}")
+                    kps.append(None)
+        for d, kp in zip(todo, kps):
+            d.rgb = None
+            if kp is None:
+                continue
+            w, h = d.image_hw[1], d.image_hw[0]
+            if len(kp) == 0 and min(w, h) * min(1.0, self.config.keypoints.max_side / max(w, h)) < MIN_INPUT_SIDE:
+                d.kp_error = ("unsupported", f"keypoints: image too small ({w}x{h} pixels)")
+            else:  # a flat image may have none: no rows, not an error (verification finds no inliers)
+                d.keypoints = kp
 
     # ---------------------------------------------------------------- writer
     def _add(self, rows: ShardTables, d: _Decoded, f: ImageFeatures) -> None:
@@ -351,6 +413,15 @@ class ImageShardMapper:
         if f.local_desc is not None and len(f.local_desc):
             desc = self.spec.local_pca.apply(f.local_desc) if self.spec.local_pca is not None else f.local_desc
             rows.add_locals(iid, f.local_xy, f.local_scale, f.local_strength, desc)
+        if getattr(self, "keypoint_dim", None) is None:
+            return
+        if self.kp_extractor is None and f.local_desc is not None and len(f.local_desc):  # cnn: the locals
+            kd = desc / np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-12)
+            rows.add_keypoints(iid, f.local_xy, f.local_strength, kd)
+        elif d.keypoints is not None:
+            rows.add_keypoints(iid, d.keypoints.xy, d.keypoints.scores, d.keypoints.descriptors)
+        elif d.kp_error is not None:
+            rows.add_error(iid, d.row["uri"], f"{self.spec.stage}.keypoints", *d.kp_error)
 
     def __call__(self, shard: int | str, rows_in: list[dict[str, Any]]) -> ShardResult:
         """Extract one shard and write its tables (the runner commits it)."""
@@ -358,7 +429,8 @@ class ImageShardMapper:
         local_dim = None
         if self.config.n_locals > 0 and "locals" in self.spec.tables:
             local_dim = self.spec.local_pca.dim if self.spec.local_pca is not None else self.backbone.channels
-        rows = ShardTables(self.spec.tables, self.backbone.channels, self.config.descriptor_dtype, local_dim)
+        rows = ShardTables(self.spec.tables, self.backbone.channels, self.config.descriptor_dtype, local_dim,
+                           getattr(self, "keypoint_dim", None))
         # batches in flight on the lanes and failed images, in corpus order: rows are added in that order
         queue: deque[Future | list[_Decoded]] = deque()
 

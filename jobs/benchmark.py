@@ -15,7 +15,10 @@
 4. **Methods** (``--methods``; default every one the index published): global methods and their ``+aqe`` /
    ``+diffusion`` re-rankings, ``regional:<source>[@full]``, ASMK kernels and, with a trained query-region scorer
    (``--scorer``, default the run's own from ``jobs.train_query_scorer``), ``patches[:k]`` (seed 000; its
-   queries are also encoded with their patches). Each is ranked through
+   queries are also encoded with their patches). When the run has keypoints, every method also gets a ``+sv``
+   row (spatial verification of its top 100; ``--no-sv`` leaves them out): the shortlists of all methods are
+   verified first as Ray tasks (one query stays in process) into one per-(query, image) inlier cache that every
+   ``+sv`` ranking then reads. Each is ranked through
    :class:`service.search.SearchService` -- the code ``jobs.search`` runs -- restricted to the track's database.
 5. **Evaluation** (Revisited-Oxford Easy/Medium/Hard mAP, mP@k), ``<out>/report.json``,
    ``<out>/rankings/<track>.npz`` and ``<out>/report.html`` (tables, PR curves, example rankings with the
@@ -35,6 +38,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from actors.common import init_ray
+from actors.verify import verify_many
 from jobs.index import index, setup_logging
 from pipeline.config import STAGES, load_config
 from pipeline.query_patches import proposal_tag
@@ -42,7 +47,8 @@ from service.benchmark import (FULL_RANK_MAX, Benchmark, Result, add_examples, c
                                encode_queries, evaluate_track, print_table, synthetic_summary)
 from service.errors import UserError, run_cli
 from service.report import render_report
-from service.search import MethodSpec, SearchService, parse_method
+from service.search import MethodSpec, SearchService, is_sv, parse_method, rerank_name, sv_base
+from service.verify import query_key as sv_query_key
 from service.tracks import Track, add_real_distractors, canonical, query_key, resolve_tracks, union_paths
 from storage.arrays import save_json
 from storage.readers import image_uris
@@ -86,6 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scorer", default=None,
                    help="query-region scorer folder for patches[:k] (default: the index run's own, if trained)")
+    p.add_argument("--no-sv", action="store_true",
+                   help="no +sv (spatial verification) row per method, even when the run has keypoints")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if not args.render and not args.dataset:
@@ -130,7 +138,7 @@ def run_index(args: argparse.Namespace, list_uri: str, index_root: str) -> None:
         key, _, val = item.partition("=")
         overrides[key.strip()] = yaml.safe_load(val)
     cfg = load_config(args.config, {**overrides, "stages": [s for s in STAGES if s != "asmk"]})
-    if cfg.extract.n_locals > 0:  # the ASMK family needs local features; without them it is left out
+    if cfg.extract.n_locals > 0 or cfg.asmk.locals != "cnn":  # the ASMK family needs local features (or keypoints)
         cfg = load_config(args.config, overrides)
     was_up = ray.is_initialized()
     index(cfg)
@@ -139,10 +147,16 @@ def run_index(args: argparse.Namespace, list_uri: str, index_root: str) -> None:
 
 
 def choose_methods(args: argparse.Namespace, service: SearchService, notes: list[str]) -> list[MethodSpec]:
-    """``--methods`` (or every method the index published) that this index can answer."""
+    """``--methods`` (or every method the index published) that this index can answer, each followed by its
+    ``+sv`` row when the run has keypoints (unless ``--no-sv``)."""
     available = service.available_methods()
+    names = _split(args.methods) or default_methods(available, service.diffusion_methods())
+    if not args.no_sv and service.encoder.keypoints_available:
+        names = [x for n in names for x in ([n] if is_sv(n) else [n, f"{n}+sv"])]
+        notes.append("+sv: spatial verification of each method's top 100 (extract.keypoints of the run, verify.* "
+                     "of its config: MNN matches, MAGSAC homography with an affine fallback, tiered fusion).")
     specs = []
-    for n in _split(args.methods) or default_methods(available, service.diffusion_methods()):
+    for n in dict.fromkeys(names):
         parse_method(n)  # an unknown name is an error, not a skipped method
         try:
             specs.append(service.spec(n))
@@ -179,14 +193,44 @@ def add_synthetic_tracks(args: argparse.Namespace, tracks: list[Track], qkeys: d
     return synth_ns
 
 
+def prefetch_verification(args: argparse.Namespace, bench: Benchmark, results: dict[str, dict[str, Result]],
+                          specs: Sequence[MethodSpec]) -> dict[str, Any]:
+    """Verify the union of every ``+sv`` method's shortlists (taken from its base method's results) as Ray tasks,
+    into the service's inlier cache, so the ``+sv`` rankings that follow only read it."""
+    verifier = bench.service.verifier()
+    queries, shortlists = {}, {}
+    for spec in specs:
+        base, k = sv_base(spec.name), rerank_name(spec.reranks[-1])[1] or verifier.cfg.shortlist
+        for t in [t for t in bench.tracks if not t.synthetic and base in results[t.name]]:
+            ids = bench.track_ids(t)
+            for qi, qk in enumerate(bench.qkeys[t.name]):
+                q = bench.qdesc[qk]
+                key = sv_query_key(q)
+                queries[key] = (q.kp_xy, q.kp_scores, q.kp_desc, tuple(int(v) for v in q.image_size))
+                todo = [ids[j] for j in results[t.name][base].ids[qi, :k] if 0 <= j < t.n_db and ids[j]]
+                shortlists.setdefault(key, []).extend(i for i in todo if (key, i) not in verifier.pairs)
+    if len(shortlists) > 1:
+        init_ray(args.ray_address, args.num_cpus)
+    pairs, info = verify_many(bench.service.root, verifier.cfg, queries, shortlists)
+    verifier.add_pairs(pairs)
+    print(f"[verify] {info['pairs']:,} (query, image) pairs in {info['seconds']:.1f} s ({info['tasks']} Ray tasks)",
+          flush=True)
+    return info
+
+
 def run_methods(args: argparse.Namespace, bench: Benchmark, specs: Sequence[MethodSpec]
                 ) -> dict[str, dict[str, Result]]:
-    """Every (method, track) ranking; synthetic tracks get the global and regional methods only."""
+    """Every (method, track) ranking, ``+sv`` methods last (after their shortlists were verified as Ray tasks);
+    synthetic tracks get the global and regional methods only, without ``+sv``."""
     synth_methods = set(_split([args.synthetic_methods])) if args.synthetic_methods else None
     results: dict[str, dict[str, Result]] = {t.name: {} for t in bench.tracks}
-    for spec in specs:
+    sv = [s for s in specs if is_sv(s.name)]
+    for spec in [s for s in specs if not is_sv(s.name)] + sv:
+        if sv and spec is sv[0]:
+            bench.verify_info = prefetch_verification(args, bench, results, sv)
         for t in bench.tracks:
-            skip = spec.family == "asmk" or (synth_methods is not None and spec.name not in synth_methods)
+            skip = spec.family == "asmk" or is_sv(spec.name) or (synth_methods is not None
+                                                                 and spec.name not in synth_methods)
             if t.synthetic and skip:
                 continue
             r = results[t.name][spec.name] = bench.run(t, spec)
@@ -236,6 +280,8 @@ def evaluate(args: argparse.Namespace, out: Path, bench: Benchmark, results: dic
         tr["missing_db_images"] = int(sum(i is None or i not in indexed for i in bench.track_ids(t)))
         report["tracks"][t.name] = tr
     base_tracks = [t for t in bench.tracks if t.base is None]
+    if bench.verify_info:
+        report["verification"] = {**bench.verify_info, "pairs_cached": len(bench.service.verifier().pairs)}
     if synth_ns:
         report["distractors"] = {"synthetic": synthetic_summary(report, base_tracks, specs, synth_ns),
                                  "noise": bench.noise_info}
@@ -276,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     if patches:  # encodings with patches live apart: they depend on the scorer's proposals
         version += f"-patches-{proposal_tag(service.patch_search().cfg.proposals)}"
     qdesc, encode_s = encode_queries(service, items, str(out / "queries" / "cache" / version), args.reuse,
-                                     patches=patches)
+                                     patches=patches, keypoints=any(is_sv(s.name) for s in specs))
     synth_ns = add_synthetic_tracks(args, tracks, qkeys)
     bench = Benchmark(service, tracks, union_ids, qdesc, qkeys, args.topk, args.seed, build_seconds(index_root))
     results = run_methods(args, bench, specs)

@@ -6,7 +6,9 @@
 ``--method`` is a global method (``gem``, ``rmac``, ``os_egm`` ...), ``regional:<source>[@full]`` (D2R regional
 search over the run's ``<source>`` regions), an ASMK kernel (``asmk_star``, ``r_asmk_star`` ...) or
 ``patches[:k]`` (seed 000: k query patches chosen by the scorer ``jobs.train_query_scorer`` trained, default the
-run's own, else ``--scorer``), optionally with re-rankings appended (``gem+aqe``) or given with ``--rerank``.
+run's own, else ``--scorer``), optionally with re-rankings appended (``gem+aqe``, ``regional:os_egm+sv``) or given
+with ``--rerank`` (``--rerank sv:100``: spatial verification of the top 100 with the run's keypoints; ``--html``
+then also draws each verified result's inlier matches).
 The query goes through the run's own extraction (and object saliency against the stored region graph). The Python API is
 :class:`service.search.SearchService`. Bad input (a missing index, a non-image query, a malformed box, an
 unknown method) gives one line on stderr and exit status 2; ``-v`` shows the traceback.
@@ -32,7 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--query", required=True, help="query image path or URI")
     p.add_argument("--bbox", default=None, help="x0,y0,x1,y1 in query pixels")
     p.add_argument("--method", default="gem")
-    p.add_argument("--rerank", action="append", default=[], choices=known_reranks(), help="re-ranking(s), in order")
+    p.add_argument("--rerank", action="append", default=[], metavar="NAME[:N]",
+                   help=f"re-ranking(s), in order: {', '.join(known_reranks())} (e.g. sv:100, spatial verification "
+                        "of the top 100 with the run's keypoints)")
     p.add_argument("--qe", choices=("none", "avg", "alpha"), default="none", help="same as --rerank aqe|alphaqe")
     p.add_argument("--diffusion", action="store_true", help="same as --rerank diffusion")
     p.add_argument("--top-k", type=int, default=10)
@@ -58,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         service = SearchService(args.index, query_egm=args.query_egm, scorer=args.scorer)
         method = method_name(args)
         service.spec(method)  # an unknown method fails before the query is read
-        results, _ = service.search(read_bytes(args.query), bbox, method, args.top_k)
+        results, q = service.search(read_bytes(args.query), bbox, method, args.top_k)
         print(f"{'rank':>4}  {'score':>7}  image_id")
         for r in results:
             print(f"{r.rank + 1:>4}  {r.score:7.4f}  {r.image_id}")
         if args.html:
-            write_results_page(args.html, args.query, results, image_uris(args.index, [r.image_id for r in results]))
+            write_results_page(args.html, args.query, results, image_uris(args.index, [r.image_id for r in results]),
+                               query_image=q.image)
         return 0
 
     return run_cli(body, args.verbose, "jobs.search")

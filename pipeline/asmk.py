@@ -132,6 +132,9 @@ def kernel_config(name: str, multiple: int = 1) -> ASMKConfig:
     return ASMKConfig(**KERNEL_CONFIGS[name], multiple=int(multiple))
 
 
+ASMK_LOCALS = ("cnn", "xfeat", "aliked")
+
+
 @dataclass(frozen=True)
 class AsmkIndexConfig:
     """The ``asmk`` stage: codebook, which kernels get an inverted file, regions of the regional kernels."""
@@ -142,8 +145,13 @@ class AsmkIndexConfig:
     region_source: str = "fs_egm"
     multiple_assignment: int = 1        # database side: nearest words each local descriptor is added to
     query_multiple_assignment: int = 5  # query side (the asmk package's and the ASMK paper's default)
+    # which local features feed the codebook and inverted files: "cnn" (the locals table, conv-map locals) or the
+    # keypoints table's learned descriptors ("xfeat" / "aliked"; extract.keypoints.name must say the same)
+    locals: str = "cnn"
 
     def __post_init__(self) -> None:
+        if self.locals not in ASMK_LOCALS:
+            raise ValueError(f"locals: unknown {self.locals!r}; known: {ASMK_LOCALS}")
         bad = [k for k in self.kernels if k not in KERNEL_CONFIGS]
         if bad:
             raise ValueError(f"kernels: unknown {bad}; known: {sorted(KERNEL_CONFIGS)}")

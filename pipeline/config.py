@@ -26,6 +26,7 @@ from pipeline.katz import KatzConfig
 from pipeline.knn_graph import GraphConfig
 from pipeline.object_saliency import ObjectSaliencyConfig
 from pipeline.rpn_regions import RPN_SOURCE, RegionSourceConfig
+from pipeline.verification import VerifyConfig
 from pipeline.whitening import WhitenConfig
 
 DEFAULT_LOCAL_FEATURES = 1000  # top-N locals per image when ASMK is on and the config does not say (issue 5)
@@ -94,6 +95,7 @@ class IndexConfig:
     faiss: FaissConfig = field(default_factory=FaissConfig)
     asmk: AsmkIndexConfig = field(default_factory=AsmkIndexConfig)
     diffusion: DiffusionStageConfig = field(default_factory=DiffusionStageConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)   # +sv at query time (matcher, MAGSAC, fusion)
     reindex: ReindexConfig = field(default_factory=ReindexConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
 
@@ -109,11 +111,17 @@ class IndexConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError("limit must be >= 1 or null")
         cfg = self
+        cnn_asmk = "asmk" in cfg.stages and cfg.asmk.locals == "cnn"
         if cfg.extract.local_features is None:
-            n = DEFAULT_LOCAL_FEATURES if "asmk" in cfg.stages else 0
+            n = DEFAULT_LOCAL_FEATURES if cnn_asmk else 0
             cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, local_features=n))
-        if "asmk" in cfg.stages and cfg.extract.local_features <= 0:
-            raise ConfigError("stage asmk needs extract.local_features > 0")
+        if cnn_asmk and cfg.extract.local_features <= 0:
+            raise ConfigError("stage asmk needs extract.local_features > 0 (or asmk.locals: xfeat|aliked)")
+        if "asmk" in cfg.stages and cfg.asmk.locals != "cnn" and cfg.asmk.locals != cfg.extract.keypoints.name:
+            raise ConfigError(f"asmk.locals: {cfg.asmk.locals} needs extract.keypoints.name: {cfg.asmk.locals} "
+                              f"(got {cfg.extract.keypoints.name})")
+        if cfg.extract.keypoints.name == "cnn" and cfg.extract.local_features <= 0:
+            raise ConfigError("extract.keypoints.name: cnn keypoints are the locals: needs extract.local_features > 0")
         if cfg.whiten.kind == "learned":   # its own globals and FAISS snapshot, next to the PCA-whitened rmac
             cfg = with_methods(cfg, ("rmac_learned",))
         if cfg.regions.source == RPN_SOURCE:  # the rpn pass, R-MAC over its proposals, and regional:rpn

@@ -20,6 +20,7 @@ from pipeline import local_features as lf
 from pipeline import pooling
 from pipeline import saliency as sal_mod
 from pipeline.egm import FS_EGM, EGMParams
+from pipeline.keypoints import IndexKeypointsConfig
 from pipeline.regions import cells_to_pixels, to_cells
 from pipeline.whitening import Whitening
 
@@ -59,6 +60,8 @@ class ExtractConfig:
     local_scales: tuple[float, ...] = (1.0,)
     local_dim: int = 128                # PCA dimension of local descriptors
     local_pca_images: int = 200         # images sampled to learn the local PCA
+    # learned keypoints of every image, computed in the same pass (the ``keypoints`` table; +sv re-ranks with them)
+    keypoints: IndexKeypointsConfig = field(default_factory=IndexKeypointsConfig)
     descriptor_dtype: str = "float16"
     shard_size: int = 64
     batch_size: int = 8
@@ -110,6 +113,11 @@ class ExtractConfig:
     def decode_side(self) -> int:
         """Longest side an image must be decoded at for the largest forward scale."""
         return int(math.ceil(self.max_side * max(self.forward_scales)))
+
+    @property
+    def keypoint_side(self) -> int:
+        """Longest side an image is decoded at for the learned keypoints (0 when none are computed apart)."""
+        return self.keypoints.max_side if self.keypoints.learned else 0
 
 
 @dataclass

@@ -96,6 +96,55 @@ class KeypointConfig:
         return DEFAULT_THRESHOLDS[self.extractor] if t is None else float(t)
 
 
+@dataclass(frozen=True)
+class IndexKeypointsConfig:
+    """The ``extract.keypoints`` section of the index config: which keypoints the extraction stage stores in
+    the ``keypoints`` table (database side) and how the query encoder extracts a query's (query side).
+
+    ``name``: ``xfeat`` | ``aliked`` | ``cnn`` (the conv-map locals of the same pass, written as keypoints; needs
+    ``extract.local_features > 0``) | ``none`` (no keypoints table, no ``+sv``). Database defaults (XFeat, 640 px,
+    1,024 per image) and query defaults (1,024 px, 2,048 keypoints over scales 1 and 0.5, which bridges the scale
+    gap between a painting's own image and its appearance in a wider photo) are the best setting of
+    experiments/sv_eval.py on museum-landmarks (``dev4``: MNN min similarity 0.75, MAGSAC threshold 12 px,
+    tiered fusion at 30 inliers; see :class:`pipeline.verification.VerifyConfig`).
+    """
+
+    name: str = "xfeat"
+    top_n: int = 1024
+    max_side: int = 640
+    detection_threshold: float | None = None
+    query_top_n: int = 2048
+    query_max_side: int = 1024
+    query_scales: tuple[float, ...] = (1.0, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.name not in (*EXTRACTORS, "none"):
+            raise ValueError(f"keypoints.name: unknown extractor {self.name!r}; known: {(*EXTRACTORS, 'none')}")
+        if self.top_n < 1 or self.query_top_n < 1:
+            raise ValueError("keypoints.top_n and keypoints.query_top_n must be >= 1")
+        if min(self.max_side, self.query_max_side) < MIN_INPUT_SIDE:
+            raise ValueError(f"keypoints.max_side and query_max_side must be >= {MIN_INPUT_SIDE}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run stores keypoints (and so offers spatial verification)."""
+        return self.name != "none"
+
+    @property
+    def learned(self) -> bool:
+        """Whether the keypoints come from a learned network of their own (xfeat / aliked), not the CNN pass."""
+        return self.name in DESCRIPTOR_DIMS
+
+    def extractor_config(self, query: bool = False, device: str = "auto") -> KeypointConfig:
+        """The :class:`KeypointConfig` of the database side, or of the query side with ``query``."""
+        if not self.enabled:
+            raise ValueError("keypoints are off (extract.keypoints.name: none)")
+        if query:
+            return KeypointConfig(self.name, self.query_top_n, self.query_max_side, self.detection_threshold,
+                                  scales=tuple(self.query_scales), device=device)
+        return KeypointConfig(self.name, self.top_n, self.max_side, self.detection_threshold, device=device)
+
+
 @dataclass(frozen=True, eq=False)
 class Keypoints:
     """Keypoints of one image: ``xy`` (N, 2) float32 ``(x, y)`` pixels of the original image (pixel-centre

@@ -34,7 +34,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from service.errors import EXPECTED, UserError, describe
-from service.search import RERANKS, SearchService
+from service.search import SearchService, known_reranks
 from service.webapi import LRU, BrowserSearch, ImageCatalog, check_image_id, parse_request, thumbnail_jpeg
 from storage.images import DEFAULT_MAX_PIXELS, ImageError
 from storage.uri import read_bytes
@@ -145,7 +145,7 @@ class Browser:
         return HTMLResponse(self._page, headers=SECURITY_HEADERS)
 
     async def methods(self, request: Request) -> Response:
-        return JSONResponse({"methods": self.search.service.available_methods(), "reranks": list(RERANKS),
+        return JSONResponse({"methods": self.search.service.available_methods(), "reranks": known_reranks(),
                              "images": len(self.catalog), "box_sources": sorted(self.search.sources - {"full"})})
 
     async def list_images(self, request: Request) -> Response:

@@ -23,7 +23,8 @@ from pipeline.distractors import calibrate_noise, negative_pool, synthetic_globa
 from pipeline.evaluation import PROTOCOLS, evaluate_all, mean_pr_curve, protocol_gnd
 from pipeline.ranking import FULL_RANK_MAX, RegionSet, best_region, rank_depth
 from service.encoder import QueryDescriptors, crop
-from service.search import PATCHES, REGIONAL_SOURCES, MethodSpec, Ranking, SearchService, parse_method
+from service.search import PATCHES, REGIONAL_SOURCES, MethodSpec, Ranking, SearchService, is_sv, parse_method
+from service.verify import query_key as sv_query_key
 from service.tracks import Track, label_of
 from storage.arrays import load_arrays, save_arrays
 from storage.images import decode_image
@@ -58,16 +59,18 @@ def default_methods(available: Iterable[str], diffusion: Iterable[str] = ()) -> 
 
 
 def encode_queries(service: SearchService, items: dict[str, tuple[str, Any]], cache_dir: str, reuse: bool,
-                   every: float = 5.0, patches: bool = False) -> tuple[dict[str, QueryDescriptors], float]:
+                   every: float = 5.0, patches: bool = False, keypoints: bool = False
+                   ) -> tuple[dict[str, QueryDescriptors], float]:
     """Encode every ``key -> (path, bbox)`` query (progress lines: queries/s, ETA); cached encodings are read
-    back with ``reuse`` (their time is not counted). ``patches``: with the query patches of the ``patches``
-    method (a cached encoding without them is redone). Returns descriptors by key and the encoding seconds."""
+    back with ``reuse`` (their time is not counted). ``patches`` / ``keypoints``: with the query patches of the
+    ``patches`` method / the keypoints of ``+sv`` (a cached encoding without them is redone). Returns descriptors
+    by key and the encoding seconds."""
     out: dict[str, QueryDescriptors] = {}
     todo = []
     for key in items:
         uri = join(cache_dir, f"{key}.npz")
         q = QueryDescriptors.from_arrays(load_arrays(uri)) if reuse and exists(uri) else None
-        if q is not None and (q.has_patches or not patches):
+        if q is not None and (q.has_patches or not patches) and (q.has_keypoints or not keypoints):
             out[key] = q
         else:
             todo.append(key)
@@ -78,7 +81,8 @@ def encode_queries(service: SearchService, items: dict[str, tuple[str, Any]], ca
     for n, key in enumerate(todo, 1):
         path, bbox = items[key]
         t = time.time()
-        q = service.encode(read_bytes(path), bbox, patches=patches)
+        q = service.encode(read_bytes(path), bbox, patches=patches, keypoints=keypoints)
+        q.image = None  # the keypoints are extracted: no need to hold every query's pixels
         spent += time.time() - t
         save_arrays(join(cache_dir, f"{key}.npz"), **q.to_arrays())
         out[key] = q
@@ -116,6 +120,7 @@ class Benchmark:
         self.build_seconds = build_seconds or {}
         self._region_rows: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.noise_info: dict[str, Any] = {}
+        self.verify_info: dict[str, Any] = {}   # the +sv shortlists' verification (pairs, Ray tasks, seconds)
 
     # -------------------------------------------------------------- track <-> index ids
     def track_ids(self, t: Track) -> list[str | None]:
@@ -346,8 +351,25 @@ def save_query_crop(path: str, bbox: Any, out_dir: Path, key: str) -> str:
     return str(target)
 
 
+MAX_EXAMPLE_MATCHES = 100  # inlier matches kept per example result (report.json stays small)
+
+
+def _verified_matches(bench: Benchmark, q: QueryDescriptors, image_id: str | None
+                      ) -> tuple[int, list[list[float]] | None]:
+    """(inliers, some of the cached inlier matches ``[xq, yq, xd, yd]`` in query crop / database pixels) of a
+    verified pair; (0, None) when it is not verified."""
+    if image_id is None or not q.has_keypoints:
+        return 0, None
+    verifier = bench.service.verifier()
+    n, m = verifier.pairs.get((sv_query_key(q), image_id), (0, None))
+    if m is None or n < verifier.cfg.min_inliers:
+        return 0, None
+    step = max(1, -(-len(m) // MAX_EXAMPLE_MATCHES))
+    return n, np.round(np.asarray(m[::step], np.float64), 1).tolist()
+
+
 def _example_rows(t: Track, results: dict[str, Result], bench: Benchmark, shown: list[str], qi: int,
-                  key: str, path: str, bbox: Any, aps: dict[str, Any]) -> list[dict[str, Any]]:
+                  key: str, path: str, bbox: Any, aps: dict[str, Any], crop_path: str) -> list[dict[str, Any]]:
     gnd, q, rows = t.gnd(), bench.qdesc[key], []
     for m in shown:
         spec, r, res = parse_method(m), results[m], []
@@ -359,9 +381,13 @@ def _example_rows(t: Track, results: dict[str, Result], bench: Benchmark, shown:
                 b = bench.best_box(q, spec, bench.track_ids(t)[int(idx)])
                 if b is not None:
                     entry["boxes"] = [b]
+            if is_sv(m) and idx < t.n_db:
+                n, matches = _verified_matches(bench, q, bench.track_ids(t)[int(idx)])
+                if matches:
+                    entry["matches"], entry["inliers"] = matches, n
             res.append(entry)
         apv = aps[m][qi]
-        rows.append({"query": path, "bbox": None if bbox is None else list(bbox), "method": m,
+        rows.append({"query": path, "query_crop": crop_path, "bbox": None if bbox is None else list(bbox), "method": m,
                      "title": f"{t.dataset.queries[int(t.query_idx[qi])]} (medium AP "
                               f"{'-' if apv is None else f'{100 * apv:.1f}'})", "results": res})
     return rows
@@ -369,28 +395,30 @@ def _example_rows(t: Track, results: dict[str, Result], bench: Benchmark, shown:
 
 def add_examples(tr: dict[str, Any], t: Track, results: dict[str, Result], bench: Benchmark,
                  items: dict[str, tuple[str, Any]], n_examples: int, out: Path) -> None:
-    """Example rows (best regional vs best global baseline) and saliency overlays for ``n_examples`` queries
-    where the two methods' medium APs differ most (ties by query order)."""
+    """Example rows (best regional vs best global baseline, and the best ``+sv`` method with its inlier matches)
+    and saliency overlays for ``n_examples`` queries where the first two methods' medium APs differ most (ties by
+    query order)."""
     if n_examples <= 0:
         return
     methods = tr["methods"]
-    reg = best_method(methods, is_regional)
+    reg = best_method(methods, lambda m: is_regional(m) and not is_sv(m))
     glo = best_method(methods, lambda m: m in BASELINES) or best_method(
-        methods, lambda m: parse_method(m).family == "global")
-    shown = [m for m in (reg, glo) if m]
+        methods, lambda m: parse_method(m).family == "global" and not is_sv(m))
+    sv = best_method(methods, is_sv)  # the best +sv method, its verified matches drawn
+    shown = [m for m in dict.fromkeys((reg, glo, sv)) if m]
     if not shown:
         return
     aps = {m: methods[m]["medium"]["aps"] for m in shown}
     ap = [np.array([np.nan if v is None else v for v in aps[m]], np.float64) for m in shown]
-    diff = np.abs(ap[0] - ap[1]) if len(ap) == 2 else np.zeros_like(ap[0])
+    diff = np.abs(ap[0] - ap[1]) if len(ap) >= 2 else np.zeros_like(ap[0])
     order = np.lexsort((np.arange(len(diff)), -np.where(np.isnan(diff), -1.0, diff)))[:n_examples]
     examples, saliency = [], []
     for qi in order:
         key = bench.qkeys[t.name][qi]
         path, bbox = items[key]
         q = bench.qdesc[key]
-        examples += _example_rows(t, results, bench, shown, int(qi), key, path, bbox, aps)
         crop_path = save_query_crop(path, bbox, out, key)
+        examples += _example_rows(t, results, bench, shown, int(qi), key, path, bbox, aps, crop_path)
         qname = t.dataset.queries[int(t.query_idx[qi])]
         for attr, src, label in (("fs_map", "fs_egm", "FS + FS.EGM boxes"), ("os_map", "os_egm", "OS + OS.EGM boxes")):
             if getattr(q, attr) is not None:

@@ -21,6 +21,7 @@ from pipeline.config import IndexConfig, config_from_dict
 from pipeline.descriptors import OWN_WHITENING, DescriptorRows, final_descriptors
 from pipeline.backbone import build_backbone
 from pipeline.extract import ImageFeatures, extract_features, scaled_sizes
+from pipeline.keypoints import KeypointExtractor, Keypoints, build_keypoint_extractor
 from pipeline.local_features import apply_pca
 from pipeline.object_saliency import ObjectSaliencyComputer, given_box_features
 from pipeline.preprocess import to_network_input
@@ -31,6 +32,8 @@ from pipeline.rpn_regions import RPN_SOURCE, rpn_features
 from pipeline.saliency import feature_saliency
 from pipeline.whitening import Whitening, whitenings_from_arrays
 from service.errors import UserError
+from storage.keypoint_weights import load_keypoint_weights
+from storage.readers import has_keypoints
 from storage.artefacts import has_graph, load_cam_whitening, load_graph_artefacts, load_local_pca, \
     load_whitening_arrays
 from storage.run import load_run_config
@@ -39,7 +42,8 @@ from storage.training import has_rpn, load_rpn
 from storage.weights import load_state_dict
 
 
-_OPTIONAL = ("fs_map", "os_map", "local_xy", "local_desc", "patch_boxes", "patch_desc", "patch_feat")
+_OPTIONAL = ("fs_map", "os_map", "local_xy", "local_desc", "patch_boxes", "patch_desc", "patch_feat", "kp_xy",
+             "kp_scores", "kp_desc")
 
 
 @dataclass
@@ -57,6 +61,24 @@ class QueryDescriptors:
     patch_boxes: np.ndarray | None = None   # (P, 4) pixel boxes of the query's patches (seed 000)
     patch_desc: np.ndarray | None = None    # (P, d) their whitened regional MACs (the regional index's space)
     patch_feat: np.ndarray | None = None    # (P, F) their region-scorer features
+    kp_xy: np.ndarray | None = None         # (n, 2) the query's keypoints (spatial verification), crop pixels
+    kp_scores: np.ndarray | None = None     # (n,)
+    kp_desc: np.ndarray | None = None       # (n, D) L2-normalised
+    # the (cropped) query for its keypoints, at most the keypoints' query side (``info["original_size"]``: the crop's
+    # size, the frame keypoint positions are in); not stored
+    image: Image.Image | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def has_keypoints(self) -> bool:
+        return self.kp_desc is not None
+
+    @property
+    def keypoints(self) -> Keypoints | None:
+        """The query's keypoints (None until :meth:`QueryEncoder.add_keypoints` ran)."""
+        if self.kp_desc is None:
+            return None
+        return Keypoints(np.asarray(self.kp_xy, np.float32).reshape(-1, 2), np.asarray(self.kp_scores, np.float32),
+                         np.asarray(self.kp_desc, np.float32), (int(self.image_size[0]), int(self.image_size[1])))
 
     @property
     def has_patches(self) -> bool:
@@ -152,6 +174,40 @@ class QueryEncoder:
         self.rpn = None   # the run's RPN (regions.source: rpn): queries get rpn regions like the database
         if self.cfg.regions.source == RPN_SOURCE and has_rpn(root):
             self.rpn = rpn_from_arrays(load_rpn(root)[0])
+        self._kp_extractor: KeypointExtractor | None = None
+
+    @property
+    def keypoints_available(self) -> bool:
+        """Whether the run stored keypoints (so queries get theirs and ``+sv`` can verify)."""
+        if not hasattr(self, "_has_kp"):
+            self._has_kp = self.config.keypoints.enabled and has_keypoints(self.root)
+        return self._has_kp
+
+    def add_keypoints(self, q: QueryDescriptors) -> QueryDescriptors:
+        """The query's keypoints, extracted as the run's config says for queries (``extract.keypoints``:
+        ``query_max_side``, ``query_top_n``, ``query_scales``; ``cnn``: its PCA-reduced locals), in pixels of the
+        (cropped) query. Needs ``q.image`` unless they are already there."""
+        if q.has_keypoints:
+            return q
+        kcfg = self.config.keypoints
+        if not self.keypoints_available:
+            raise UserError("this run has no keypoints table: spatial verification (+sv) needs "
+                            "extract.keypoints.name other than none at index time")
+        if kcfg.name == "cnn":
+            xy, d = q.local_xy, q.local_desc
+            if d is None:
+                raise UserError("cnn keypoints need the run's local features (extract.local_features > 0)")
+            q.kp_xy, q.kp_scores = np.asarray(xy, np.float32), np.zeros(len(d), np.float32)
+            q.kp_desc = (d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+            return q
+        if q.image is None:
+            raise UserError("the query's keypoints were not extracted and its image is gone: encode it again")
+        if self._kp_extractor is None:
+            self._kp_extractor = build_keypoint_extractor(kcfg.extractor_config(query=True), self.device,
+                                                          state_dict=load_keypoint_weights(kcfg.name))
+        kp = self._kp_extractor.extract(np.asarray(q.image.convert("RGB")), original_size=tuple(q.image_size))
+        q.kp_xy, q.kp_scores, q.kp_desc = kp.xy, kp.scores, kp.descriptors
+        return q
 
     def _regions(self, q: QueryDescriptors, feats: list[ImageFeatures]) -> None:
         """Regional descriptors per source, whitened like the database's."""
@@ -169,10 +225,11 @@ class QueryEncoder:
 
     @torch.inference_mode()
     def encode(self, image: Image.Image, bbox: Iterable[float] | None = None,
-               patches: ProposalConfig | None = None) -> QueryDescriptors:
+               patches: ProposalConfig | None = None, keypoints: bool = False) -> QueryDescriptors:
         """Descriptors of ``image`` (RGB), cropped to ``bbox`` first when given (Revisited-Oxford queries);
         with ``patches``, also the query's patches proposed that way (:func:`pipeline.query_patches.encode_patches`
-        on the scale-1 map the regions come from, saliency mass of the FS and OS maps)."""
+        on the scale-1 map the regions come from, saliency mass of the FS and OS maps); with ``keypoints``, also
+        its keypoints (:meth:`add_keypoints`; otherwise they are extracted when ``+sv`` first needs them)."""
         img = crop(image.convert("RGB"), bbox)
         acts = []
         for w, h in scaled_sizes(img.width, img.height, self.config):
@@ -217,7 +274,18 @@ class QueryEncoder:
         if feats.local_desc is not None and self.local_pca is not None:
             q.local_xy = feats.local_xy
             q.local_desc = apply_pca(feats.local_desc, self.local_pca["mean"], self.local_pca["projection"])
-        return q
+        q.image = _reduced(img, self.config.keypoints.query_max_side)
+        return self.add_keypoints(q) if keypoints else q
+
+
+def _reduced(img: Image.Image, side: int) -> Image.Image:
+    """``img`` with its longest side at most ``side`` (a copy when reduced), ``info["original_size"]`` its size."""
+    out = img
+    if max(img.size) > side:
+        out = img.copy()
+        out.thumbnail((side, side), Image.Resampling.LANCZOS)
+    out.info["original_size"] = img.size
+    return out
 
 
 def _with_regions(f: ImageFeatures, extra: ImageFeatures) -> ImageFeatures:

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from service.html import match_picture
 from storage.images import ImageError, decode_image
 from storage.uri import StorageError, read_bytes
 
@@ -147,6 +148,22 @@ class _Thumbs:
             if scale > 0:
                 _draw_boxes(img, _scaled_boxes(boxes, scale), colour)
             _save(img, target, "JPEG", quality=85, subsampling=0)  # 4:4:4 keeps box colours crisp
+        return target.relative_to(self.out_dir).as_posix()
+
+    def matches(self, query_path: str, path: str, matches: Any) -> str:
+        """JPEG of the (cropped) query and a result side by side with their verified matches ``[xq, yq, xd, yd]``
+        (query / original-image pixels) drawn (:func:`service.html.match_picture`); relative link."""
+        m = np.asarray(matches, np.float64).reshape(-1, 4)
+        target = self._name("matches", query_path, path, hashlib.sha1(m.tobytes()).hexdigest(), ext="jpg")
+        if not target.exists():
+            try:
+                q, img = _load(query_path), _load(path)
+            except (ImageError, OSError, StorageError) as exc:
+                self.warnings.append(f"{path}: {exc}")
+                return self.thumb(path)
+            w, h = img.info.get("original_size", img.size)
+            pic = match_picture(q, img, m * [1, 1, img.width / w, img.height / h], height=self.size)
+            _save(pic, target, "JPEG", quality=85)
         return target.relative_to(self.out_dir).as_posix()
 
     def saliency(self, path: str, smap: Any, boxes: Any = None, alpha: float = 0.5) -> str:
@@ -285,7 +302,11 @@ def _example_row(ex: dict[str, Any], thumbs: _Thumbs, max_results: int) -> str:
         cls = LABEL_CLASS.get(label, "neg")
         score = res.get("score")
         cap = f"#{rank} {label}" + (f" {float(score):.3f}" if score is not None else "")
-        link = thumbs.thumb(str(res["path"]), res.get("boxes"), RESULT_BOX_COLOUR)
+        if res.get("matches") and ex.get("query_crop"):  # a verified +sv result: the inlier matches drawn
+            link = thumbs.matches(str(ex["query_crop"]), str(res["path"]), res["matches"])
+            cap += f" ({res.get('inliers', len(res['matches']))} inliers)"
+        else:
+            link = thumbs.thumb(str(res["path"]), res.get("boxes"), RESULT_BOX_COLOUR)
         parts.append(_figure(link, cap, cls, os.path.basename(str(res["path"]))))
     title = ex.get("title") or os.path.basename(q)
     method = ex.get("method")

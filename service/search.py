@@ -37,12 +37,14 @@ from pipeline.descriptors import FINAL_METHODS
 from pipeline.diffusion import diffuse_query
 from pipeline.query_expansion import alpha_qe, gather
 from pipeline.query_patches import PatchSearchConfig
+from pipeline.verification import VerifyConfig
 from pipeline.ranking import AQE_N, DIFFUSION_M, diffusion_reorder, query_expand
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
 from service.indexes import LoadedASMK, LoadedDiffusion, LoadedIndex, open_asmk, open_diffusion, open_index, \
     open_itq
 from service.patches import PatchSearch
+from service.verify import SpatialVerifier, sv_rerank
 from storage.images import decode_image
 from storage.readers import read_globals
 from storage.layout import SnapshotFiles
@@ -73,6 +75,9 @@ def register_reranker(name: str, fn: ListReranker, default_depth: int = 0) -> No
         raise ValueError(f"bad re-ranking name {name!r}")
     LIST_RERANKERS[name] = fn
     LIST_RERANK_DEPTH[name] = int(default_depth)
+
+
+register_reranker("sv", sv_rerank, VerifyConfig().shortlist)   # spatial verification (service.verify)
 
 
 def known_reranks() -> list[str]:
@@ -125,6 +130,16 @@ def method_names_help() -> str:
             f"{['+' + r for r in known_reranks()]}")
 
 
+def is_sv(name: str) -> bool:
+    """Whether a method name ends with the spatial verification re-ranking (``...+sv`` / ``...+sv:K``)."""
+    return rerank_name(name.rsplit("+", 1)[-1])[0] == "sv" if "+" in name else False
+
+
+def sv_base(name: str) -> str:
+    """The method a ``+sv`` method verifies the shortlist of (``gem+aqe+sv:50`` -> ``gem+aqe``)."""
+    return name.rsplit("+", 1)[0] if is_sv(name) else name
+
+
 def rerank_name(text: str) -> tuple[str, int | None]:
     """``"aqe:3"`` -> ``("aqe", 3)``; ``"aqe"`` -> ``("aqe", None)``."""
     name, _, arg = text.partition(":")
@@ -172,6 +187,7 @@ class SearchResult:
     image_id: str
     score: float
     rank: int
+    matches: np.ndarray | None = None   # (n, 4) verified matches [xq, yq, xd, yd] (query crop / database pixels)
 
 
 class SearchService:
@@ -191,6 +207,7 @@ class SearchService:
         self._diffusion: dict[str, LoadedDiffusion] = dict(diffusion or {})
         self._scorer_uri, self._patch_cfg = scorer or root, patches
         self._patches: PatchSearch | None = None
+        self._verifier: SpatialVerifier | None = None
         self._pins = pin_release(root)
 
     def close(self) -> None:
@@ -239,6 +256,12 @@ class SearchService:
             self._patches = PatchSearch.load(self._scorer_uri, self._patch_cfg)
         return self._patches
 
+    def verifier(self) -> SpatialVerifier:
+        """Spatial verification of this run (``+sv``; its keypoints table and ``verify`` config), made once."""
+        if self._verifier is None:
+            self._verifier = SpatialVerifier(self.root, self.encoder)
+        return self._verifier
+
     def asmk(self, kernel: str) -> LoadedASMK:
         if kernel not in self._asmk:
             self._asmk[kernel] = open_asmk(self.root, kernel, self._snapshot(f"asmk_{kernel}"))
@@ -257,11 +280,12 @@ class SearchService:
 
     # ------------------------------------------------------------------ encoding
     def encode(self, image: bytes | Image.Image, bbox: Iterable[float] | None = None,
-               patches: bool = False) -> QueryDescriptors:
+               patches: bool = False, keypoints: bool = False) -> QueryDescriptors:
         """Decode (with the pipeline's bomb/corrupt guards) and encode a query, cropped to ``bbox``; with
-        ``patches``, also its patches as the scorer's config proposes them (for ``patches[:k]``)."""
+        ``patches``, also its patches as the scorer's config proposes them (for ``patches[:k]``); with
+        ``keypoints``, also its keypoints (``+sv`` otherwise extracts them when it first needs them)."""
         img = decode_image(image) if isinstance(image, (bytes, bytearray)) else image
-        return self.encoder.encode(img, bbox, self.patch_search().cfg.proposals if patches else None)
+        return self.encoder.encode(img, bbox, self.patch_search().cfg.proposals if patches else None, keypoints)
 
     # ------------------------------------------------------------------ ranking
     def _global_vectors(self, idx: LoadedIndex, spec: MethodSpec) -> np.ndarray:
@@ -357,14 +381,22 @@ class SearchService:
             items.append(np.concatenate(parts) if parts else np.zeros((0, idx.dim), np.float32))
         return idx.search_regional(items, depth, allowed)
 
+    def _asmk_locals(self, q: QueryDescriptors) -> np.ndarray:
+        """The query's local descriptors in the space the run's ASMK was built from (``asmk.locals``): its CNN
+        locals, or its learned keypoints' descriptors (extracted as the run's query-side keypoint settings say)."""
+        if self.encoder.cfg.asmk.locals != "cnn":
+            return np.asarray(self.encoder.add_keypoints(q).kp_desc, np.float32)
+        if q.local_desc is None:
+            raise UserError("this run has no local features: ASMK methods need extract.local_features > 0")
+        return q.local_desc
+
     def _rank_asmk(self, qs: Sequence[QueryDescriptors], spec: MethodSpec, depth: int | None,
                    allowed: np.ndarray | None) -> list[Ranking]:
-        if any(q.local_desc is None for q in qs):
-            raise UserError("this run has no local features: ASMK methods need extract.local_features > 0")
+        descs = [self._asmk_locals(q) for q in qs]
         a = self.asmk(spec.base)
         keep = None if allowed is None else set(str(i) for i in allowed)
         out = []
-        for scores, ids in a.search([q.local_desc for q in qs], top_k=None):
+        for scores, ids in a.search(descs, top_k=None):
             names = a.image_ids[ids].astype(str) if len(ids) else np.zeros(0, str)
             ok = np.ones(len(names), bool) if keep is None else np.array([n in keep for n in names], bool)
             n = int(ok.sum()) if depth is None else min(int(depth), int(ok.sum()))
@@ -437,8 +469,10 @@ class SearchService:
         spec = self.spec(method)
         q = self.encode(image, bbox, patches=spec.family == PATCHES)
         r = self.search_ranking(q, spec, top_k)
-        return [SearchResult(i, float(s), k) for k, (i, s) in enumerate(zip(r.image_ids, r.scores))], q
+        matches = r.extra.get("matches") or {}
+        return [SearchResult(i, float(s), k, matches.get(i)) for k, (i, s) in enumerate(zip(r.image_ids, r.scores))], q
 
 
-__all__ = ["SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS",
+__all__ = ["is_sv", "sv_base",
+           "SearchService", "SearchResult", "Ranking", "MethodSpec", "parse_method", "REGIONAL_SOURCES", "RERANKS",
            "PATCHES", "LIST_RERANKERS", "register_reranker", "known_reranks"]

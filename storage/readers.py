@@ -1,4 +1,4 @@
-"""Typed reads of a run's committed tables: final global descriptors, regions, locals, image rows.
+"""Typed reads of a run's committed tables: final global descriptors, regions, locals, keypoints, image rows.
 
 Every reader goes through the commit markers (``storage.tables``), so it never sees a half-written shard,
 and returns numpy arrays in shard order. ``image_ids`` restricts the rows to some images.
@@ -14,8 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from storage.schemas import descriptors_to_numpy
+from storage.layout import shard_label
 from storage.tables import StageManifest, TableStore, read_parquet
-from storage.uri import read_bytes
+from storage.uri import get_fs, read_bytes
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
@@ -118,6 +119,83 @@ def read_locals_file(uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.asarray(descriptors_to_numpy(t.column("descriptor")), np.float32))
 
 
+def has_keypoints(root: str, stage: str = "extract") -> bool:
+    """Whether the run has committed ``keypoints`` files."""
+    return any(m.get("files", {}).get("keypoints") for m in StageManifest(root, stage).committed().values())
+
+
+class KeypointReader:
+    """Per-shard reads of the ``keypoints`` table: the rows of some images only, from the shards that hold them.
+
+    The shard of every image comes from the ``images`` table (two columns, read once); a request opens only those
+    shards' committed keypoints files and reads only the row groups whose ``image_id`` statistics can hold a
+    requested id (the extraction stage writes each file sorted by image id,
+    ``storage.schemas.KEYPOINT_ROW_GROUP`` rows per group), so a shortlist of 100 images reads about
+    100 x 1-2 row groups, never the whole table.
+    """
+
+    def __init__(self, root: str, stage: str = "extract") -> None:
+        self.root, self.stage = root, stage
+        markers = StageManifest(root, stage).committed()
+        self.files = {label: m["files"]["keypoints"] for label, m in markers.items()
+                      if m.get("files", {}).get("keypoints")}
+        cols = ["image_id", "shard", "width", "height"]
+        t = TableStore(root).read("images", [stage], columns=cols) if self.files else None
+        ok = t is not None and t.num_rows > 0
+        ids = t.column("image_id").to_pylist() if ok else []
+        self.shard_of: dict[str, str] = dict(zip(ids, (shard_label(s) for s in t.column("shard").to_pylist()))) \
+            if ok else {}
+        self.size_of: dict[str, tuple[int, int]] = dict(zip(ids, zip(t.column("width").to_pylist(),
+                                                                     t.column("height").to_pylist()))) if ok else {}
+        self._meta: dict[str, pq.FileMetaData] = {}
+
+    @property
+    def available(self) -> bool:
+        """Whether the run has a committed keypoints table."""
+        return bool(self.files)
+
+    def _row_groups(self, pf: pq.ParquetFile, uri: str, ids: set[str]) -> list[int]:
+        meta = self._meta.setdefault(uri, pf.metadata)
+        col = meta.schema.names.index("image_id")
+        out = []
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(col).statistics
+            if st is None or not st.has_min_max or any(st.min <= i <= st.max for i in ids):
+                out.append(g)
+        return out
+
+    def read(self, image_ids: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """image id -> (positions (n, 2) original-image pixels, scores (n,), descriptors (n, D) float32), in
+        keypoint order (strongest first); images without keypoints (or unknown) are absent."""
+        by_shard: dict[str, set[str]] = {}
+        for i in dict.fromkeys(image_ids):
+            label = self.shard_of.get(i)
+            if label in self.files:
+                by_shard.setdefault(label, set()).add(i)
+        out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for label, ids in sorted(by_shard.items()):
+            uri = self.files[label]
+            fs, path = get_fs(uri)
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                groups = self._row_groups(pf, uri, ids)
+                if not groups:
+                    continue
+                t = pf.read_row_groups(groups, columns=["image_id", "keypoint_id", "x", "y", "score", "descriptor"])
+            t = _only(t, ids)
+            names = np.asarray(t.column("image_id").to_pylist(), dtype=object)
+            kid = t.column("keypoint_id").to_numpy()
+            xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.float32)
+            score = t.column("score").to_numpy().astype(np.float32)
+            desc = descriptors_to_numpy(t.column("descriptor"), np.float32)
+            for i in ids:
+                m = np.flatnonzero(names == i)
+                if len(m):
+                    m = m[np.argsort(kid[m], kind="stable")]
+                    out[i] = (xy[m], score[m], desc[m])
+        return out
+
+
 def count_rows(uri: str) -> int:
     """Rows of one table file (from the Parquet footer)."""
     return pq.ParquetFile(io.BytesIO(read_bytes(uri))).metadata.num_rows
@@ -155,5 +233,6 @@ def available_sources(root: str) -> set[str]:
     return out
 
 
-__all__ = ["read_globals", "read_regions", "iter_regions", "read_locals", "read_locals_file", "read_region_boxes_file",
+__all__ = ["KeypointReader", "has_keypoints",
+           "read_globals", "read_regions", "iter_regions", "read_locals", "read_locals_file", "read_region_boxes_file",
            "image_uris", "available_globals", "available_sources", "region_stage", "count_rows"]

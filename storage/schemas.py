@@ -12,6 +12,7 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 TABLES = ("images", "regions", "globals", "locals", "keypoints", "errors")
 DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
+KEYPOINT_ROW_GROUP = 1024  # rows per row group of a keypoints file: a reader fetches an image's rows, not the file
 
 
 def _meta(table: str) -> dict[bytes, bytes]:

@@ -11,12 +11,12 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import pyarrow as pa
 
-from storage.schemas import (ERRORS_SCHEMA, descriptor_array, globals_schema, images_schema, locals_schema,
-                             regions_schema)
+from storage.schemas import (ERRORS_SCHEMA, KEYPOINT_ROW_GROUP, descriptor_array, globals_schema, images_schema,
+                             keypoints_schema, locals_schema, regions_schema)
 from storage.tables import TableStore
 from storage.uri import redact
 
-IMAGE_TABLES = ("images", "regions", "globals", "locals", "errors")
+IMAGE_TABLES = ("images", "regions", "globals", "locals", "keypoints", "errors")
 
 
 def pad_width(vec: np.ndarray, width: int) -> np.ndarray:
@@ -29,7 +29,8 @@ class ShardTables:
     """Rows of one shard for the tables in ``tables`` (a subset of :data:`IMAGE_TABLES`)."""
 
     def __init__(self, tables: Iterable[str], channels: int, descriptor_dtype: str = "float16",
-                 local_dim: int | None = None) -> None:
+                 local_dim: int | None = None, keypoint_dim: int | None = None) -> None:
+        """``local_dim`` / ``keypoint_dim``: descriptor widths of the locals / keypoints tables (None: not written)."""
         self.tables = tuple(tables)
         self.channels = int(channels)
         self.dtype = descriptor_dtype
@@ -42,6 +43,8 @@ class ShardTables:
         self.global_desc: list[np.ndarray] = []
         self.locals: list[dict[str, Any]] = []
         self.local_desc: list[np.ndarray] = []
+        self.keypoint_dim = keypoint_dim
+        self.keypoints: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self.errors: list[dict[str, Any]] = []
 
     @property
@@ -83,6 +86,27 @@ class ShardTables:
                                 "scale": float(scale[j]), "strength": float(strength[j])})
         self.local_desc.append(np.asarray(desc, np.float32))
 
+    def add_keypoints(self, image_id: str, xy: np.ndarray, score: np.ndarray, desc: np.ndarray) -> None:
+        """One image's keypoints: positions (n, 2) in original-image pixels, scores (n,), descriptors (n, D)."""
+        self.keypoints.append((image_id, np.asarray(xy, np.float32).reshape(-1, 2),
+                               np.asarray(score, np.float32).ravel(), np.asarray(desc, np.float32)))
+
+    def _keypoints_table(self) -> pa.Table:
+        """The keypoints rows sorted by image id (row groups then cover narrow id ranges), descriptors float16
+        unless the run stores float32."""
+        dim = int(self.keypoint_dim or 0)
+        items = sorted(self.keypoints, key=lambda k: k[0])
+        n = [len(k[1]) for k in items]
+        ids = [i for (i, *_), c in zip(items, n) for _ in range(c)]
+        xy = np.concatenate([k[1] for k in items]) if items else np.zeros((0, 2), np.float32)
+        score = np.concatenate([k[2] for k in items]) if items else np.zeros(0, np.float32)
+        desc = np.concatenate([k[3].reshape(-1, dim) for k in items]) if items else np.zeros((0, dim), np.float32)
+        kid = np.concatenate([np.arange(c, dtype=np.int32) for c in n]) if items else np.zeros(0, np.int32)
+        schema = keypoints_schema(dim, self.dtype)
+        return pa.table({"image_id": pa.array(ids, pa.string()), "keypoint_id": pa.array(kid, pa.int32()),
+                         "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1]), "score": pa.array(score),
+                         "descriptor": descriptor_array(desc, self.dtype)}, schema=schema)
+
     def _table(self, rows: list[dict[str, Any]], schema: pa.Schema, desc: np.ndarray | None) -> pa.Table:
         cols: dict[str, Any] = {}
         for name in schema.names:
@@ -113,8 +137,11 @@ class ShardTables:
             ldesc = np.concatenate(self.local_desc) if self.local_desc else np.zeros((0, dim), np.float32)
             files["locals"] = store.write("locals", stage, shard, self._table(
                 self.locals, locals_schema(dim, self.dtype), ldesc))
+        if "keypoints" in self.tables and self.keypoint_dim is not None:
+            files["keypoints"] = store.write("keypoints", stage, shard, self._keypoints_table(),
+                                             row_group_size=KEYPOINT_ROW_GROUP)
         files["errors"] = store.write("errors", stage, shard, self._table(self.errors, ERRORS_SCHEMA, None))
         return files
 
 
-__all__ = ["ShardTables", "IMAGE_TABLES", "pad_width"]
+__all__ = ["ShardTables", "IMAGE_TABLES", "KEYPOINT_ROW_GROUP", "pad_width"]

@@ -18,14 +18,15 @@ import pyarrow.parquet as pq
 from storage.arrays import load_json, save_json
 from storage.layout import RunLayout
 from storage.layout import shard_label as shard_name
-from storage.schemas import check_schema_version
+from storage.schemas import KEYPOINT_ROW_GROUP, check_schema_version
 from storage.uri import exists, listdir, read_bytes, remove, write_bytes_atomic
 
 
-def write_parquet(uri: str, table: pa.Table, compression: str = "zstd") -> int:
-    """Atomically write one Parquet file; returns its size in bytes."""
+def write_parquet(uri: str, table: pa.Table, compression: str = "zstd", row_group_size: int | None = None) -> int:
+    """Atomically write one Parquet file; returns its size in bytes. ``row_group_size``: rows per row group
+    (small groups let a reader fetch a few images' rows by their ``image_id`` statistics)."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression)
+    pq.write_table(table, buf, compression=compression, row_group_size=row_group_size)
     data = buf.getvalue()
     write_bytes_atomic(uri, data)
     return len(data)
@@ -92,10 +93,11 @@ class TableStore:
     def file_uri(self, table: str, stage: str, shard: int | str) -> str:
         return self.layout.table_file(table, stage, shard)
 
-    def write(self, table: str, stage: str, shard: int | str, data: pa.Table) -> str:
+    def write(self, table: str, stage: str, shard: int | str, data: pa.Table, row_group_size: int | None = None
+              ) -> str:
         """Write ``data`` as the shard's file of ``table`` (not visible until the shard is committed)."""
         uri = self.file_uri(table, stage, shard)
-        write_parquet(uri, data)
+        write_parquet(uri, data, row_group_size=row_group_size)
         return uri
 
     def committed_files(self, table: str, stages: Iterable[str] | None = None) -> list[str]:
@@ -155,7 +157,7 @@ def drop_images(root: str, stage: str, image_ids: set[str], shards: set[str]) ->
         new_files = {}
         for name, kept in kept_tables.items():
             new_files[name] = TableStore(root).layout.table_file(name, stage, label, stamp)
-            write_parquet(new_files[name], kept)
+            write_parquet(new_files[name], kept, row_group_size=KEYPOINT_ROW_GROUP if name == "keypoints" else None)
         info = {k: v for k, v in marker.items() if k not in ("files", "shard", "committed_at", "rewritten_at")}
         # the old marker's counts include the dropped rows: count what the rewritten shard holds
         if "images" in info:

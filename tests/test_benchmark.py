@@ -293,7 +293,9 @@ def test_benchmark_end_to_end(tmp_path, ray_local):
     report = json.loads((out / "report.json").read_text())
     tr = report["tracks"]["mini"]
     assert tr["n_queries"] == 4 and tr["n_db"] == 20 and tr["missing_db_images"] == 0
-    assert set(tr["methods"]) == {"gem", "regional:fs_egm"}
+    # the run has keypoints (XFeat by default): every method also gets its +sv row, verified as Ray tasks
+    assert set(tr["methods"]) == {"gem", "regional:fs_egm", "gem+sv", "regional:fs_egm+sv"}
+    assert report["verification"]["pairs"] > 0 and report["verification"]["tasks"] > 0
 
     # ---- independent rankings from the index's tables and freshly encoded queries
     from service.encoder import QueryEncoder
@@ -344,6 +346,11 @@ def test_benchmark_end_to_end(tmp_path, ray_local):
     thumbs = [s for s in srcs if s.startswith("thumbs/")]
     assert len(thumbs) >= 1 + 2 * 2 and all((out / s).is_file() for s in srcs)
     assert "plots/pr_mini.png" in srcs
-    assert len(tr["examples"]) == 2 * 2 and {e["method"] for e in tr["examples"]} == {"gem", "regional:fs_egm"}
+    shown = {e["method"] for e in tr["examples"]}
+    assert len(tr["examples"]) == 2 * 3 and {"gem", "regional:fs_egm"} < shown and len(shown) == 3
+    # +sv re-orders the base method's shortlist (here the whole 20-image database): same images per query
+    for name in ("gem", "regional:fs_egm"):
+        base, sv = saved[slug(name)], saved[slug(name + "+sv")]
+        assert all(set(b.tolist()) == set(s.tolist()) for b, s in zip(base, sv)), name
     assert any(e["results"] and "boxes" in e["results"][0] for e in tr["examples"] if e["method"] != "gem")
     assert len(tr["saliency"]) == 2 * 2   # FS and OS map of each example query

@@ -17,11 +17,13 @@ import torch
 
 from actors.extract import ImageShardMapper, ImageStageSpec, LocalPCA
 from pipeline.extract import ExtractConfig
+from pipeline.keypoints import IndexKeypointsConfig
 from storage.shard_writer import ShardTables
 from storage.tables import read_parquet
 from tests.helpers_images import DATA_DIR, REAL_PHOTO_IDS
 
-CFG = ExtractConfig(max_side=224, local_features=40, local_scales=(1.0, 1.41), batch_size=4)
+CFG = ExtractConfig(max_side=224, local_features=40, local_scales=(1.0, 1.41), batch_size=4,
+                    keypoints=IndexKeypointsConfig(top_n=128, max_side=256))
 IDS = REAL_PHOTO_IDS[6:9] + REAL_PHOTO_IDS[11:14]  # three landmark photos (equal sizes batch), three distractors
 
 
@@ -45,11 +47,13 @@ def _serial(m: ImageShardMapper, rows: list[dict], threads: int) -> dict[str, st
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = ShardTables(m.spec.tables, m.backbone.channels, CFG.descriptor_dtype, m.spec.local_pca.dim)
+        out = ShardTables(m.spec.tables, m.backbone.channels, CFG.descriptor_dtype, m.spec.local_pca.dim,
+                          m.keypoint_dim)
         for good, bad in m._batches(rows):
             for d in bad:
                 out.add_error(d.row["image_id"], d.row["uri"], "extract", *d.error)
             if good:
+                m._keypoints(good)
                 for d, a in zip(good, m._forward(good)):
                     m._add(out, d, m.compute(a, d.image_hw))
         return out.write(m.store, "extract", "serial")
@@ -80,7 +84,8 @@ def test_lanes_write_the_serial_tables(tmp_path: Path, photos: None, lanes: int)
     assert new["errors"].column("image_id").to_pylist() == ["truncated", "missing"]
     assert new["errors"].column("reason").to_pylist() == ["truncated", "missing"]
     assert new["locals"].num_rows > 0 and new["regions"].num_rows > len(IDS)
-    for name in ("images", "regions", "globals", "locals", "errors"):
+    assert new["keypoints"].num_rows > 0
+    for name in ("images", "regions", "globals", "locals", "keypoints", "errors"):
         assert new[name].equals(ref[name]), name
 
 

@@ -107,6 +107,22 @@ def test_render_report_files_links_and_content(tmp_path, museum):
     assert np.abs(centre - np.array(QUERY_BOX_COLOUR)).max() > 60  # inside the box: the photo, not the outline
 
 
+def test_verified_results_show_their_matches(tmp_path, museum):
+    """An example result with +sv matches is drawn as the query crop and the result side by side with lines."""
+    rep = _fake_report(museum)
+    ex = rep["tracks"]["standard"]["examples"][0]
+    crop = tmp_path / "crop.jpg"
+    Image.open(ex["query"]).convert("RGB").crop((0, 0, 200, 150)).save(crop)
+    ex["query_crop"], ex["method"] = str(crop), "mac+sv"
+    ex["results"][0]["matches"] = [[10.0, 10.0, 50.0, 40.0], [150.0, 100.0, 300.0, 200.0]]
+    ex["results"][0]["inliers"] = 42
+    page = render_report(rep, tmp_path / "out", thumb_size=128).read_text(encoding="utf-8")
+    assert "(42 inliers)" in page
+    src = re.search(r'<figure class="pos"><img src="([^"]+)"', page).group(1)
+    with Image.open(tmp_path / "out" / src) as im:
+        assert im.height == 128 and im.width > 128  # two images side by side
+
+
 def test_saliency_overlay_is_hot_where_the_map_is(tmp_path, museum):
     rep = _fake_report(museum)
     rep["tracks"]["standard"]["examples"] = []

@@ -83,3 +83,33 @@ def test_diffusion_graphs_are_not_listed_as_methods(search_run):
         assert service.diffusion_methods() == ["gem", "os_egm"]  # the diffusion stage's default methods
         for m in methods:
             service.spec(m)  # every listed method parses
+
+
+def test_spatial_verification_reranks_every_family(search_run):
+    """+sv over the run's keypoints table (XFeat by default): the painting verified at rank 1, its inlier matches
+    in the ranking, for a global, a regional and an ASMK shortlist."""
+    out, queries = search_run
+    service = SearchService(str(out))
+    path, target = queries[0]
+    q = service.encode(path.read_bytes())
+    for method in ("gem+sv", "regional:fs_egm+sv:20", "asmk_star+sv"):
+        r = service.search_ranking(q, method, top_k=5)
+        assert r.image_ids[0] == target, (method, r.image_ids, r.extra.get("inliers"))
+        m = r.extra["matches"][target]
+        assert m.ndim == 2 and m.shape[1] == 4 and len(m) >= service.verifier().cfg.min_inliers
+    # the three shortlists share the inlier cache: the painting was verified once
+    assert sum(k[1] == target for k in service.verifier().pairs) == 1
+
+
+def test_cli_rerank_sv_draws_the_matches(search_run, tmp_path):
+    out, queries = search_run
+    path, target = queries[0]
+    html = tmp_path / "sv.html"
+    proc = subprocess.run([sys.executable, "-m", "jobs.search", "--index", str(out), "--query", str(path),
+                           "--method", "gem", "--rerank", "sv:20", "--top-k", "5", "--html", str(html)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[1].split()[-1] == target
+    page = html.read_text()
+    assert "verified matches" in page and (tmp_path / "sv_matches" / "001.jpg").exists()

@@ -182,7 +182,9 @@ def test_lighterglue_matches_are_geometrically_correct(warped_pair):
     p = np.c_[q.xy[pairs[:, 0]], np.ones(len(pairs))] @ H_TRUE.T
     err = np.linalg.norm(p[:, :2] / p[:, 2:] - db.xy[pairs[:, 1]], axis=1)
     assert np.mean(err < 4.0) > 0.9
-    res = verify_pair(q, other, VerifyConfig(min_inliers=15), m)
+    # (the thresholds this test was written with; VerifyConfig's defaults are now sv_eval's: 12 px, 30 inliers)
+    res = verify_pair(q, other, VerifyConfig(min_inliers=15, ransac_threshold=8.0), m)
     assert not res.verified
+    assert not verify_pair(q, other, VerifyConfig(), m).verified
     with pytest.raises(ValueError):
         m.match(Keypoints(q.xy, q.scores, np.ones((len(q), 128), np.float32) / np.sqrt(128), q.image_size), db)

@@ -1,0 +1,155 @@
+"""Spatial verification re-ranking ``+sv[:K]``: any method's shortlist re-ordered by geometrically verified matches.
+
+For each query, the top ``K`` results (default ``verify.shortlist``, 100) are verified: the query's keypoints
+(:meth:`service.encoder.QueryEncoder.add_keypoints`, the run's query-side keypoint settings) are matched with each
+shortlist image's keypoints, read through :class:`storage.readers.KeypointReader` (only those images' row groups of
+the shards that hold them), a MAGSAC++ homography with an affine fallback is fitted
+(:func:`pipeline.verification.verify_shortlist`), and the inlier counts are fused with the first-stage scores by
+the run's ``verify.fusion`` rule (:func:`pipeline.verification.fuse_scores`; default ``tiered``: images with at
+least ``verify.min_inliers`` inliers are verified and ranked first by inlier count, the others keep their
+first-stage order). Results past ``K`` keep their order and scores.
+
+The ranking's ``extra["matches"]`` holds, per verified image id, the inlier matches as an ``(n, 4)`` float32 array
+``[xq, yq, xd, yd]`` in query-crop / database-image pixels (what the results browser and the HTML pages draw), and
+``extra["inliers"]`` every shortlist image's inlier count.
+
+:class:`SpatialVerifier` keeps an inlier cache per (query, image) -- a query is identified by its keypoint array --
+so the benchmark verifies each pair once however many methods put the image in a query's shortlist, and a small
+cache of database keypoints. This module does not import :mod:`service.search` (which registers the re-ranking).
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import replace
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from pipeline.keypoints import Keypoints
+from pipeline.matching import Matcher, build_matcher
+from pipeline.verification import VerifyConfig, fuse_scores, inlier_matches
+from service.encoder import QueryDescriptors, QueryEncoder
+from service.errors import UserError
+from storage.keypoint_weights import load_keypoint_weights
+from storage.readers import KeypointReader
+
+DB_CACHE = 4096   # database images whose keypoints stay in memory (about 150 KB each at 1,024 XFeat keypoints)
+# (query, image) pairs whose outcome stays cached, oldest dropped first: a benchmark's every shortlist of every
+# method (a few 100k pairs, most with no inliers and an empty match array), a long-running server's recent queries
+PAIR_CACHE = 1_000_000
+
+# (inliers, (n, 4) float32 inlier matches [xq, yq, xd, yd]) of one (query, database image) pair
+PairResult = tuple[int, np.ndarray]
+
+
+class _Ranked(Protocol):
+    image_ids: list[str]
+    scores: np.ndarray
+    extra: dict[str, Any]
+
+
+def query_key(q: QueryDescriptors) -> str:
+    """A query's identity for the inlier cache: a digest of its keypoints."""
+    h = hashlib.sha1(np.ascontiguousarray(q.kp_xy, np.float32).tobytes())
+    h.update(np.ascontiguousarray(q.kp_desc, np.float32).tobytes())
+    return h.hexdigest()
+
+
+class SpatialVerifier:
+    """Verifies shortlists of one index run against its keypoints table (one per :class:`SearchService`)."""
+
+    def __init__(self, root: str, encoder: QueryEncoder, config: VerifyConfig | None = None) -> None:
+        self.encoder = encoder
+        self.cfg = config if config is not None else encoder.cfg.verify
+        self.reader = KeypointReader(root)
+        self._matcher: Matcher | None = None
+        self._db: OrderedDict[str, Keypoints] = OrderedDict()
+        self.pairs: dict[tuple[str, str], PairResult] = {}   # the inlier cache, shared by every method
+        self.pairs_verified = 0
+        self._lock = threading.Lock()   # the results browser searches from several threads over one service
+
+    @property
+    def matcher(self) -> Matcher:
+        if self._matcher is None:
+            m = self.cfg.matcher
+            self._matcher = build_matcher(m, self.encoder.device,
+                                          None if m.name == "mnn" else load_keypoint_weights(m.name))
+        return self._matcher
+
+    def database_keypoints(self, image_ids: Sequence[str]) -> dict[str, Keypoints]:
+        """Keypoints of database images (read per shard on a cache miss); images without any are absent."""
+        with self._lock:
+            have = {i: self._db[i] for i in image_ids if i in self._db}
+        missing = [i for i in image_ids if i not in have]
+        if missing:
+            read = {i: Keypoints(xy, score, desc, self.reader.size_of.get(i, (1, 1)))
+                    for i, (xy, score, desc) in self.reader.read(missing).items()}
+            have.update(read)
+            with self._lock:
+                self._db.update(read)
+                while len(self._db) > DB_CACHE:
+                    self._db.popitem(last=False)
+        return have
+
+    def verify(self, q: QueryDescriptors, image_ids: Sequence[str]) -> list[PairResult]:
+        """(inliers, inlier matches) of the query against each image (cached per pair)."""
+        if not self.reader.available:
+            raise UserError("this run has no keypoints table: +sv needs extract.keypoints at index time")
+        qkp = self.encoder.add_keypoints(q).keypoints
+        assert qkp is not None
+        key = query_key(q)
+        todo = [i for i in dict.fromkeys(image_ids) if (key, i) not in self.pairs]
+        if todo:
+            db = self.database_keypoints(todo)
+            empty = Keypoints.empty(qkp.dim, (1, 1))
+            done = dict(zip(todo, inlier_matches(qkp, [db.get(i, empty) for i in todo], self.cfg, self.matcher)))
+            with self._lock:
+                self.add_pairs({(key, i): res for i, res in done.items()})
+                self.pairs_verified += len(todo)
+        else:
+            done = {}
+        return [done[i] if i in done else self.pairs[(key, i)] for i in image_ids]
+
+    def add_pairs(self, pairs: dict[tuple[str, str], PairResult]) -> None:
+        """Put verified pairs into the cache (e.g. verified elsewhere, as Ray tasks), dropping the oldest beyond
+        :data:`PAIR_CACHE`."""
+        self.pairs.update(pairs)
+        if len(self.pairs) > PAIR_CACHE:
+            for k in list(self.pairs)[: len(self.pairs) - PAIR_CACHE]:
+                del self.pairs[k]
+
+    def rerank(self, qs: Sequence[QueryDescriptors], rankings: Sequence[_Ranked], depth: int | None
+               ) -> list[Any]:
+        """Each ranking's top ``depth`` (default ``verify.shortlist``) re-ordered by fused score; the inlier
+        matches of verified images in ``extra["matches"]``, every shortlist image's count in ``extra["inliers"]``."""
+        k_max = self.cfg.shortlist if depth is None else int(depth)
+        return [self.rerank_one(q, r, k_max) for q, r in zip(qs, rankings)]
+
+    def rerank_one(self, q: QueryDescriptors, r: _Ranked, k_max: int) -> Any:
+        """One query's ranking re-ordered (see :meth:`rerank`)."""
+        k = min(k_max, len(r.image_ids))
+        if k == 0:
+            return r
+        ids = list(r.image_ids)
+        res = self.verify(q, ids[:k])
+        inl = np.array([n for n, _ in res], np.float64)
+        s = np.asarray(r.scores[:k], np.float64)
+        fused = fuse_scores(s, inl, self.cfg)
+        order = np.argsort(-fused, kind="stable")
+        extra = dict(r.extra or {})
+        extra["matches"] = {ids[j]: res[j][1] for j in range(k) if inl[j] >= self.cfg.min_inliers}
+        extra["inliers"] = {ids[j]: int(inl[j]) for j in range(k)}
+        new_scores = np.concatenate([fused[order], np.asarray(r.scores[k:], np.float64)]).astype(np.float32)
+        return replace(r, image_ids=[ids[j] for j in order] + ids[k:], scores=new_scores, extra=extra)
+
+
+def sv_rerank(service: Any, qs: Sequence[QueryDescriptors], rankings: list[Any], depth: int | None,
+              allowed: np.ndarray | None) -> list[Any]:
+    """The ``+sv[:K]`` list re-ranking (registered by :mod:`service.search`): the service's verifier over the
+    top ``K`` of each ranking (the rankings are already restricted to ``allowed``)."""
+    return service.verifier().rerank(qs, rankings, depth)
+
+
+__all__ = ["SpatialVerifier", "sv_rerank", "query_key", "PairResult"]
