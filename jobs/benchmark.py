@@ -121,7 +121,7 @@ def build_tracks(args: argparse.Namespace, notes: list[str]) -> list[Track]:
 
 def run_index(args: argparse.Namespace, list_uri: str, index_root: str) -> None:
     """Index the union list with ``jobs.index`` (every stage), unless ``--reuse`` finds it complete."""
-    if args.reuse and RunManifest(index_root).all_done(STAGES):
+    if args.reuse and not args.index_set and RunManifest(index_root).all_done(STAGES):  # --index-set: stages re-hashed
         log.info("index %s is complete: reused", index_root)
         return
     import ray
