@@ -17,6 +17,7 @@ exponent ``cost ~ N^p`` per stage over the sizes measured and prints the tables.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -35,7 +36,9 @@ from actors.engine import Stage, prepare_manifest, run_pipeline
 from experiments.synth_corpus import scale_config
 from experiments.synth_os import run_sim_object_saliency_stage
 from jobs.index import DAG, job_lease, setup_logging
+from storage.layout import RunLayout
 from storage.run import RunManifest
+from storage.tables import StageManifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "scale.yaml"
@@ -133,9 +136,14 @@ def measure(cmd: list[str], run_dir: Path, log_path: Path) -> dict[str, Any]:
 
 
 def _save(results_path: Path, row: dict[str, Any]) -> None:
-    data = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
-    data["runs"] = [r for r in data["runs"] if (r["n"], r["stage"]) != (row["n"], row["stage"])] + [row]
-    results_path.write_text(json.dumps(data, indent=1))
+    """Add ``row`` to results.json (under a lock: the sizes may run as concurrent drivers on one root)."""
+    with open(results_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+        data["runs"] = [r for r in data["runs"] if (r["n"], r["stage"]) != (row["n"], row["stage"])] + [row]
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(results_path)
 
 
 def run_size(n: int, root: Path, config: str, stages: list[str], gen_args: list[str], os_fraction: float,
@@ -150,14 +158,18 @@ def run_size(n: int, root: Path, config: str, stages: list[str], gen_args: list[
     if "generate" in stages and "generate" not in finished:
         cmd = [py, "-m", "experiments.synth_corpus", "--out", str(run_dir), "--images", str(n), "--config", config,
                "--workers", str(workers), *gen_args]
-        row = {"n": n, "stage": "generate", "args": gen_args, **measure(cmd, run_dir, log_path)}
+        row = {"n": n, "stage": "generate", "args": gen_args, "config": Path(config).name,
+               **measure(cmd, run_dir, log_path)}
         _save(results, row)
         if row["returncode"]:
             raise SystemExit(f"generation of {n} images failed: see {log_path}")
     for stage in [s for s in (BASELINE,) + STAGES if s in stages and s not in finished]:
+        # measured from scratch: shard commits left by an interrupted, unrecorded run would make it look cheaper
+        if stage != BASELINE and Path(RunLayout(str(run_dir)).stage_dir(stage)).exists():
+            StageManifest(str(run_dir), stage).reset()
         cmd = [py, "-m", "experiments.scale_dag", "_stage", "--out", str(run_dir), "--stage", stage,
                "--config", config, "--os-fraction", str(os_fraction)]
-        row = {"n": n, "stage": stage, **measure(cmd, run_dir, log_path)}
+        row = {"n": n, "stage": stage, "config": Path(config).name, **measure(cmd, run_dir, log_path)}
         entry = RunManifest(str(run_dir)).stage(stage) or {}
         row.update(stage_s=entry.get("seconds"), engine_peak_rss_bytes=entry.get("peak_rss_bytes"),
                    result=entry.get("result"))
