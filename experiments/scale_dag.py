@@ -241,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--stages", default=",".join(("generate", BASELINE) + STAGES))
     ap.add_argument("--os-fraction", type=float, default=1.0, help="share of shards the OS stage maps (stated)")
+    ap.add_argument("--os-shards", type=int, help="the OS stage maps this many shards at every size (instead of "
+                    "--os-fraction: the same images everywhere, so its per-image cost can be compared across N)")
     ap.add_argument("--locals-fraction", type=float, default=1.0)
     ap.add_argument("--keypoints", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2, help="generator processes")
@@ -258,7 +260,10 @@ def main(argv: list[str] | None = None) -> int:
             now = datetime.datetime.now(datetime.timezone.utc)
             deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
         for n in [int(x) for x in a.sizes.split(",") if x]:
-            run_size(n, root, a.config, a.stages.split(","), gen, a.os_fraction, a.workers, deadline)
+            shards = -(-n // scale_config(str(root / f"n{n}"), a.config).extract.shard_size)
+            # the stage keeps the first ceil(fraction * shards) shards: just under k / shards keeps k
+            frac = a.os_fraction if a.os_shards is None else min(1.0, (a.os_shards - 0.5) / shards)
+            run_size(n, root, a.config, a.stages.split(","), gen, frac, a.workers, deadline)
     print(report(root / "results.json"))
     print()
     print(projection(root / "results.json"))

@@ -123,7 +123,7 @@ class Cluster:
 
     nodes: int = 4
     gpus_per_node: int = 4
-    cpus_per_node: int = 48
+    cpus_per_node: int = 16                # the Ray CPU resource cluster.yaml gives a gpu_a10g node (48 vCPUs)
     efficiency: float = 0.7               # share of the cores a CPU stage keeps busy
     # measured (README, `make demo`): extract 7.3 images/s at 512 px on this machine's 2 cores, incl. actor start
     # and the local PCA sample -> 0.27 core-seconds per image (the scale runs model the 512 px statistics)
