@@ -115,14 +115,17 @@ class TreeWatch:
         return float(sum(self.cpu.values()))
 
 
-def folder_bytes(path: Path) -> int:
+def folder_bytes(path: Path, since: float | None = None) -> int:
+    """Total size of the files under ``path`` (with ``since``: of those modified at or after it)."""
     total = 0
     for dirpath, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
+                st = os.lstat(os.path.join(dirpath, f))
             except OSError:
-                pass
+                continue
+            if since is None or st.st_mtime >= since:
+                total += st.st_size
     return total
 
 
@@ -164,7 +167,10 @@ def measure(cmd: list[str], run_dir: Path, log_path: Path, deadline: float | Non
         stopped = watch.run(proc, deadline)
     row = {"returncode": proc.returncode, "wall_s": time.time() - t0, "cpu_s": watch.cpu_seconds,
            "peak_rss_bytes": watch.peak_rss, "peak_pss_bytes": watch.peak_pss,
-           "bytes_written": folder_bytes(run_dir) - before, "load_before": load0, "load_after": os.getloadavg()[0],
+           # what the process wrote: the files it created or rewrote (a rerun rewrites the same names, so the
+           # folder's growth would miss it), and the growth of the folder beside it
+           "bytes_written": folder_bytes(run_dir, t0 - 1), "bytes_growth": folder_bytes(run_dir) - before,
+           "load_before": load0, "load_after": os.getloadavg()[0],
            "free_gb_before": psutil.virtual_memory().available / 2**30}
     if stopped or proc.returncode:
         row.update(status="stopped at the deadline" if stopped else "failed",
