@@ -20,8 +20,8 @@ import argparse
 import datetime
 import fcntl
 import json
+import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -29,15 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 
 from actors.common import init_ray
 from actors.engine import Stage, prepare_manifest, run_pipeline
 from experiments.synth_corpus import scale_config
-from experiments.scale_report import BASELINE, STAGES, growth_exponent, projection, report
+from experiments.scale_report import BASELINE, PROGRESS, STAGES, growth_exponent, projection, report
 from experiments.synth_os import run_sim_object_saliency_stage
 from jobs.index import DAG, job_lease, setup_logging
-from storage.run import RunManifest
+from storage.run import RunManifest, read_corpus_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "scale.yaml"
@@ -144,9 +145,6 @@ def stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
             continue
 
 
-PROGRESS = re.compile(r"(\d+)/(\d+) (shards|images)")
-
-
 def last_progress(log_path: Path, offset: int) -> str | None:
     """The last progress line (``k/n shards`` or ``k/n images``) the log got after ``offset``."""
     with open(log_path, "rb") as f:
@@ -221,7 +219,9 @@ def run_size(n: int, root: Path, config: str, stages: list[str], gen_args: list[
         row.update(stage_s=entry.get("seconds"), engine_peak_rss_bytes=entry.get("peak_rss_bytes"),
                    result=entry.get("result"))
         if stage == "object_saliency":
-            row["os_fraction"] = os_fraction
+            shard_col = read_corpus_manifest(str(run_dir), ["shard"]).column("shard").to_numpy()
+            kept = np.unique(shard_col)[:max(1, math.ceil(os_fraction * len(np.unique(shard_col))))]
+            row.update(os_fraction=os_fraction, images_planned=int(np.isin(shard_col, kept).sum()))
         _save(results, row)
         print(f"n={n} {stage}: rc={row['returncode']} wall={row['wall_s']:.0f}s cpu={row['cpu_s']:.0f}s "
               f"rss={row['peak_rss_bytes'] / 2**30:.2f}GB load={row['load_before']:.1f}", flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ STAGES = ("whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk")
 BASELINE = "baseline"
 ORDER = ("generate", BASELINE) + STAGES
 DEFAULT_CONFIG = "scale.yaml"
+PROGRESS = re.compile(r"(\d+)/(\d+) (shards|images)")
 
 
 def growth_exponent(ns: list[int], values: list[float]) -> float | None:
@@ -74,9 +76,9 @@ def full_cost(r: dict[str, Any], key: str) -> float | None:
 def _note(r: dict[str, Any]) -> str:
     notes = []
     if r.get("os_fraction", 1.0) < 1:
-        images = (r.get("result") or {}).get("images")
-        notes.append(f"on {images:,} images, {sampled(r):.2%} of N" if images else f"on {r['os_fraction']:.2%} "
-                     "of shards")
+        images = (r.get("result") or {}).get("images") or r.get("images_planned")
+        notes.append(f"on {images:,} images, {images / r['n']:.2%} of N" if images else
+                     f"on {r['os_fraction']:.2%} of shards")
     if r.get("config", DEFAULT_CONFIG) != DEFAULT_CONFIG:
         notes.append(r["config"])
     if r.get("args") and "--locals-fraction" in r["args"]:
@@ -85,7 +87,9 @@ def _note(r: dict[str, Any]) -> str:
         if lf < 1 or kp != 1024:
             notes.append(f"locals x{lf:g}, {kp} keypoints")
     if r.get("returncode") != 0:
-        notes.append(f"**{r.get('status', 'failed')} (rc {r.get('returncode')})**")
+        m = PROGRESS.search(r.get("progress") or "")
+        done = f", {m.group(1)}/{m.group(2)} {m.group(3)} done" if m else ""
+        notes.append(f"**{r.get('status', 'failed')}{done}**")
     return f" ({'; '.join(notes)})" if notes else ""
 
 
@@ -99,7 +103,7 @@ def report(results_path: Path) -> str:
             wall = r.get("stage_s") or r["wall_s"]
             lines.append(f"| {stage}{_note(r)} | {r['n']:,} | {_fmt_s(wall)} | {_fmt_s(r['cpu_s'])} | "
                          f"{_fmt_b(r['peak_rss_bytes'])} ({_fmt_b(r['peak_pss_bytes'])}) | "
-                         f"{_fmt_b(r['bytes_written'])} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
+                         f"{_fmt_b(max(r['bytes_written'], 0))} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
     lines += ["", "| stage | p (wall) | p (CPU) | p (peak RSS) | p (bytes) | sizes fitted |",
               "|---|---|---|---|---|---|"]
     for stage in ORDER:
