@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import psutil
+import ray
 
 from actors.common import init_ray
 from actors.engine import Stage, prepare_manifest, run_pipeline
@@ -60,7 +61,15 @@ def run_one_stage(root: str, stage: str, config: str, os_fraction: float) -> dic
     dag = scale_stages(os_fraction)
     with job_lease(cfg, "experiments.scale_dag") as lease:
         manifest = prepare_manifest(cfg, dag)
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        for attempt in range(3):  # a local Ray waits 30 s for its raylet: too short on a loaded machine at nice 19
+            try:
+                init_ray(cfg.ray.address, cfg.ray.num_cpus)
+                break
+            except Exception as exc:  # noqa: BLE001 - only Ray's start-up timeout is retried
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                print(f"local Ray did not start ({exc}); retrying", flush=True)
+                ray.shutdown()
         return run_pipeline(cfg, manifest, tuple(s for s in dag if s.name == stage), lease)
 
 
