@@ -17,30 +17,33 @@ exponent ``cost ~ N^p`` per stage over the sizes measured and prints the tables.
 from __future__ import annotations
 
 import argparse
+import datetime
+import fcntl
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
+import ray
 
 from actors.common import init_ray
 from actors.engine import Stage, prepare_manifest, run_pipeline
 from experiments.synth_corpus import scale_config
+from experiments.scale_report import BASELINE, PROGRESS, STAGES, growth_exponent, projection, report
 from experiments.synth_os import run_sim_object_saliency_stage
 from jobs.index import DAG, job_lease, setup_logging
-from storage.run import RunManifest
+from storage.run import RunManifest, read_corpus_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "scale.yaml"
-STAGES = ("whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk")
-BASELINE = "baseline"   # a stage process that runs no stage: Python, the project's imports, a local Ray, the lease
+# BASELINE: a stage process that runs no stage: Python, the project's imports, a local Ray, the lease
 
 
 def scale_stages(os_fraction: float = 1.0) -> tuple[Stage, ...]:
@@ -51,13 +54,23 @@ def scale_stages(os_fraction: float = 1.0) -> tuple[Stage, ...]:
 
 
 def run_one_stage(root: str, stage: str, config: str, os_fraction: float) -> dict[str, Any]:
-    """One stage of the DAG in this process, through the engine (``run.json`` records it)."""
-    cfg = scale_config(root, config, {"stages": [] if stage == BASELINE else [stage]})
+    """One stage of the DAG in this process, through the engine (``run.json`` records it). The config keeps the
+    whole DAG in ``stages`` (what a stage produces can depend on which others run: the descriptors stage writes
+    the OS methods only when object saliency is part of the job); only ``stage`` is handed to the engine."""
+    cfg = scale_config(root, config)
     dag = scale_stages(os_fraction)
     with job_lease(cfg, "experiments.scale_dag") as lease:
         manifest = prepare_manifest(cfg, dag)
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        return run_pipeline(cfg, manifest, dag, lease)
+        for attempt in range(3):  # a local Ray waits 30 s for its raylet: too short on a loaded machine at nice 19
+            try:
+                init_ray(cfg.ray.address, cfg.ray.num_cpus)
+                break
+            except Exception as exc:  # noqa: BLE001 - only Ray's start-up timeout is retried
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                print(f"local Ray did not start ({exc}); retrying", flush=True)
+                ray.shutdown()
+        return run_pipeline(cfg, manifest, tuple(s for s in dag if s.name == stage), lease)
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -93,54 +106,100 @@ class TreeWatch:
         if with_pss:
             self.peak_pss = max(self.peak_pss, pss)
 
-    def run(self, proc: subprocess.Popen) -> None:
+    def run(self, proc: subprocess.Popen, deadline: float | None = None) -> bool:
+        """Sample until ``proc`` exits; past ``deadline`` (epoch seconds) stop its process group (True)."""
         last_pss = 0.0
         while proc.poll() is None:
             now = time.time()
+            if deadline is not None and now > deadline:
+                stop_group(proc)
+                return True
             self.sample(now - last_pss >= self.pss_every)
             if now - last_pss >= self.pss_every:
                 last_pss = now
             time.sleep(self.every)
+        return False
 
     @property
     def cpu_seconds(self) -> float:
         return float(sum(self.cpu.values()))
 
 
-def folder_bytes(path: Path) -> int:
+def folder_bytes(path: Path, since: float | None = None) -> int:
+    """Total size of the files under ``path`` (with ``since``: of those modified at or after it)."""
     total = 0
     for dirpath, _, files in os.walk(path):
         for f in files:
             try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
+                st = os.lstat(os.path.join(dirpath, f))
             except OSError:
-                pass
+                continue
+            if since is None or st.st_mtime >= since:
+                total += st.st_size
     return total
 
 
-def measure(cmd: list[str], run_dir: Path, log_path: Path) -> dict[str, Any]:
-    """Run ``cmd`` and measure it (see the module docstring)."""
+def stop_group(proc: subprocess.Popen, grace: float = 60.0) -> None:
+    """SIGTERM the process group of ``proc`` (the stage process and the local Ray it started), SIGKILL after
+    ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def last_progress(log_path: Path, offset: int) -> str | None:
+    """The last progress line (``k/n shards`` or ``k/n images``) the log got after ``offset``."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        lines = [ln for ln in f.read().decode(errors="replace").splitlines() if PROGRESS.search(ln)]
+    return lines[-1].strip()[:200] if lines else None
+
+
+def measure(cmd: list[str], run_dir: Path, log_path: Path, deadline: float | None = None) -> dict[str, Any]:
+    """Run ``cmd`` and measure it (see the module docstring); past ``deadline`` it is stopped and the row says so,
+    with the last progress line of its log (the rate of the partial run)."""
     before, load0, t0 = folder_bytes(run_dir), os.getloadavg()[0], time.time()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         watch = TreeWatch(proc.pid)
-        watch.run(proc)
-    return {"returncode": proc.returncode, "wall_s": time.time() - t0, "cpu_s": watch.cpu_seconds,
-            "peak_rss_bytes": watch.peak_rss, "peak_pss_bytes": watch.peak_pss,
-            "bytes_written": folder_bytes(run_dir) - before, "load_before": load0, "load_after": os.getloadavg()[0],
-            "free_gb_before": psutil.virtual_memory().available / 2**30}
+        stopped = watch.run(proc, deadline)
+    row = {"returncode": proc.returncode, "wall_s": time.time() - t0, "cpu_s": watch.cpu_seconds,
+           "peak_rss_bytes": watch.peak_rss, "peak_pss_bytes": watch.peak_pss,
+           # what the process wrote: the files it created or rewrote (a rerun rewrites the same names, so the
+           # folder's growth would miss it), and the growth of the folder beside it
+           "bytes_written": folder_bytes(run_dir, t0 - 1), "bytes_growth": folder_bytes(run_dir) - before,
+           "load_before": load0, "load_after": os.getloadavg()[0],
+           "free_gb_before": psutil.virtual_memory().available / 2**30}
+    if stopped or proc.returncode:
+        row.update(status="stopped at the deadline" if stopped else "failed",
+                   progress=last_progress(log_path, offset))
+    return row
 
 
 def _save(results_path: Path, row: dict[str, Any]) -> None:
-    data = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
-    data["runs"] = [r for r in data["runs"] if (r["n"], r["stage"]) != (row["n"], row["stage"])] + [row]
-    results_path.write_text(json.dumps(data, indent=1))
+    """Add ``row`` to results.json (under a lock: the sizes may run as concurrent drivers on one root)."""
+    with open(results_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(results_path.read_text()) if results_path.exists() else {"runs": []}
+        data["runs"] = [r for r in data["runs"] if (r["n"], r["stage"]) != (row["n"], row["stage"])] + [row]
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(results_path)
 
 
 def run_size(n: int, root: Path, config: str, stages: list[str], gen_args: list[str], os_fraction: float,
-             workers: int) -> None:
-    """Generate the corpus of ``n`` images (unless done) and run ``stages`` on it, one measured process each."""
+             workers: int, deadline: float | None = None) -> None:
+    """Generate the corpus of ``n`` images (unless done) and run ``stages`` on it, in the order given, one measured
+    process each; a process still running at ``deadline`` is stopped (and recorded as such), later ones not run."""
     run_dir = root / f"n{n}"
     results, log_path = root / "results.json", root / f"n{n}.log"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -150,130 +209,33 @@ def run_size(n: int, root: Path, config: str, stages: list[str], gen_args: list[
     if "generate" in stages and "generate" not in finished:
         cmd = [py, "-m", "experiments.synth_corpus", "--out", str(run_dir), "--images", str(n), "--config", config,
                "--workers", str(workers), *gen_args]
-        row = {"n": n, "stage": "generate", "args": gen_args, **measure(cmd, run_dir, log_path)}
+        row = {"n": n, "stage": "generate", "args": gen_args, "config": Path(config).name,
+               **measure(cmd, run_dir, log_path, deadline)}
         _save(results, row)
         if row["returncode"]:
-            raise SystemExit(f"generation of {n} images failed: see {log_path}")
-    for stage in [s for s in (BASELINE,) + STAGES if s in stages and s not in finished]:
+            raise SystemExit(f"generation of {n} images {row['status']}: see {log_path}")
+    for stage in [s for s in stages if s in (BASELINE,) + STAGES and s not in finished]:
+        if deadline is not None and time.time() > deadline:
+            raise SystemExit(f"deadline passed: {stage} and later stages at {n} images not run")
+        # measured from scratch: the engine would skip a stage run.json records as done, and the runner the shards
+        # an interrupted, unrecorded run committed; both would make the stage look cheaper than it is
+        if stage != BASELINE:
+            RunManifest(str(run_dir)).invalidate_from(stage, [stage])
         cmd = [py, "-m", "experiments.scale_dag", "_stage", "--out", str(run_dir), "--stage", stage,
                "--config", config, "--os-fraction", str(os_fraction)]
-        row = {"n": n, "stage": stage, **measure(cmd, run_dir, log_path)}
+        row = {"n": n, "stage": stage, "config": Path(config).name, **measure(cmd, run_dir, log_path, deadline)}
         entry = RunManifest(str(run_dir)).stage(stage) or {}
         row.update(stage_s=entry.get("seconds"), engine_peak_rss_bytes=entry.get("peak_rss_bytes"),
                    result=entry.get("result"))
         if stage == "object_saliency":
-            row["os_fraction"] = os_fraction
+            shard_col = read_corpus_manifest(str(run_dir), ["shard"]).column("shard").to_numpy()
+            kept = np.unique(shard_col)[:max(1, math.ceil(os_fraction * len(np.unique(shard_col))))]
+            row.update(os_fraction=os_fraction, images_planned=int(np.isin(shard_col, kept).sum()))
         _save(results, row)
         print(f"n={n} {stage}: rc={row['returncode']} wall={row['wall_s']:.0f}s cpu={row['cpu_s']:.0f}s "
               f"rss={row['peak_rss_bytes'] / 2**30:.2f}GB load={row['load_before']:.1f}", flush=True)
         if row["returncode"]:
-            raise SystemExit(f"stage {stage} at {n} images failed: see {log_path}")
-
-
-# ------------------------------------------------------------------------------------------ report
-def growth_exponent(ns: list[int], values: list[float]) -> float | None:
-    """Least-squares slope of log(value) on log(N) (None with fewer than two positive points)."""
-    pts = [(math.log(n), math.log(v)) for n, v in zip(ns, values) if v and v > 0]
-    if len(pts) < 2:
-        return None
-    x, y = np.array(pts).T
-    return float(np.polyfit(x, y, 1)[0])
-
-
-def _fmt_s(s: float | None) -> str:
-    if s is None:
-        return "-"
-    return f"{s:.0f} s" if s < 600 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
-
-
-def _fmt_b(b: float | None) -> str:
-    if b is None:
-        return "-"
-    for unit, k in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if abs(b) >= k:
-            return f"{b / k:.1f} {unit}" if b / k < 100 else f"{b / k:.0f} {unit}"
-    return f"{b:.0f} B"
-
-
-def _p(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def report(results_path: Path) -> str:
-    """Markdown: per stage and N the measurements, then the growth exponents per stage."""
-    runs = [r for r in json.loads(results_path.read_text())["runs"] if r.get("returncode") == 0]
-    order = ("generate", BASELINE) + STAGES
-    lines = ["| stage | N | wall (stage) | CPU | peak RSS (PSS) | written | load before/after |",
-             "|---|---|---|---|---|---|---|"]
-    for stage in order:
-        for r in sorted((r for r in runs if r["stage"] == stage), key=lambda r: r["n"]):
-            note = f" (OS on {r['os_fraction']:.0%} of shards)" if r.get("os_fraction", 1.0) < 1 else ""
-            wall = r.get("stage_s") or r["wall_s"]
-            lines.append(f"| {stage}{note} | {r['n']:,} | {_fmt_s(wall)} | {_fmt_s(r['cpu_s'])} | "
-                         f"{_fmt_b(r['peak_rss_bytes'])} ({_fmt_b(r['peak_pss_bytes'])}) | "
-                         f"{_fmt_b(r['bytes_written'])} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
-    lines += ["", "| stage | p (wall) | p (CPU) | p (peak RSS) | p (bytes) | sizes fitted |",
-              "|---|---|---|---|---|---|"]
-    for stage in order:
-        rs = sorted((r for r in runs if r["stage"] == stage and r.get("os_fraction", 1.0) >= 1), key=lambda r: r["n"])
-        if len(rs) < 2:
-            continue
-        ns = [r["n"] for r in rs]
-        lines.append(f"| {stage} | {_p(growth_exponent(ns, [r.get('stage_s') or r['wall_s'] for r in rs]))} | "
-                     f"{_p(growth_exponent(ns, [r['cpu_s'] for r in rs]))} | "
-                     f"{_p(growth_exponent(ns, [r['peak_rss_bytes'] for r in rs]))} | "
-                     f"{_p(growth_exponent(ns, [r['bytes_written'] for r in rs]))} | "
-                     f"{', '.join(f'{n:,}' for n in ns)} |")
-    return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """What the projection assumes (cluster.yaml's ``gpu_a10g`` node type: g5.12xlarge, 4 GPUs, 48 vCPUs)."""
-
-    nodes: int = 4
-    gpus_per_node: int = 4
-    cpus_per_node: int = 48
-    efficiency: float = 0.7               # share of the cluster's cores a CPU stage keeps busy
-    extract_cpu_s_per_image: float = 0.43  # measured: 4.64 images/s on this machine's 2 cores at 1024 px
-    extract_gpu_images_per_s: float = 100.0  # per GPU; assumed (not measured here)
-    os_forward_cpu_s_per_image: float = 0.21  # the backbone pass OS redoes (the bare forward: 4.87 images/s / 2 cores)
-
-
-def projection(results_path: Path, n: int = 1_000_000, c: Cluster = Cluster()) -> str:
-    """Markdown: R1M on the cluster of ``c``, per stage, from the CPU seconds measured here (measured at ``n`` when
-    that size ran in full, else extrapolated from the largest size measured with the stage's fitted exponent)."""
-    runs = [r for r in json.loads(results_path.read_text())["runs"] if r.get("returncode") == 0]
-    cores = c.nodes * c.cpus_per_node * c.efficiency
-    gpus = c.nodes * c.gpus_per_node
-    lines = ["| stage | CPU at 1M (here, less the baseline) | source | on the cluster |", "|---|---|---|---|"]
-    cpu_only = n * c.extract_cpu_s_per_image / cores
-    with_gpus = n / (gpus * c.extract_gpu_images_per_s)
-    lines.append(f"| extract | {_fmt_s(n * c.extract_cpu_s_per_image)} | README's measured CPU rate | "
-                 f"{_fmt_s(with_gpus)} on {gpus} GPUs at {c.extract_gpu_images_per_s:.0f} images/s each (assumed); "
-                 f"{_fmt_s(cpu_only)} on the CPUs alone |")
-    total = with_gpus
-    base = {r["n"]: r["cpu_s"] for r in runs if r["stage"] == BASELINE}
-    for stage in STAGES:
-        rs = sorted((r for r in runs if r["stage"] == stage and r.get("os_fraction", 1.0) >= 1), key=lambda r: r["n"])
-        if not rs:
-            continue
-        net = [max(r["cpu_s"] - base.get(r["n"], 0.0), 1e-3) for r in rs]  # the stage's own work
-        p = growth_exponent([r["n"] for r in rs], net)
-        last = rs[-1]
-        cpu = net[-1] * (n / last["n"]) ** (p if p is not None else 1.0)
-        src = "measured" if last["n"] == n else \
-            f"from {last['n']:,} with p = {p:.2f}" if p is not None else f"from {last['n']:,}, linear"
-        wall = cpu / cores
-        extra = ""
-        if stage == "object_saliency":
-            fwd = n * c.os_forward_cpu_s_per_image / (c.efficiency * gpus * 40)  # a GPU forward ~40x a CPU core's
-            wall += fwd
-            extra = f" (+ the backbone pass on the GPUs, {_fmt_s(fwd)})"
-        total += wall
-        lines.append(f"| {stage} | {_fmt_s(cpu)} | {src} | {_fmt_s(wall)}{extra} |")
-    lines.append(f"| **total** | | | **{_fmt_s(total)}** |")
-    return "\n".join(lines)
+            raise SystemExit(f"stage {stage} at {n} images {row['status']}: see {log_path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,17 +256,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--stages", default=",".join(("generate", BASELINE) + STAGES))
     ap.add_argument("--os-fraction", type=float, default=1.0, help="share of shards the OS stage maps (stated)")
+    ap.add_argument("--os-shards", type=int, help="the OS stage maps this many shards at every size (instead of "
+                    "--os-fraction: the same images everywhere, so its per-image cost can be compared across N)")
     ap.add_argument("--locals-fraction", type=float, default=1.0)
     ap.add_argument("--keypoints", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=2, help="generator processes")
+    ap.add_argument("--deadline", help="UTC time HH:MM: stop the process running then (recorded as stopped, with "
+                    "its last progress line) and run nothing after it")
     ap.add_argument("--report", action="store_true", help="print the tables of results.json and exit")
     a = ap.parse_args(argv)
     root = Path(a.root)
     if not a.report:
         root.mkdir(parents=True, exist_ok=True)
         gen = ["--locals-fraction", str(a.locals_fraction), "--keypoints", str(a.keypoints)]
+        deadline = None
+        if a.deadline:
+            hh, mm = (int(x) for x in a.deadline.split(":"))
+            now = datetime.datetime.now(datetime.timezone.utc)
+            deadline = now.replace(hour=hh, minute=mm, second=0, microsecond=0).timestamp()
         for n in [int(x) for x in a.sizes.split(",") if x]:
-            run_size(n, root, a.config, a.stages.split(","), gen, a.os_fraction, a.workers)
+            shards = -(-n // scale_config(str(root / f"n{n}"), a.config).extract.shard_size)
+            # the stage keeps the first ceil(fraction * shards) shards: just under k / shards keeps k
+            frac = a.os_fraction if a.os_shards is None else min(1.0, (a.os_shards - 0.5) / shards)
+            run_size(n, root, a.config, a.stages.split(","), gen, frac, a.workers, deadline)
     print(report(root / "results.json"))
     print()
     print(projection(root / "results.json"))
@@ -313,3 +287,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+__all__ = ["run_one_stage", "measure", "run_size", "growth_exponent", "report", "projection", "main"]
