@@ -146,7 +146,7 @@ def test_rerun_is_a_noop(mixed_run):
     before = _snapshot(out)
     listed = {f for m in markers_before.values() for f in m["files"].values()}
     assert {(out / k).as_posix() for k in before if k.startswith("tables/")} == listed
-    assert len(listed) == 4 * 8  # images, regions, globals, errors for each of the 8 shards
+    assert len(listed) == 5 * 8  # images, regions, globals, keypoints, errors for each of the 8 shards
     proc = _run(H.index_command(str(mixed_run["folder"]), str(out), "--shard-size", "4", "--max-side", "320",
                                 "--num-cpus", "2"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -164,8 +164,8 @@ def test_shard_level_skip_without_ray(mixed_run):
 
     from actors.common import ActorResources
     from actors.extract import run_extract_stage
-    from pipeline.extract import ExtractConfig
-    from storage.run import read_corpus_manifest
+    from pipeline.config import config_from_dict
+    from storage.run import load_run_config, read_corpus_manifest
 
     out = mixed_run["out"]
     assert mixed_run["proc"].returncode == 0
@@ -173,8 +173,9 @@ def test_shard_level_skip_without_ray(mixed_run):
     manifest = read_corpus_manifest(str(out))
     assert manifest.num_rows == 29
     ray_was_up = ray.is_initialized()
-    res = run_extract_stage(str(out), ExtractConfig(local_features=0), manifest, ActorResources(1.0, 0.0, 1, 1))
-    assert ray.is_initialized() == ray_was_up  # no actor pool was needed
+    extract_cfg = config_from_dict(load_run_config(str(out))).extract  # the run's own extraction parameters
+    res = run_extract_stage(str(out), extract_cfg, manifest, ActorResources(1.0, 0.0, 1, 1))
+    assert ray.is_initialized() == ray_was_up  # no actor pool was needed: learned artefacts and shards reused
     assert res["skipped_shards"] == res["shards"] == 8 and res["images"] == 0 and res["errors"] == 0
     assert _snapshot(out) == before
 
