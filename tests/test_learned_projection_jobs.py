@@ -39,7 +39,8 @@ STAGES = "extract,whiten,graph,object_saliency,descriptors,faiss"
 def _index_args(images: Path, out: Path, *extra: str) -> list[str]:
     return ["--images", str(images), "--out", str(out), "--max-side", "256", "--shard-size", "16",
             "--stages", STAGES, "--set", "extract.local_features=0", "--set", "graph.k=8",
-            "--set", "whiten.dim=48", "--set", "faiss.methods=[rmac]", "--set", "faiss.regional=[]", *extra]
+            "--set", "whiten.dim=48", "--set", "faiss.methods=[rmac]", "--set", "faiss.regional=[]",
+            "--set", "extract.keypoints.name=none", *extra]  # no keypoints: the weak (unverified) mining path
 
 
 @pytest.fixture(scope="module")

@@ -111,7 +111,7 @@ def test_train_then_search_with_patches(tmp_path, ray_local, capsys):
     assert report["query_scorer"]["config"]["lam"] == info["lambda"]
     for track in ("root", "no-box"):
         m = report["tracks"][track]["methods"]
-        assert set(m) == {"regional:os_egm", "patches:3"} and m["patches:3"]["medium"]["map"] is not None
+        assert {"regional:os_egm", "patches:3"} <= set(m) and m["patches:3"]["medium"]["map"] is not None
     saved = np.load(out / "rankings" / "root.npz", allow_pickle=False)[slug("patches:3")]
     assert saved.shape[0] == len(ds.queries)
     for i in (0, len(ds.queries) - 1):  # the benchmark ranks through the same service (index ids = imlist names)
