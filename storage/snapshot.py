@@ -374,6 +374,7 @@ def list_names(root_uri: str, storage_options: dict[str, Any] | None = None) -> 
     """Names of the indexes of a run that have a published version (a ``LATEST``), sorted."""
     fs, root = _fs(root_uri, storage_options)
     base = posixpath.dirname(_base(root, "x"))
+    fs.invalidate_cache(base)  # s3fs caches listings per process; a reindex elsewhere may have published since
     try:
         entries = fs.ls(base, detail=False)
     except FileNotFoundError:

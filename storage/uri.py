@@ -281,6 +281,7 @@ def listdir(uri: str) -> list[str]:
     fs, path = get_fs(uri)
 
     def ls() -> list[str]:
+        fs.invalidate_cache(path)  # s3fs keeps listings per process: a listing must see what others wrote since
         if not fs.exists(path):
             return []
         return fs.ls(path, detail=False)
