@@ -148,7 +148,7 @@ def projection(results_path: Path, n: int = 1_000_000, c: Cluster = Cluster()) -
     stage's fitted CPU exponent; a 1M run with a reduced config is quoted beside it."""
     runs = [r for r in load_runs(results_path) if r.get("returncode") == 0]
     gpus = c.nodes * c.gpus_per_node
-    lines = ["| stage | CPU at 1M (core-s, here) | source | measured at 1M (reduced config) | on the cluster |",
+    lines = ["| stage | CPU at 1M (one core here) | source | measured at 1M (reduced config) | on the cluster |",
              "|---|---|---|---|---|"]
     cpu_only = n * c.extract_cpu_s_per_image / (c.nodes * c.cpus_per_node * c.efficiency)
     with_gpus = n / (gpus * c.extract_gpu_images_per_s)
