@@ -35,6 +35,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage.layout import RunLayout
 from storage.layout import LATEST_FILE as LATEST
+from storage.uri import get_fs
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,13 @@ class SnapshotError(RuntimeError):
 
 
 def _fs(root_uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(root_uri, **(storage_options or {}))
+    """The run's filesystem: explicit ``storage_options``, else :func:`storage.uri.get_fs` (the endpoint and
+    credentials of the environment, no listings cache). A bare ``fsspec`` S3 filesystem is one cached instance
+    per process whatever the environment says, so it could list another endpoint's bucket."""
+    if storage_options:
+        fs, path = fsspec.core.url_to_fs(root_uri, **storage_options)
+    else:
+        fs, path = get_fs(root_uri)
     return fs, path.rstrip("/") or "/"
 
 
