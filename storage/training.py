@@ -65,11 +65,8 @@ def save_projection(location: str, arrays: dict[str, np.ndarray], info: dict[str
 
 def load_projection(location: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(arrays, info) of the projection in folder ``location`` (or in the run at ``location``)."""
-    for folder in (location, default_projection_location(location)):
-        if exists(join(folder, PROJECTION_INFO_FILE)):
-            return load_arrays(join(folder, PROJECTION_FILE)), load_json(join(folder, PROJECTION_INFO_FILE))
-    raise FileNotFoundError(f"{location}: no learned projection ({PROJECTION_INFO_FILE} missing; train one with "
-                            f"python -m jobs.train_projection --index <run>)")
+    return _load_trained(location, default_projection_location(location), PROJECTION_FILE, PROJECTION_INFO_FILE,
+                         "no learned projection", "jobs.train_projection")
 
 
 def save_learned_whitening(root: str, arrays: dict[str, np.ndarray]) -> None:
@@ -96,11 +93,19 @@ def save_rpn(location: str, arrays: dict[str, np.ndarray], info: dict[str, Any])
 
 def load_rpn(location: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(arrays, info) of the RPN in folder ``location`` (or in the run at ``location``)."""
-    for folder in (location, default_rpn_location(location)):
-        if exists(join(folder, RPN_INFO_FILE)):
-            return load_arrays(join(folder, RPN_FILE)), load_json(join(folder, RPN_INFO_FILE))
-    raise FileNotFoundError(f"{location}: no trained RPN ({RPN_INFO_FILE} missing; train one with "
-                            f"python -m jobs.train_rpn --index <run>)")
+    return _load_trained(location, default_rpn_location(location), RPN_FILE, RPN_INFO_FILE, "no trained RPN",
+                         "jobs.train_rpn")
+
+
+def _load_trained(location: str, run_default: str, arrays_file: str, info_file: str, missing: str,
+                  job: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays, info) from folder ``location``, else from the run's default folder; ``info_file`` marks a
+    complete write."""
+    for folder in (location, run_default):
+        if exists(join(folder, info_file)):
+            return load_arrays(join(folder, arrays_file)), load_json(join(folder, info_file))
+    raise FileNotFoundError(f"{location}: {missing} ({info_file} missing; train one with "
+                            f"python -m {job} --index <run>)")
 
 
 def has_rpn(root: str) -> bool:
