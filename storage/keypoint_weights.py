@@ -8,12 +8,11 @@ so the returned dicts load with ``strict=True`` into the modules built by :mod:`
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import torch
 
-from storage.weights import load_state_dict
+from storage.weights import load_state_dict, packaged_file
 
 # name -> (package, file inside it, install hint)
 _FILES: dict[str, tuple[str, str, str]] = {
@@ -31,10 +30,7 @@ def keypoint_weights_path(name: str) -> str:
     if name not in _FILES:
         raise ValueError(f"no packaged keypoint weights {name!r}; known: {KEYPOINT_WEIGHTS}")
     package, rel, install = _FILES[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"weights {name!r} need the package {package}: {install}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], rel)
+    path = packaged_file(package, rel, install, f"weights {name!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights {name!r}: {path} is missing ({install})")
     return path

