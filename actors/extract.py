@@ -430,7 +430,7 @@ class ImageShardMapper:
         if self.config.n_locals > 0 and "locals" in self.spec.tables:
             local_dim = self.spec.local_pca.dim if self.spec.local_pca is not None else self.backbone.channels
         rows = ShardTables(self.spec.tables, self.backbone.channels, self.config.descriptor_dtype, local_dim,
-                           getattr(self, "keypoint_dim", None))
+                           getattr(self, "keypoint_dim", None), self.config.keypoints.descriptor_dtype)
         # batches in flight on the lanes and failed images, in corpus order: rows are added in that order
         queue: deque[Future | list[_Decoded]] = deque()
 

@@ -107,6 +107,11 @@ class IndexKeypointsConfig:
     gap between a painting's own image and its appearance in a wider photo) are the best setting of
     experiments/sv_eval.py on museum-landmarks (``dev4``: MNN min similarity 0.75, MAGSAC threshold 12 px,
     tiered fusion at 30 inliers; see :class:`pipeline.verification.VerifyConfig`).
+
+    ``descriptor_dtype``: how the table stores descriptors. ``int8`` (default) keeps each unit row's direction at
+    8 bits per value (scaled so its largest component is 127; readers re-normalise): the storage target of
+    80 KB per image at 1,024 keypoints is out of reach with ``float16`` (64-D XFeat: 128 B of descriptor per
+    keypoint alone). A departure from the issue's float16, measured by ``experiments/sv_costs.py``: see README.
     """
 
     name: str = "xfeat"
@@ -116,8 +121,11 @@ class IndexKeypointsConfig:
     query_top_n: int = 2048
     query_max_side: int = 1024
     query_scales: tuple[float, ...] = (1.0, 0.5)
+    descriptor_dtype: str = "int8"
 
     def __post_init__(self) -> None:
+        if self.descriptor_dtype not in ("int8", "float16"):
+            raise ValueError(f"keypoints.descriptor_dtype: int8 or float16, got {self.descriptor_dtype!r}")
         if self.name not in (*EXTRACTORS, "none"):
             raise ValueError(f"keypoints.name: unknown extractor {self.name!r}; known: {(*EXTRACTORS, 'none')}")
         if self.top_n < 1 or self.query_top_n < 1:

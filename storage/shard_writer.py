@@ -29,8 +29,10 @@ class ShardTables:
     """Rows of one shard for the tables in ``tables`` (a subset of :data:`IMAGE_TABLES`)."""
 
     def __init__(self, tables: Iterable[str], channels: int, descriptor_dtype: str = "float16",
-                 local_dim: int | None = None, keypoint_dim: int | None = None) -> None:
-        """``local_dim`` / ``keypoint_dim``: descriptor widths of the locals / keypoints tables (None: not written)."""
+                 local_dim: int | None = None, keypoint_dim: int | None = None,
+                 keypoint_dtype: str = "int8") -> None:
+        """``local_dim`` / ``keypoint_dim``: descriptor widths of the locals / keypoints tables (None: not written);
+        ``keypoint_dtype``: the keypoints table's descriptor type (``int8`` or ``float16``, storage.schemas)."""
         self.tables = tuple(tables)
         self.channels = int(channels)
         self.dtype = descriptor_dtype
@@ -44,6 +46,7 @@ class ShardTables:
         self.locals: list[dict[str, Any]] = []
         self.local_desc: list[np.ndarray] = []
         self.keypoint_dim = keypoint_dim
+        self.keypoint_dtype = keypoint_dtype
         self.keypoints: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self.errors: list[dict[str, Any]] = []
 
@@ -92,8 +95,8 @@ class ShardTables:
                                np.asarray(score, np.float32).ravel(), np.asarray(desc, np.float32)))
 
     def _keypoints_table(self) -> pa.Table:
-        """The keypoints rows sorted by image id (row groups then cover narrow id ranges), descriptors float16
-        unless the run stores float32."""
+        """The keypoints rows sorted by image id (row groups then cover narrow id ranges), descriptors in
+        ``keypoint_dtype``."""
         dim = int(self.keypoint_dim or 0)
         items = sorted(self.keypoints, key=lambda k: k[0])
         n = [len(k[1]) for k in items]
@@ -102,10 +105,10 @@ class ShardTables:
         score = np.concatenate([k[2] for k in items]) if items else np.zeros(0, np.float32)
         desc = np.concatenate([k[3].reshape(-1, dim) for k in items]) if items else np.zeros((0, dim), np.float32)
         kid = np.concatenate([np.arange(c, dtype=np.int32) for c in n]) if items else np.zeros(0, np.int32)
-        schema = keypoints_schema(dim, self.dtype)
+        schema = keypoints_schema(dim, self.keypoint_dtype)
         return pa.table({"image_id": pa.array(ids, pa.string()), "keypoint_id": pa.array(kid, pa.int32()),
                          "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1]), "score": pa.array(score),
-                         "descriptor": descriptor_array(desc, self.dtype)}, schema=schema)
+                         "descriptor": descriptor_array(desc, self.keypoint_dtype)}, schema=schema)
 
     def _table(self, rows: list[dict[str, Any]], schema: pa.Schema, desc: np.ndarray | None) -> pa.Table:
         cols: dict[str, Any] = {}

@@ -58,7 +58,7 @@ def test_sharded_and_single_builds_are_identical(tmp_path: Path, photos: None) -
     sharded = _build(tmp_path / "three", [IDS[:2], IDS[2:3], IDS[3:]])
     assert set(single.column("image_id").to_pylist()) == set(IDS)
     assert single.equals(sharded)
-    assert single.schema.field("descriptor").type.value_type == pa.float16()
+    assert single.schema.field("descriptor").type.value_type == pa.int8()  # the default descriptor_dtype
     # positions are in original-image pixels: inside each image, spread over it
     for i in IDS[:2]:
         t = single.filter(pc.equal(single.column("image_id"), i))
@@ -76,6 +76,28 @@ def test_sharded_and_single_builds_are_identical(tmp_path: Path, photos: None) -
         np.testing.assert_array_equal(xy[:, 0], t.column("x").to_numpy())
         np.testing.assert_array_equal(score, t.column("score").to_numpy())
         np.testing.assert_array_equal(desc, descriptors_to_numpy(t.column("descriptor")))
+
+
+def test_int8_and_float16_tables_hold_the_same_keypoints(tmp_path: Path, photos: None) -> None:
+    """The default int8 descriptors are the float16 ones up to rounding: same rows, positions and scores, unit
+    descriptors at cosine > 0.999, and about half the bytes."""
+    f16 = ExtractConfig(**{**CFG.__dict__, "keypoints": IndexKeypointsConfig(top_n=200, max_side=256,
+                                                                             descriptor_dtype="float16")})
+    files = {}
+    for name, cfg in (("int8", CFG), ("float16", f16)):
+        m = ImageShardMapper(ImageStageSpec(str(tmp_path / name), "extract", cfg, torch_threads=1, lanes=1))
+        files[name] = m(0, _rows(IDS[:2], 0)).files["keypoints"]
+    a, b = (_sorted(read_parquet(files[k])) for k in ("int8", "float16"))
+    assert b.schema.field("descriptor").type.value_type == pa.float16()
+    for col in ("image_id", "keypoint_id", "x", "y", "score"):
+        assert a.column(col).equals(b.column(col))
+    da, db = descriptors_to_numpy(a.column("descriptor")), descriptors_to_numpy(b.column("descriptor"))
+    np.testing.assert_allclose(np.linalg.norm(da, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(da * db, axis=1) / np.linalg.norm(db, axis=1)
+    assert a.num_rows > 100 and cos.min() > 0.999
+    assert a.column("descriptor").nbytes < 0.6 * b.column("descriptor").nbytes
+    with pytest.raises(ValueError, match="descriptor_dtype"):
+        IndexKeypointsConfig(descriptor_dtype="float32")
 
 
 def test_reader_reads_only_the_row_groups_of_the_requested_images(tmp_path: Path, photos: None, monkeypatch) -> None:

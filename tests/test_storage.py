@@ -35,6 +35,41 @@ def test_descriptor_roundtrip(tmp_path, dtype: str) -> None:
     np.testing.assert_allclose(x, np.arange(12, dtype=np.float32).reshape(3, 4) / 10, rtol=1e-3)
 
 
+def test_int8_descriptors_keep_each_rows_direction(tmp_path) -> None:
+    from storage.tables import write_parquet
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x[3] = 0.0                                        # a zero row stays zero
+    x[4] = np.eye(64, dtype=np.float32)[7] * -1.0     # one-hot: exact
+    q = schemas.encode_int8_rows(x)
+    assert q.dtype == np.int8
+    # hand-checked rows: the largest magnitude becomes 127, the rest scale with it and round
+    np.testing.assert_array_equal(schemas.encode_int8_rows(np.array([[0.5, -0.25, 0.1, 0.0]])), [[127, -64, 25, 0]])
+    np.testing.assert_array_equal(np.abs(q[np.arange(500) != 3]).max(axis=1), 127)
+    uri = str(tmp_path / "k.parquet")
+    ids = [str(i) for i in range(500)]
+    write_parquet(uri, pa.table({"image_id": ids, "keypoint_id": np.zeros(500, np.int32),
+                                 "x": np.zeros(500, np.float32), "y": np.zeros(500, np.float32),
+                                 "score": np.zeros(500, np.float32), "descriptor": schemas.descriptor_array(x, "int8")},
+                                schema=schemas.keypoints_schema(64, "int8")))
+    col = read_parquet(uri).column("descriptor")
+    assert col.type == schemas.descriptor_type(64, "int8")
+    back = schemas.descriptors_to_numpy(col)
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back[3], 0.0)
+    np.testing.assert_array_equal(back[4], x[4])
+    cos = np.sum(back * x, axis=1)[np.arange(500) != 3]
+    assert cos.min() > 0.9995 and np.allclose(np.linalg.norm(back[np.arange(500) != 3], axis=1), 1.0, atol=1e-6)
+    # cosine similarities move by at most a few thousandths: half a step of 1/127 per component of the peak-scaled
+    # rows (|peak| <= 1) bounds each row's error by sqrt(64) * 0.5 / 127 = 0.031; measured far below that
+    err = np.abs(x @ x.T - back @ back.T)
+    assert err.max() < 0.01 and err.mean() < 0.002
+    with pytest.raises(ValueError, match="2-D"):
+        schemas.descriptor_array(np.zeros(4, np.float32), "int8")
+
+
 def test_schema_version_is_checked(tmp_path) -> None:
     t = _globals(["a"]).replace_schema_metadata({b"schema_version": b"99"})
     uri = str(tmp_path / "old.parquet")
