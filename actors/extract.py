@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 import traceback
 import warnings
 from collections import deque
@@ -521,6 +522,10 @@ def learn_before_extraction(spec: ImageStageSpec, manifest: pa.Table, resources:
         local_ids = set(subset_ids(all_ids, cfg.local_pca_images, seed=1)) if need_pca else set()
         ids = local_ids | (set(subset_ids(all_ids, cfg.cam_pca_images, seed=1)) if need_cam else set())
         rows = [r for r in manifest.to_pylist() if r["image_id"] in ids]
+        what = " and ".join(w for w, need in (("the local PCA", need_pca), ("the CAM whitening", need_cam)) if need)
+        log.info("[extract] learning %s on %d sample images first (one backbone pass, no progress lines)",
+                 what, len(rows))
+        t0 = time.time()
         sample = run_on_one(spec.root, spec.stage, ExtractMapperFactory(spec), resources, "sample_learning_data",
                             rows, local_ids, LOCAL_PCA_SAMPLE_PER_IMAGE)
         if need_pca:
@@ -531,6 +536,8 @@ def learn_before_extraction(spec: ImageStageSpec, manifest: pa.Table, resources:
             save_arrays(layout.artefact("local_pca"), mean=mean, projection=projection, sample=np.int64(len(X)),
                         params=np.array(json.dumps(pca_params, sort_keys=True)))
             pca = load_arrays(layout.artefact("local_pca"))
+        log.info("[extract] sample pass: %d images in %.0f s (%.2f images/s)", len(rows), time.time() - t0,
+                 len(rows) / max(time.time() - t0, 1e-9))
         V = whitening_sample(sample["cam"][:, None, :], n_pca=1) if need_cam and len(sample["cam"]) else None
         if V is not None and len(V) >= 8:  # one top class vector per image (N_pca = 1), dead ones dropped
             white = learn_cam_whitening(V, dim=int(min(cfg.cam_pca_dim, V.shape[1], max(2, len(V) // 4))))

@@ -9,7 +9,10 @@ What is extracted (backbone, weights, scales, regions, globals, local features, 
 with the same resources (CPU share, torch threads, GPU) as an extraction actor: it decodes every image
 beforehand, builds the same network inputs (every forward scale of the config) and batches them by the
 actor's rule, then times only the forward passes (on a GPU including the host-to-device copy of each batch
-and a synchronisation, as the actor's forward does). The pipeline number is the real stage,
+and a synchronisation, as the actor's forward does). With learned keypoints (``extract.keypoints``: xfeat,
+aliked) their network is part of the forward: the reference also runs the keypoint extractor on each batch's
+RGB arrays, decoded beforehand at the keypoints' side as the actor decodes them (its own resize, detection and
+top-N included, as in the actor); ``--set extract.keypoints.name=none`` measures the CNN alone. The pipeline number is the real stage,
 ``actors.extract.run_extract_stage`` over a temporary run (read, decode, resize, forward, pooling, regions,
 EGM, local features, Parquet writes and commits), measured as the workers' steady-state time (sum of the
 shards' own times, without actor start-up), as the shards' wall time (with the actors' start), and as the
@@ -35,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import ray
 import torch
 
@@ -42,8 +46,10 @@ from actors.common import ActorResources, init_ray, plan_resources
 from actors.extract import ImageStageSpec, run_extract_stage
 from experiments.common import DEFAULT_DATA, add_config_args, config_from_args, load_backbone, read_image, write_json
 from pipeline.extract import ExtractConfig, scaled_sizes
+from pipeline.keypoints import build_keypoint_extractor
 from pipeline.preprocess import to_network_input
 from storage.corpus import assign_shards, list_corpus
+from storage.keypoint_weights import load_keypoint_weights
 from storage.tables import StageManifest
 
 TARGET = 0.85
@@ -54,6 +60,15 @@ def pick_images(folder: Path, n: int) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     step = max(1, len(files) // n)
     return files[::step][:n]
+
+
+def keypoint_input(path: Path, cfg: ExtractConfig) -> np.ndarray | None:
+    """The RGB array the actor's keypoint extractor gets (decoded at ``extract.keypoint_side``), None without
+    learned keypoints."""
+    if not cfg.keypoints.learned:
+        return None
+    side = max(cfg.keypoint_side, cfg.decode_side)
+    return np.asarray(read_image(path, side).convert("RGB"))
 
 
 def network_inputs(path: Path, cfg: ExtractConfig) -> list[torch.Tensor]:
@@ -85,30 +100,47 @@ def bare_forward(paths: list[Path], cfg: ExtractConfig, threads: int, lanes: int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bb = load_backbone(cfg, device)
     batches = equal_shape_batches([network_inputs(p, cfg) for p in paths], cfg.batch_size)
+    # the learned keypoints' network is a second forward of the same pass (extract.keypoints): the actor runs it
+    # per batch on RGB arrays decoded beforehand, so the reference does too (same batches of images)
+    kp_ex, kp_batches = None, []
+    if cfg.keypoints.learned:
+        kp_ex = build_keypoint_extractor(cfg.keypoints.extractor_config(device=str(device)), device,
+                                         state_dict=load_keypoint_weights(cfg.keypoints.name))
+        sizes = [len(b[0]) for b in batches]
+        rgbs = [keypoint_input(p, cfg) for p in paths]
+        starts = np.cumsum([0, *sizes])
+        kp_batches = [rgbs[a:b] for a, b in zip(starts[:-1], starts[1:])]
 
-    def forward(scales: list[torch.Tensor]) -> None:
+    def forward(job: tuple[list[torch.Tensor], list[np.ndarray] | None]) -> None:
+        scales, rgbs = job
         with torch.inference_mode():
             for x in scales:
                 bb(x.to(device, non_blocking=True))
+            if kp_ex is not None and rgbs:
+                kp_ex.extract_batch(rgbs)
 
+    jobs = [(b, kp_batches[i] if kp_batches else None) for i, b in enumerate(batches)]
     with torch.inference_mode():
         bb(batches[0][0][:1].to(device))  # warm-up
+        if kp_ex is not None:
+            kp_ex.extract_batch(kp_batches[0][:1])
     lanes = 1 if device.type == "cuda" else max(1, lanes)
     pool = ThreadPoolExecutor(lanes, initializer=torch.set_num_threads, initargs=(max(1, threads // lanes),))
     if lanes > 1:
-        list(pool.map(forward, batches[:lanes]))  # warm-up of each lane's kernels
+        list(pool.map(forward, jobs[:lanes]))  # warm-up of each lane's kernels
     t0 = time.perf_counter()
     if lanes > 1:
-        list(pool.map(forward, batches))
+        list(pool.map(forward, jobs))
     else:
-        for scales in batches:
-            forward(scales)
+        for job in jobs:
+            forward(job)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     pool.shutdown()
     return {"images_per_s": len(paths) / seconds, "device": str(device), "batches": len(batches), "lanes": lanes,
-            "threads_per_lane": max(1, threads // lanes)}
+            "threads_per_lane": max(1, threads // lanes),
+            "keypoints": f"{cfg.keypoints.name} @{cfg.keypoints.max_side} px" if kp_ex is not None else None}
 
 
 def pipeline_run(paths: list[Path], cfg: ExtractConfig, resources: ActorResources, lanes: int = 0) -> dict:
@@ -134,11 +166,13 @@ def pipeline_run(paths: list[Path], cfg: ExtractConfig, resources: ActorResource
 
 def print_results(out: dict) -> None:
     bare = out["bare_forward_images_per_s"]
-    print(f"{out['images']} images, max side {out['max_side']}, forward scales {out['forward_scales']}, "
+    kp = out["bare_runs"][0].get("keypoints")
+    print(f"{out['images']} images, max side {out['max_side']}, forward scales {out['forward_scales']}"
+          f"{f' + keypoints {kp}' if kp else ''}, "
           f"{out['backbone']} on {out['device']}, {out['workers']} worker(s), {out['torch_threads']} torch thread(s), "
           f"pipeline lanes {out['lanes']} x {out['threads_per_lane']} thread(s)")
     print(f"{'measure':<44}{'images/s':>10}{'ratio':>8}")
-    print(f"{'bare backbone forward (1 lane, all threads)':<44}{bare:>10.2f}{1.0:>8.2f}")
+    print(f"{'bare forward (1 lane, all threads)':<44}{bare:>10.2f}{1.0:>8.2f}")
     if out.get("bare_lanes_images_per_s"):
         label = f"bare forward ({out['lanes']} lanes x {out['threads_per_lane']} thr)"
         print(f"{label:<44}{out['bare_lanes_images_per_s']:>10.2f}{out['bare_lanes_images_per_s'] / bare:>8.2f}")

@@ -137,3 +137,5 @@ def test_bench_extract_smoke(museum, ray_local, tmp_path):
     assert res["images"] == 2 and res["errors"] == 0 and res["max_side"] == 96 and res["forward_scales"] == [1.0]
     assert res["bare_forward_images_per_s"] > 0 and res["ratio_steady"] > 0
     assert res["ratio_steady"] >= res["ratio_wall"] >= res["ratio_stage"]  # each adds work to the same images
+    # the default config's learned keypoints are part of the reference forward, as of the actor's pass
+    assert res["bare_runs"][0]["keypoints"] == "xfeat @640 px"

@@ -83,3 +83,19 @@ def test_warped_copy_is_verified_and_ranked_first(run) -> None:
 def test_sv_is_a_rerank_of_every_family() -> None:
     for name in ("gem+sv", "regional:os_egm+sv:50", "asmk_star+sv", "patches:5+sv", "gem+aqe+sv:20"):
         assert parse_method(name).list_reranks[-1].startswith("sv"), name
+
+
+def test_bench_sv_storage_reads_the_runs_keypoints_files(run) -> None:
+    """experiments/bench_sv.py's storage figure: the committed keypoints files over the images they hold."""
+    import pyarrow.parquet as pq
+
+    from experiments.bench_sv import measure_storage
+    from storage.tables import TableStore
+
+    root, _ = run
+    out = measure_storage(root)
+    files = TableStore(root).committed_files("keypoints")
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    assert out["files"] == len(files) == 2 and out["images"] == 3 and out["keypoints"] == rows > 0
+    assert out["descriptor_dtype"] == "int8" and out["bytes_per_keypoint"] < 100
+    assert out["bytes_per_image"] == pytest.approx(out["bytes"] / 3)
