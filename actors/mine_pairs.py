@@ -21,15 +21,16 @@ import numpy as np
 import ray
 import scipy.sparse as sp
 
+from actors.common import Progress
 from actors.graph import _cached_index
 from pipeline.keypoints import Keypoints
 from pipeline.knn_graph import DEFAULT_NPROBE, graph_from_arrays, graph_to_arrays
 from pipeline.matching import MnnMatcher
 from pipeline.pair_mining import (UNVERIFIED, MiningConfig, cap_per_image, candidates_from_links, classify_pairs,
                                   merge_candidates, weak_negatives)
-from pipeline.pooling import l2n_np
-from pipeline.verification import VerifyConfig, verify_pair
-from storage.training import has_keypoints, load_mining_graph, read_keypoints
+from pipeline.verification import VerifyConfig, verify_shortlist
+from storage.readers import KeypointReader, has_keypoints
+from storage.training import load_mining_graph
 
 
 @ray.remote
@@ -43,21 +44,25 @@ def _candidates_block(token: str, index_bytes: np.ndarray, V: np.ndarray, W_rows
     return candidates_from_links(ids, sims, np.arange(start, stop), W, region_image)
 
 
-def _keypoints(d: dict[str, Any]) -> Keypoints:
-    desc = l2n_np(np.asarray(d["descriptors"], np.float32))
-    return Keypoints(np.asarray(d["xy"], np.float32), np.asarray(d["scores"], np.float32), desc,
-                     tuple(d.get("image_size", (0, 0))))
-
-
 @ray.remote
 def _verify_block(root: str, image_a: list[str], image_b: list[str], cfg: VerifyConfig) -> np.ndarray:
-    """Inlier counts of the pairs ``(image_a[i], image_b[i])`` from the run's keypoints (-1: no keypoints)."""
-    kps = {i: _keypoints(d) for i, d in read_keypoints(root, set(image_a) | set(image_b)).items()}
+    """Inlier counts of the pairs ``(image_a[i], image_b[i])`` from the run's keypoints (-1: no keypoints).
+
+    The block's images are read through the per-shard :class:`storage.readers.KeypointReader` (their row groups
+    only), and each image ``a`` is matched with all its partners in one batched product
+    (:func:`pipeline.verification.verify_shortlist`: the same matches as pair by pair)."""
+    reader = KeypointReader(root)
+    kps = {i: Keypoints(xy, sc, desc, reader.size_of.get(i, (0, 0)))
+           for i, (xy, sc, desc) in reader.read(set(image_a) | set(image_b)).items()}
     matcher = MnnMatcher(cfg.matcher)
     out = np.full(len(image_a), -1, np.int64)
+    by_a: dict[str, list[int]] = {}
     for t, (a, b) in enumerate(zip(image_a, image_b)):
         if a in kps and b in kps:
-            out[t] = verify_pair(kps[a], kps[b], cfg, matcher).inliers
+            by_a.setdefault(a, []).append(t)
+    for a, rows in by_a.items():
+        res = verify_shortlist(kps[a], [kps[image_b[t]] for t in rows], cfg, matcher)
+        out[rows] = [r.inliers for r in res]
     return out
 
 
@@ -77,10 +82,19 @@ def mine_candidates(graph: dict[str, Any], region_image: np.ndarray, k: int, blo
 def verify_candidates(root: str, cand: dict[str, np.ndarray], names: np.ndarray, cfg: VerifyConfig,
                       block_pairs: int) -> np.ndarray:
     """Inliers of every candidate pair (-1 where not verified), one Ray task per ``block_pairs`` pairs."""
-    a, b = names[cand["image_a"]].tolist(), names[cand["image_b"]].tolist()
-    refs = [_verify_block.remote(root, a[s:s + block_pairs], b[s:s + block_pairs], cfg)
-            for s in range(0, len(a), block_pairs)]
-    return np.concatenate(ray.get(refs)) if refs else np.zeros(0, np.int64)
+    order = np.lexsort((cand["image_b"], cand["image_a"]))  # a block holds few images a, each with its partners
+    a, b = names[cand["image_a"][order]].tolist(), names[cand["image_b"][order]].tolist()
+    pending = {_verify_block.remote(root, a[s:s + block_pairs], b[s:s + block_pairs], cfg): s
+               for s in range(0, len(a), block_pairs)}
+    progress = Progress("mine_pairs verify", len(a), unit="pairs")
+    out = np.full(len(a), -1, np.int64)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        s = pending.pop(ready[0])
+        block = ray.get(ready[0])
+        out[order[s:s + len(block)]] = block
+        progress.update(len(block))
+    return out
 
 
 def mine_pairs(root: str, cfg: MiningConfig, k: int | None = None, block_rows: int = 20_000,

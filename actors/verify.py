@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.common import Progress
 from pipeline.keypoints import Keypoints
 from pipeline.matching import build_matcher
 from pipeline.verification import VerifyConfig, inlier_matches
@@ -27,6 +28,7 @@ log = logging.getLogger("indexer")
 # query key -> (positions (n, 2), scores (n,), descriptors (n, D), (width, height)) and its images to verify
 QueryKeypoints = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]
 PairResults = dict[tuple[str, str], tuple[int, np.ndarray]]
+MIN_TASKS = 32
 
 
 def verify_chunk(root: str, cfg: VerifyConfig, jobs: list[tuple[str, QueryKeypoints, list[str]]]) -> PairResults:
@@ -63,13 +65,18 @@ def verify_many(root: str, cfg: VerifyConfig, queries: dict[str, QueryKeypoints]
     if len(jobs) <= 1 or not ray.is_initialized():
         out = verify_chunk(root, cfg, jobs)
         return out, {"pairs": pairs, "tasks": 0, "seconds": time.time() - t0}
-    n = chunks or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    # enough tasks for progress lines and load balance (each task opens its reader once: ~0.1 s), at least two
+    # per CPU; a task's queries are interleaved over the list so that the tasks are about equally long
+    n = chunks or max(MIN_TASKS, 2 * int(ray.cluster_resources().get("CPU", 1)))
     n = min(n, len(jobs))
     cfg_ref = ray.put(cfg)
-    refs = [_verify_task.remote(root, cfg_ref, jobs[c::n]) for c in range(n)]
+    pending = {_verify_task.remote(root, cfg_ref, jobs[c::n]): sum(len(j[2]) for j in jobs[c::n]) for c in range(n)}
+    progress = Progress("verify", pairs, unit="pairs")
     out: PairResults = {}
-    for r in ray.get(refs):
-        out.update(r)
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        out.update(ray.get(ready[0]))
+        progress.update(pending.pop(ready[0]))
     log.info("[verify] %d pairs of %d queries in %d Ray tasks, %.1f s", pairs, len(jobs), n, time.time() - t0)
     return out, {"pairs": pairs, "tasks": n, "seconds": time.time() - t0}
 

@@ -12,7 +12,8 @@ actor's rule, then times only the forward passes (on a GPU including the host-to
 and a synchronisation, as the actor's forward does). With learned keypoints (``extract.keypoints``: xfeat,
 aliked) their network is part of the forward: the reference also runs the keypoint extractor on each batch's
 RGB arrays, decoded beforehand at the keypoints' side as the actor decodes them (its own resize, detection and
-top-N included, as in the actor); ``--set extract.keypoints.name=none`` measures the CNN alone. The pipeline number is the real stage,
+top-N included, as in the actor); ``--set extract.keypoints.name=none`` measures the CNN alone.
+The pipeline number is the real stage,
 ``actors.extract.run_extract_stage`` over a temporary run (read, decode, resize, forward, pooling, regions,
 EGM, local features, Parquet writes and commits), measured as the workers' steady-state time (sum of the
 shards' own times, without actor start-up), as the shards' wall time (with the actors' start), and as the

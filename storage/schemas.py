@@ -3,7 +3,8 @@
 Descriptors are ``fixed_size_list<float16|float32|int8>[d]`` columns; one Parquet file holds one width ``d`` per
 descriptor column. ``int8`` (the keypoints table's default) stores a direction: each row is scaled by
 ``127 / max_i |x_i|`` and rounded, and readers return it L2-normalised (:func:`descriptors_to_numpy`), so it is only
-for descriptors that are compared by cosine (keypoint descriptors are unit rows by contract). The schema version and table name are stored in the Parquet key-value metadata so readers
+for descriptors that are compared by cosine (keypoint descriptors are unit rows by contract).
+The schema version and table name are stored in the Parquet key-value metadata so readers
 can refuse files written by an incompatible version.
 """
 from __future__ import annotations

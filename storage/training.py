@@ -11,22 +11,20 @@ and keypoint inputs of pair mining. Arrays only (``.npz`` / ``.npy``, no pickle)
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from storage.artefacts import LEARNED_WHITENING
 from storage.arrays import load_arrays, load_json, load_npy, save_arrays, save_json
 from storage.layout import ARTEFACT_FILES, RunLayout
-from storage.schemas import descriptors_to_numpy, pairs_schema
-from storage.tables import TableStore, read_parquet, write_parquet
+from storage.schemas import pairs_schema
+from storage.tables import read_parquet, write_parquet
 from storage.uri import exists, join
 
 PROJECTION_FILE = ARTEFACT_FILES["learned_projection"][1]
 PROJECTION_INFO_FILE = ARTEFACT_FILES["learned_projection_info"][1]
-KEYPOINTS_TABLE = "keypoints"
 
 
 # ------------------------------------------------------------------------------------------------ mined pairs
@@ -126,36 +124,6 @@ def load_mining_graph(root: str) -> dict[str, Any]:
             "info": load_json(layout.artefact("graph_info"))}
 
 
-def has_keypoints(root: str) -> bool:
-    """Whether the run has a committed ``keypoints`` table (spatial verification of mined pairs)."""
-    return bool(TableStore(root).committed_files(KEYPOINTS_TABLE))
-
-
-def read_keypoints(root: str, image_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Keypoints of ``image_ids``: ``xy`` (N, 2), ``scores`` (N,), ``descriptors`` (N, D) float32 and
-    ``image_size`` (width, height, from the ``images`` table), one file in memory at a time."""
-    wanted = pa.array(sorted(set(image_ids)))
-    out: dict[str, dict[str, Any]] = {}
-    for uri in TableStore(root).committed_files(KEYPOINTS_TABLE):
-        t = read_parquet(uri)
-        t = t.filter(pc.is_in(t.column("image_id"), value_set=wanted))
-        if t.num_rows == 0:
-            continue
-        ids = np.asarray(t.column("image_id").to_pylist())
-        xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.float32)
-        scores = t.column("score").to_numpy().astype(np.float32)
-        desc = descriptors_to_numpy(t.column("descriptor"))
-        for i in np.unique(ids):
-            m = ids == i
-            order = np.argsort(-scores[m], kind="stable")
-            out[str(i)] = {"xy": xy[m][order], "scores": scores[m][order], "descriptors": desc[m][order]}
-    sizes = TableStore(root).read("images", columns=["image_id", "width", "height"])
-    for i, w, h in zip(*(sizes.column(c).to_pylist() for c in ("image_id", "width", "height"))):
-        if i in out:
-            out[i]["image_size"] = (int(w), int(h))
-    return out
-
-
 __all__ = ["default_pairs_location", "save_pairs", "load_pairs", "default_projection_location", "save_projection",
-           "load_projection", "save_learned_whitening", "load_mining_graph", "has_keypoints", "read_keypoints",
+           "load_projection", "save_learned_whitening", "load_mining_graph",
            "LEARNED_WHITENING", "PROJECTION_FILE", "default_rpn_location", "save_rpn", "load_rpn", "has_rpn"]

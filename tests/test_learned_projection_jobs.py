@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from jobs import index as index_job
@@ -23,12 +24,13 @@ from jobs import train_projection as train_job
 from jobs import train_rpn as train_rpn_job
 from service.benchmark import default_methods
 from service.search import SearchService
+from storage.arrays import save_json
 from storage.layout import RunLayout
 from storage.readers import image_uris, read_globals
 from storage.run import RunManifest
 from storage.schemas import descriptor_array, keypoints_schema
 from storage.snapshot import list_names
-from storage.tables import StageManifest, TableStore
+from storage.tables import StageManifest, TableStore, read_parquet
 from storage.training import default_pairs_location, load_pairs, load_projection
 
 pytestmark = pytest.mark.slow   # every test here shares one small index (Ray and the backbone)
@@ -136,9 +138,10 @@ def test_learned_projection_and_rpn_are_indexed_next_to_rmac(small_run, tmp_path
             assert results[0].image_id == photo.stem, (m, results)   # a database photo finds itself first
 
 
-def _plant_keypoints(root: str, ids: list[str], scene: set[str], n: int = 150, dim: int = 32) -> None:
-    """A committed ``keypoints`` table: the images of ``scene`` see one planar scene (the same descriptors at
-    affinely moved positions); every other image has its own random keypoints."""
+def _plant_keypoints(root: str, ids: list[str], scene: set[str], n: int = 150, dim: int = 32) -> dict[str, dict]:
+    """A ``keypoints`` table committed as the extract stage commits it (one file per extract shard, listed in the
+    shard's marker): the images of ``scene`` see one planar scene (the same descriptors at affinely moved
+    positions); every other image has its own random keypoints. Returns the original markers (to restore)."""
     rng = np.random.default_rng(0)
     base_xy = rng.uniform(10, 240, size=(n, 2)).astype(np.float32)
     base_desc = rng.standard_normal((n, dim)).astype(np.float32)
@@ -155,10 +158,16 @@ def _plant_keypoints(root: str, ids: list[str], scene: set[str], n: int = 150, d
         rows["y"] += xy[:, 1].tolist()
         rows["score"] += np.linspace(1, 0.1, n).tolist()
         descs.append(desc / np.linalg.norm(desc, axis=1, keepdims=True))
-    table = pa.table({**rows, "descriptor": descriptor_array(np.concatenate(descs), "float16")},
-                     schema=keypoints_schema(dim))
-    uri = TableStore(root).write("keypoints", "keypoints", 0, table)
-    StageManifest(root, "keypoints").commit(0, {"keypoints": uri})
+    table = pa.table({**rows, "descriptor": descriptor_array(np.concatenate(descs), "int8")},
+                     schema=keypoints_schema(dim, "int8"))
+    manifest = StageManifest(root, "extract")
+    markers = manifest.committed()
+    for label, m in markers.items():
+        shard_ids = read_parquet(m["files"]["images"]).column("image_id")
+        part = table.filter(pc.is_in(table.column("image_id"), value_set=shard_ids.combine_chunks()))
+        uri = TableStore(root).write("keypoints", "extract", label, part)
+        manifest.commit(label, {**m["files"], "keypoints": uri})
+    return markers
 
 
 def test_mining_verifies_with_a_keypoints_table(small_run, tmp_path) -> None:
@@ -167,9 +176,13 @@ def test_mining_verifies_with_a_keypoints_table(small_run, tmp_path) -> None:
     out, _, _ = small_run
     ids = sorted(image_uris(str(out)))
     scene = {i for i in ids if i.startswith("lund_")}
-    _plant_keypoints(str(out), ids, scene)
+    markers = _plant_keypoints(str(out), ids, scene)
     pairs_uri = str(tmp_path / "verified.parquet")
-    assert mine_job.main(["--index", str(out), "--out", pairs_uri]) == 0
+    try:
+        assert mine_job.main(["--index", str(out), "--out", pairs_uri]) == 0
+    finally:  # the run is shared with the other tests
+        for label, m in markers.items():
+            save_json(StageManifest(str(out), "extract").marker_uri(label), m)
     t = load_pairs(pairs_uri)
     assert t.num_rows > 0 and all(t.column("verified").to_pylist())
     for a, b, kind, inl, mutual in zip(*(t.column(c).to_pylist()
@@ -178,4 +191,3 @@ def test_mining_verifies_with_a_keypoints_table(small_run, tmp_path) -> None:
         assert (inl >= 15) if same else (inl <= 5), (a, b, inl)
         assert kind == ("positive" if same and mutual >= 2 else "ambiguous" if same else "hard_negative")
     assert "hard_negative" in t.column("kind").to_pylist()
-    StageManifest(str(out), "keypoints").uncommit(0)   # the run is shared with the other tests
