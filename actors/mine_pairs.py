@@ -15,6 +15,7 @@ Inputs are the graph stage's artefacts (whitened regions ``V``, the FAISS index 
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -113,9 +114,13 @@ def mine_pairs(root: str, cfg: MiningConfig, k: int | None = None, block_rows: i
     verified = use_keypoints and has_keypoints(root)
     inliers = np.full(cand["image_a"].size, -1, np.int64)
     if verified:
+        verify = verify or VerifyConfig()
+        if cfg.min_inliers is None:  # the verification stage's threshold
+            cfg = replace(cfg, min_inliers=verify.min_inliers)
         rows = cap_per_image({**cand, "_row": np.arange(inliers.size)}, cfg.max_pairs_per_image)["_row"]
-        inliers[rows] = verify_candidates(root, {c: v[rows] for c, v in cand.items()}, names,
-                                          verify or VerifyConfig(min_inliers=cfg.min_inliers), block_pairs)
+        # models are accepted from the lower of the two thresholds, so that the inlier counts are kept as evidence
+        vcfg = replace(verify, min_inliers=min(verify.min_inliers, cfg.min_inliers, cfg.max_negative_inliers + 1))
+        inliers[rows] = verify_candidates(root, {c: v[rows] for c, v in cand.items()}, names, vcfg, block_pairs)
         labels = classify_pairs(cand, inliers, cfg)
     else:
         labels = weak_negatives(cand, classify_pairs(cand, None, cfg), cfg.weak_negative_rank)

@@ -1,14 +1,15 @@
 """Mine training pairs for the learned projection from an index run itself (issue 17; never a ground truth).
 
     python -m jobs.mine_pairs --index <run> [--out <pairs.parquet URI>] [--k 30] [--no-keypoints]
-        [--min-inliers 15] [--weak-min-sim 0.7] [--max-pairs-per-image 20] [--num-cpus N] [--ray-address ADDR]
+        [--min-inliers N] [--weak-min-sim 0.7] [--max-pairs-per-image 20] [--num-cpus N] [--ray-address ADDR]
 
 Reads the run's graph artefacts (whitened regions, their FAISS index, the mutual k-NN graph) and, when the run
 has a ``keypoints`` table, its keypoints; mining runs as Ray tasks over blocks of regions (candidates) and of
-pairs (spatial verification). Labels: with keypoints ``positive`` (mutual neighbours with at least
-``--min-inliers`` inliers) and ``hard_negative`` (similar neighbours that fail verification); without them the
-weaker ``weak_positive`` (mutual neighbours above ``--weak-min-sim``) and ``weak_negative`` (near neighbours
-with no mutual region pair). Writes a Parquet table with the evidence (inliers, similarity, kind) to ``--out``
+pairs (spatial verification with the run's ``verify`` settings). Labels: with keypoints ``positive`` (mutual
+neighbours with at least ``--min-inliers`` inliers, default the run's ``verify.min_inliers``) and
+``hard_negative`` (similar neighbours that fail verification); without them the weaker ``weak_positive``
+(mutual neighbours above ``--weak-min-sim``) and ``weak_negative`` (near neighbours with no mutual region pair).
+Writes a Parquet table with the evidence (inliers, similarity, kind) to ``--out``
 (default: the run's ``mined_pairs`` artefact, with an ``info.json`` beside it).
 """
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Sequence
 from actors.common import init_ray
 from actors.mine_pairs import mine_pairs
 from jobs.index import setup_logging
+from pipeline.config import config_from_dict
 from pipeline.pair_mining import MiningConfig
 from service.errors import UserError, run_cli
 from storage.artefacts import has_graph
 from storage.layout import RunLayout
+from storage.run import load_run_config
 from storage.training import default_pairs_location, save_pairs
 
 
@@ -37,7 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=None, help="neighbours per region (default: the graph's k)")
     p.add_argument("--no-keypoints", action="store_true", help="ignore a keypoints table: weak labels only")
     d = MiningConfig()
-    p.add_argument("--min-inliers", type=int, default=d.min_inliers)
+    p.add_argument("--min-inliers", type=int, default=d.min_inliers,
+                   help="inliers of a positive pair (default: the run's verify.min_inliers, +sv's threshold)")
     p.add_argument("--max-negative-inliers", type=int, default=d.max_negative_inliers)
     p.add_argument("--weak-min-sim", type=float, default=d.weak_min_sim)
     p.add_argument("--weak-min-pairs", type=int, default=d.weak_min_pairs)
@@ -64,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.index}: no region graph (run jobs.index with the graph stage first)")
     t0 = time.time()
     init_ray(args.ray_address, args.num_cpus)
+    verify = config_from_dict(load_run_config(args.index)).verify  # the run's matcher, MAGSAC and threshold
     columns, info = mine_pairs(args.index, mining_config(args), k=args.k, block_rows=args.block_rows,
-                               use_keypoints=not args.no_keypoints)
+                               verify=verify, use_keypoints=not args.no_keypoints)
     info.update(index=args.index, seconds=time.time() - t0)
     out = args.out or default_pairs_location(args.index)
     info_uri = RunLayout(args.index).artefact("mined_pairs_info") if args.out is None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+import pytest
 
 from pipeline.knn_graph import mutual_knn_graph
 from pipeline.pair_mining import (CANDIDATE_COLUMNS, UNVERIFIED, WEAK_NEGATIVE, WEAK_POSITIVE, MiningConfig,
@@ -102,12 +103,14 @@ def test_cap_per_image_by_hand() -> None:
 
 def test_classify_pairs_by_hand() -> None:
     cand = candidates_from_knn(IDS, SIMS, REGION_IMAGE)
-    cfg = MiningConfig()  # >= 15 inliers positive, <= 5 hard negative
+    cfg = MiningConfig(min_inliers=15)  # >= 15 inliers positive, <= 5 hard negative
     assert classify_pairs(cand, np.array([30, 3, 10]), cfg).tolist() == ["positive", "hard_negative", "ambiguous"]
+    with pytest.raises(ValueError, match="min_inliers"):  # the default defers to the run's verify.min_inliers
+        classify_pairs(cand, np.array([30, 3, 10]), MiningConfig())
     # many inliers but no mutual region pair: not a positive; -1 = not verified
     assert classify_pairs(cand, np.array([30, -1, 20]), cfg).tolist() == ["positive", "unverified", "ambiguous"]
     # a hard negative must be similar enough
-    strict = MiningConfig(hard_negative_min_sim=0.7)
+    strict = MiningConfig(min_inliers=15, hard_negative_min_sim=0.7)
     assert classify_pairs(cand, np.array([0, 0, 0]), strict).tolist() == ["hard_negative", "ambiguous", "ambiguous"]
     # without verification: weak positives only (pair (0,1): 2 mutual region pairs, best .9)
     assert classify_pairs(cand, None, cfg).tolist() == ["weak_positive", "unverified", "unverified"]
