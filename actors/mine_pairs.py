@@ -119,7 +119,7 @@ def mine_pairs(root: str, cfg: MiningConfig, k: int | None = None, block_rows: i
             cfg = replace(cfg, min_inliers=verify.min_inliers)
         rows = cap_per_image({**cand, "_row": np.arange(inliers.size)}, cfg.max_pairs_per_image)["_row"]
         # models are accepted from the lower of the two thresholds, so that the inlier counts are kept as evidence
-        vcfg = replace(verify, min_inliers=min(verify.min_inliers, cfg.min_inliers, cfg.max_negative_inliers + 1))
+        vcfg = replace(verify, min_inliers=min(verify.min_inliers, cfg.min_inliers, cfg.negative_inliers + 1))
         inliers[rows] = verify_candidates(root, {c: v[rows] for c, v in cand.items()}, names, vcfg, block_pairs)
         labels = classify_pairs(cand, inliers, cfg)
     else:

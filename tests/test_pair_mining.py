@@ -103,10 +103,15 @@ def test_cap_per_image_by_hand() -> None:
 
 def test_classify_pairs_by_hand() -> None:
     cand = candidates_from_knn(IDS, SIMS, REGION_IMAGE)
-    cfg = MiningConfig(min_inliers=15)  # >= 15 inliers positive, <= 5 hard negative
+    cfg = MiningConfig(min_inliers=15)  # >= 15 inliers positive, <= 15 // 3 = 5 hard negative
     assert classify_pairs(cand, np.array([30, 3, 10]), cfg).tolist() == ["positive", "hard_negative", "ambiguous"]
     with pytest.raises(ValueError, match="min_inliers"):  # the default defers to the run's verify.min_inliers
         classify_pairs(cand, np.array([30, 3, 10]), MiningConfig())
+    assert MiningConfig(min_inliers=30).negative_inliers == 10
+    assert MiningConfig(min_inliers=30, max_negative_inliers=4).negative_inliers == 4
+    # at the verification stage's 30: 10 inliers is now a hard negative, 29 ambiguous
+    assert classify_pairs(cand, np.array([29, 10, 11]), MiningConfig(min_inliers=30)).tolist() == \
+        ["ambiguous", "hard_negative", "ambiguous"]
     # many inliers but no mutual region pair: not a positive; -1 = not verified
     assert classify_pairs(cand, np.array([30, -1, 20]), cfg).tolist() == ["positive", "unverified", "ambiguous"]
     # a hard negative must be similar enough
