@@ -321,8 +321,11 @@ def run(args: argparse.Namespace) -> int:
     version = f"{(RunManifest(index_root).stage('descriptors') or {}).get('output_version', 'x')}-{args.query_egm}"
     if patches:  # encodings with patches live apart: they depend on the scorer's proposals
         version += f"-patches-{proposal_tag(service.patch_search().cfg.proposals)}"
+    # query keypoints: for +sv, and as the query's locals of an ASMK built over learned keypoints (asmk.locals)
+    keypoints = any(is_sv(s.name) for s in specs) or (
+        service.encoder.cfg.asmk.locals != "cnn" and any(s.family == "asmk" for s in specs))
     qdesc, encode_s = encode_queries(service, items, str(out / "queries" / "cache" / version), args.reuse,
-                                     patches=patches, keypoints=any(is_sv(s.name) for s in specs))
+                                     patches=patches, keypoints=keypoints)
     synth_ns = add_synthetic_tracks(args, tracks, qkeys)
     bench = Benchmark(service, tracks, union_ids, qdesc, qkeys, args.topk, args.seed, build_seconds(index_root))
     results = run_methods(args, bench, specs)
