@@ -19,7 +19,7 @@ from storage.arrays import load_json, save_json
 from storage.layout import RunLayout
 from storage.layout import shard_label as shard_name
 from storage.schemas import KEYPOINT_ROW_GROUP, check_schema_version
-from storage.uri import exists, listdir, read_bytes, remove, write_bytes_atomic
+from storage.uri import exists, join, listdir, read_bytes, remove, write_bytes_atomic
 
 
 def write_parquet(uri: str, table: pa.Table, compression: str = "zstd", row_group_size: int | None = None) -> int:
@@ -51,20 +51,38 @@ class StageManifest:
     def marker_uri(self, shard: int | str) -> str:
         return self.layout.shard_marker(self.stage, shard)
 
+    def _relative(self, uri: str) -> str:
+        """A file URI under the run root as a path relative to it (others unchanged)."""
+        prefix = self.root.rstrip("/") + "/"
+        return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+    def resolve(self, uri: str) -> str:
+        """A file URI as a marker lists it → its URI (inverse of the relative form; absolute paths and URIs with a
+        scheme unchanged)."""
+        return uri if "://" in uri or uri.startswith("/") else join(self.root, uri)
+
     def committed(self) -> dict[str, dict[str, Any]]:
-        """Committed shards: label → marker content (files written, counts, ...)."""
+        """Committed shards: label → marker content (files written, as URIs under this run's root, counts, ...).
+
+        Markers list their files relative to the run root, so a run copied or moved as a whole (another folder,
+        another bucket) reads its own files; markers written with absolute URIs are read as they are."""
         out = {}
         for uri in listdir(self.layout.shard_markers_dir(self.stage)):
             if uri.endswith(".json"):
-                out[uri.rsplit("/", 1)[-1][:-5]] = load_json(uri)
+                marker = load_json(uri)
+                if isinstance(marker.get("files"), dict):
+                    marker["files"] = {k: self.resolve(v) for k, v in marker["files"].items()}
+                out[uri.rsplit("/", 1)[-1][:-5]] = marker
         return out
 
     def is_committed(self, shard: int | str) -> bool:
         return exists(self.marker_uri(shard))
 
     def commit(self, shard: int | str, files: dict[str, str], **info: Any) -> None:
-        """Publish a shard: its files (table name → URI) become visible to readers atomically."""
-        save_json(self.marker_uri(shard), {"shard": shard_name(shard), "files": files,
+        """Publish a shard: its files (table name → URI) become visible to readers atomically (stored relative
+        to the run root when under it, see :meth:`committed`)."""
+        save_json(self.marker_uri(shard), {"shard": shard_name(shard),
+                                            "files": {k: self._relative(v) for k, v in files.items()},
                                             "committed_at": time.time(), **info})
 
     def uncommit(self, shard: int | str) -> None:
@@ -139,7 +157,7 @@ def drop_images(root: str, stage: str, image_ids: set[str], shards: set[str]) ->
         if not manifest.is_committed(label):
             continue
         marker = load_json(manifest.marker_uri(label))
-        files = marker.get("files", {})
+        files = {name: manifest.resolve(uri) for name, uri in marker.get("files", {}).items()}
         tables = {name: read_parquet(uri) for name, uri in files.items()}
         hit = any(t.num_rows and pc.any(pc.is_in(t.column("image_id"), value_set=value_set)).as_py()
                   for t in tables.values())

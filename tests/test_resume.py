@@ -51,7 +51,7 @@ def _files_state(out: Path, labels: set[str]) -> dict[str, tuple[int, bytes]]:
     m = StageManifest(str(out), "extract")
     for label in labels:
         marker = Path(m.marker_uri(label))
-        paths = [marker] + [Path(u) for u in json.loads(marker.read_text())["files"].values()]
+        paths = [marker] + [Path(m.resolve(u)) for u in json.loads(marker.read_text())["files"].values()]
         for p in paths:
             state[str(p)] = (p.stat().st_mtime_ns, p.read_bytes())
     return state

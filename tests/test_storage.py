@@ -94,6 +94,23 @@ def test_uncommitted_shards_are_invisible_and_rewrites_do_not_duplicate(tmp_path
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_markers_list_files_relative_to_the_run_so_a_moved_run_reads_its_own(tmp_path) -> None:
+    import json
+    import shutil
+
+    root = str(tmp_path / "run")
+    store = TableStore(root)
+    uri = store.write("globals", "extract", 0, _globals(["a", "b"]))
+    StageManifest(root, "extract").commit(0, {"globals": uri, "elsewhere": "s3://bucket/x.parquet"})
+    marker = json.loads((tmp_path / "run" / "stages" / "extract" / "shards" / "00000.json").read_text())
+    assert marker["files"] == {"globals": "tables/globals/extract-00000.parquet", "elsewhere": "s3://bucket/x.parquet"}
+    assert StageManifest(root, "extract").committed()["00000"]["files"]["globals"] == uri
+    shutil.move(root, tmp_path / "moved")  # a run copied to another folder (or bucket) reads its own files
+    moved = str(tmp_path / "moved")
+    assert StageManifest(moved, "extract").committed()["00000"]["files"]["globals"].startswith(moved + "/")
+    assert TableStore(moved).read("globals").column("image_id").to_pylist() == ["a", "b"]
+
+
 def test_atomic_write_leaves_old_content_on_failure(tmp_path, monkeypatch) -> None:
     target = tmp_path / "x.bin"
     write_bytes_atomic(str(target), b"old")
