@@ -32,7 +32,7 @@ from experiments.bench_extract import network_inputs
 from experiments.common import load_backbone, read_image, set_threads, write_json
 from pipeline.extract import ExtractConfig
 from pipeline.keypoints import build_keypoint_extractor
-from pipeline.verification import _result_from_matches
+from pipeline.verification import verify_matches
 from service.search import SearchService
 from service.tracks import resolve_tracks
 from storage.keypoint_weights import load_keypoint_weights
@@ -157,7 +157,7 @@ def time_verification(service: SearchService, queries: list, method: str, k: int
         matches = ver.matcher.match_many(qkp, dbs)
         t_match = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = [_result_from_matches(qkp, d, pairs, ver.cfg) for d, (pairs, _) in zip(dbs, matches)]
+        res = [verify_matches(qkp, d, pairs, ver.cfg) for d, (pairs, _) in zip(dbs, matches)]
         t_geom = time.perf_counter() - t0
         rows.append({"track": track, "query": Path(path).name, "shortlist": len(dbs), "query_keypoints": len(qkp),
                      "verified": int(sum(r.inliers >= ver.cfg.min_inliers for r in res)),

@@ -192,7 +192,9 @@ def fit_geometry(pts_a: np.ndarray, pts_b: np.ndarray, cfg: VerifyConfig
     return none
 
 
-def _result_from_matches(query_kp: Keypoints, db_kp: Keypoints, pairs: np.ndarray, cfg: VerifyConfig) -> VerifyResult:
+def verify_matches(query_kp: Keypoints, db_kp: Keypoints, pairs: np.ndarray, cfg: VerifyConfig) -> VerifyResult:
+    """The geometric half of :func:`verify_pair`: fit the model to given tentative matches ``pairs`` ((M, 2) query /
+    database keypoint indices, e.g. from a matcher's ``match_many``) and keep the inliers."""
     if len(pairs) == 0:
         return VerifyResult(0, None, None, np.zeros((0, 2), np.int64), 0)
     model, kind, inl = fit_geometry(query_kp.xy[pairs[:, 0]], db_kp.xy[pairs[:, 1]], cfg)
@@ -204,14 +206,14 @@ def _result_from_matches(query_kp: Keypoints, db_kp: Keypoints, pairs: np.ndarra
 def verify_pair(query_kp: Keypoints, db_kp: Keypoints, cfg: VerifyConfig, matcher: Matcher) -> VerifyResult:
     """Match ``query_kp`` to ``db_kp`` with ``matcher`` and fit the geometry (:func:`fit_geometry`)."""
     pairs, _ = matcher.match(query_kp, db_kp)
-    return _result_from_matches(query_kp, db_kp, pairs, cfg)
+    return verify_matches(query_kp, db_kp, pairs, cfg)
 
 
 def verify_shortlist(query_kp: Keypoints, db_kps: Sequence[Keypoints], cfg: VerifyConfig,
                      matcher: Matcher) -> list[VerifyResult]:
     """:func:`verify_pair` for every database image of a shortlist (matching batched by the matcher)."""
     matches = matcher.match_many(query_kp, db_kps)
-    return [_result_from_matches(query_kp, d, pairs, cfg) for d, (pairs, _) in zip(db_kps, matches)]
+    return [verify_matches(query_kp, d, pairs, cfg) for d, (pairs, _) in zip(db_kps, matches)]
 
 
 def inlier_matches(query_kp: Keypoints, db_kps: Sequence[Keypoints], cfg: VerifyConfig, matcher: Matcher
