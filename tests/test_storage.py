@@ -102,8 +102,9 @@ def test_markers_list_files_relative_to_the_run_so_a_moved_run_reads_its_own(tmp
     store = TableStore(root)
     uri = store.write("globals", "extract", 0, _globals(["a", "b"]))
     StageManifest(root, "extract").commit(0, {"globals": uri, "elsewhere": "s3://bucket/x.parquet"})
-    marker = json.loads((tmp_path / "run" / "stages" / "extract" / "shards" / "00000.json").read_text())
-    assert marker["files"] == {"globals": "tables/globals/extract-00000.parquet", "elsewhere": "s3://bucket/x.parquet"}
+    marker = json.loads(open(StageManifest(root, "extract").marker_uri(0)).read())
+    assert uri.startswith(root + "/")
+    assert marker["files"] == {"globals": uri[len(root) + 1:], "elsewhere": "s3://bucket/x.parquet"}
     assert StageManifest(root, "extract").committed()["00000"]["files"]["globals"] == uri
     shutil.move(root, tmp_path / "moved")  # a run copied to another folder (or bucket) reads its own files
     moved = str(tmp_path / "moved")
