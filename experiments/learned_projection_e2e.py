@@ -4,9 +4,10 @@
         [--epochs 10] [--dim 256] [--run]            # without --run: print the commands and check what exists
 
 Prints the five commands (and runs them with ``--run``). After mining it prints, as a CHECK ONLY, the number of
-mined pairs per kind and their precision against the dataset's ground truth (a pair is correct when both images
-belong to the same non-distractor group of ``gnd.json``'s ``groups``). Neither the mining nor the training reads
-the ground truth: this script reads it after the pairs are written, and nothing it computes goes back into them.
+mined pairs per kind and their precision against the dataset's ground truth (:func:`pair_precision`: a pair is
+correct when its images share an object of the ground truth, over the pairs it can judge). Neither the mining
+nor the training reads the ground truth: this script reads it after the pairs are written, and nothing it
+computes goes back into them.
 """
 from __future__ import annotations
 
@@ -37,18 +38,40 @@ def commands(data: str, out: str, epochs: int, dim: int | None) -> list[list[str
                   "--index-set", f"whiten.projection={index}", "--methods", "rmac,rmac_learned"]]
 
 
+def object_identities(data: str) -> dict[str, set[str]]:
+    """Image id -> the ground truth's objects it shows, from ``gnd.json`` of ``data`` and of its sub-folders
+    (tracks): a database image's non-distractor group, and for a query also the groups of its easy / hard
+    positives (a query photo in another track's database is filed under its own group there). Distractors show
+    no known object."""
+    ident: dict[str, set[str]] = {}
+    for gnd_path in [Path(data, "gnd.json"), *sorted(Path(data).glob("*/gnd.json"))]:
+        g = json.loads(gnd_path.read_text())
+        for i, grp in zip(g["imlist"], g["groups"]):
+            ident.setdefault(i, set()).update({grp} - {"distractor"})
+        for q, gq in zip(g["qimlist"], g["gnd"]):
+            for j in [*gq.get("easy", []), *gq.get("hard", [])]:
+                ident.setdefault(q, set()).update({g["groups"][j]} - {"distractor"})
+    return ident
+
+
 def pair_precision(index: str, data: str) -> dict[str, dict[str, float]]:
-    """Per kind of mined pair: count and precision against the ground-truth groups (a check only)."""
-    gnd = json.loads(Path(data, "gnd.json").read_text())
-    group = dict(zip(gnd["imlist"], gnd["groups"]))
+    """Per kind of mined pair (a check only): its count, how many the ground truth can judge (at least one image
+    shows a known object; pairs of two distractors cannot be judged: Caltech categories often hold the same photo
+    or object twice) and the fraction of those whose images share an object."""
+    ident = object_identities(data)
     stem = {i: Path(u).stem for i, u in image_uris(index).items()}
     pairs = load_pairs(default_pairs_location(index))
     kinds = np.asarray(pairs.column("kind").to_pylist())
-    ga = np.asarray([group.get(stem.get(i, i), "?") for i in pairs.column("image_a").to_pylist()])
-    gb = np.asarray([group.get(stem.get(i, i), "?") for i in pairs.column("image_b").to_pylist()])
-    same = (ga == gb) & (ga != "distractor") & (ga != "?")
-    return {str(k): {"pairs": int((kinds == k).sum()), "precision": round(float(same[kinds == k].mean()), 4)}
-            for k in np.unique(kinds)}
+    a = [ident.get(stem.get(i, i), set()) for i in pairs.column("image_a").to_pylist()]
+    b = [ident.get(stem.get(i, i), set()) for i in pairs.column("image_b").to_pylist()]
+    judgeable = np.array([bool(x or y) for x, y in zip(a, b)])
+    same = np.array([bool(x & y) for x, y in zip(a, b)])
+    out = {}
+    for k in np.unique(kinds):
+        m = (kinds == k) & judgeable
+        out[str(k)] = {"pairs": int((kinds == k).sum()), "judgeable": int(m.sum()),
+                       "precision": round(float(same[m].mean()), 4) if m.any() else float("nan")}
+    return out
 
 
 def main() -> None:

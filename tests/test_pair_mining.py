@@ -143,3 +143,21 @@ def test_weak_negatives_by_hand() -> None:
     assert labels.tolist() == [WEAK_POSITIVE, WEAK_POSITIVE, UNVERIFIED]
     assert weak_negatives(cand, labels, rank=2).tolist() == [WEAK_POSITIVE, WEAK_POSITIVE, WEAK_NEGATIVE]
     assert weak_negatives(cand, labels, rank=1).tolist() == labels.tolist()
+
+
+def test_pair_check_identities_by_hand(tmp_path) -> None:
+    """experiments/learned_projection_e2e.py's ground-truth check (never used by mining): a query shows the
+    objects of its positives, also where another track files its photo under its own group; distractors none."""
+    import json
+
+    from experiments.learned_projection_e2e import object_identities
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "gnd.json").write_text(json.dumps({
+        "imlist": ["p0", "p1", "d0"], "groups": ["painting_0", "painting_1", "distractor"], "qimlist": ["q0"],
+        "gnd": [{"easy": [0], "hard": [], "junk": [2]}]}))
+    (tmp_path / "t" / "gnd.json").write_text(json.dumps({
+        "imlist": ["q0", "d1"], "groups": ["q0", "distractor"], "qimlist": [], "gnd": []}))
+    ident = object_identities(str(tmp_path))
+    assert ident == {"p0": {"painting_0"}, "p1": {"painting_1"}, "d0": set(), "q0": {"painting_0", "q0"},
+                     "d1": set()}
