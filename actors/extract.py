@@ -528,6 +528,7 @@ def learn_before_extraction(spec: ImageStageSpec, manifest: pa.Table, resources:
         t0 = time.time()
         sample = run_on_one(spec.root, spec.stage, ExtractMapperFactory(spec), resources, "sample_learning_data",
                             rows, local_ids, LOCAL_PCA_SAMPLE_PER_IMAGE)
+        log.info("[extract] sample pass: %d images in %.0f s", len(rows), time.time() - t0)
         if need_pca:
             X = sample["locals"]
             if len(X) < 2:
@@ -536,8 +537,6 @@ def learn_before_extraction(spec: ImageStageSpec, manifest: pa.Table, resources:
             save_arrays(layout.artefact("local_pca"), mean=mean, projection=projection, sample=np.int64(len(X)),
                         params=np.array(json.dumps(pca_params, sort_keys=True)))
             pca = load_arrays(layout.artefact("local_pca"))
-        log.info("[extract] sample pass: %d images in %.0f s (%.2f images/s)", len(rows), time.time() - t0,
-                 len(rows) / max(time.time() - t0, 1e-9))
         V = whitening_sample(sample["cam"][:, None, :], n_pca=1) if need_cam and len(sample["cam"]) else None
         if V is not None and len(V) >= 8:  # one top class vector per image (N_pca = 1), dead ones dropped
             white = learn_cam_whitening(V, dim=int(min(cfg.cam_pca_dim, V.shape[1], max(2, len(V) // 4))))

@@ -111,7 +111,7 @@ class IndexKeypointsConfig:
     ``descriptor_dtype``: how the table stores descriptors. ``int8`` (default) keeps each unit row's direction at
     8 bits per value (scaled so its largest component is 127; readers re-normalise): the storage target of
     80 KB per image at 1,024 keypoints is out of reach with ``float16`` (64-D XFeat: 128 B of descriptor per
-    keypoint alone). A departure from the issue's float16, measured by ``experiments/sv_costs.py``: see README.
+    keypoint alone). A departure from the issue's float16, measured by ``experiments/bench_sv.py``: see README.
     """
 
     name: str = "xfeat"
