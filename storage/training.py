@@ -1,5 +1,6 @@
-"""What the corpus-trained models of issue 17 read and write: mined pairs, the learned projection, and the graph
-and keypoint inputs of pair mining. Arrays only (``.npz`` / ``.npy``, no pickle) and Parquet.
+"""What the corpus-trained models of issue 17 read and write: mined pairs, the learned projection, the RPN, and
+the graph input of pair mining (its keypoints come through :class:`storage.readers.KeypointReader`). Arrays
+only (``.npz`` / ``.npy``, no pickle) and Parquet.
 
 * mined pairs: one Parquet file (:func:`storage.schemas.pairs_schema`), by default the run's ``mined_pairs``
   artefact, with an ``info.json`` beside it (counts, thresholds, whether keypoints verified the pairs);
