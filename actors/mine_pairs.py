@@ -53,8 +53,7 @@ def _verify_block(root: str, image_a: list[str], image_b: list[str], cfg: Verify
     only), and each image ``a`` is matched with all its partners in one batched product
     (:func:`pipeline.verification.verify_shortlist`: the same matches as pair by pair)."""
     reader = KeypointReader(root)
-    kps = {i: Keypoints(xy, sc, desc, reader.size_of.get(i, (0, 0)))
-           for i, (xy, sc, desc) in reader.read(set(image_a) | set(image_b)).items()}
+    kps = Keypoints.from_table_rows(reader.read(set(image_a) | set(image_b)), reader.size_of)
     matcher = MnnMatcher(cfg.matcher)
     out = np.full(len(image_a), -1, np.int64)
     by_a: dict[str, list[int]] = {}

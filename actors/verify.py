@@ -39,9 +39,9 @@ def verify_chunk(root: str, cfg: VerifyConfig, jobs: list[tuple[str, QueryKeypoi
     out: PairResults = {}
     for key, (xy, scores, desc, size), ids in jobs:
         qkp = Keypoints(xy, scores, desc, size)
-        rows = reader.read(ids)
+        rows = Keypoints.from_table_rows(reader.read(ids), reader.size_of)
         empty = Keypoints.empty(qkp.dim, (1, 1))
-        db = [Keypoints(*rows[i], reader.size_of.get(i, (1, 1))) if i in rows else empty for i in ids]
+        db = [rows.get(i, empty) for i in ids]
         for i, res in zip(ids, inlier_matches(qkp, db, cfg, matcher)):
             out[(key, i)] = res
     return out

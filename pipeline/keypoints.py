@@ -186,6 +186,24 @@ class Keypoints:
         return cls(np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros((0, dim), np.float32),
                    (int(image_size[0]), int(image_size[1])), extractor)
 
+    @classmethod
+    def from_table_rows(cls, rows: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                        sizes: Mapping[str, tuple[int, int]]) -> dict[str, "Keypoints"]:
+        """Keypoints per image from a keypoints-table reader's ``{image_id: (xy, scores, unit descriptors)}``
+        and ``{image_id: (width, height)}`` (``storage.readers.KeypointReader.read`` / ``size_of``).
+
+        An image without a recorded size gets the extent of its own keypoints, so matchers that normalise
+        positions by the image size (LightGlue, LighterGlue) still see a sensible frame."""
+        out: dict[str, Keypoints] = {}
+        for image_id, (xy, scores, desc) in rows.items():
+            xy = np.asarray(xy, np.float32).reshape(-1, 2)
+            size = sizes.get(image_id)
+            if size is None:
+                size = tuple(int(v) + 1 for v in (xy.max(axis=0) if len(xy) else (0, 0)))
+            out[image_id] = cls(xy, np.asarray(scores, np.float32).ravel(), np.asarray(desc, np.float32),
+                                (int(size[0]), int(size[1])))
+        return out
+
     def top(self, n: int) -> "Keypoints":
         """The ``n`` strongest keypoints (rows are already sorted by decreasing score)."""
         return replace(self, xy=self.xy[:n], scores=self.scores[:n], descriptors=self.descriptors[:n])

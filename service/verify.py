@@ -84,8 +84,7 @@ class SpatialVerifier:
             have = {i: self._db[i] for i in image_ids if i in self._db}
         missing = [i for i in image_ids if i not in have]
         if missing:
-            read = {i: Keypoints(xy, score, desc, self.reader.size_of.get(i, (1, 1)))
-                    for i, (xy, score, desc) in self.reader.read(missing).items()}
+            read = Keypoints.from_table_rows(self.reader.read(missing), self.reader.size_of)
             have.update(read)
             with self._lock:
                 self._db.update(read)

@@ -184,3 +184,17 @@ def test_multiscale_is_union_of_scales_with_quota(xfeat_sd):
     assert got == want
     with pytest.raises(ValueError):
         KeypointConfig(scales=())
+
+
+def test_keypoints_from_table_rows_use_recorded_sizes_else_the_keypoints_extent() -> None:
+    """The one place that turns a keypoints-table reader's rows into Keypoints (service, verify and mining)."""
+    xy = np.array([[0.0, 1.0], [9.0, 4.0]], np.float32)
+    desc = np.eye(2, 4, dtype=np.float32)
+    rows = {"a": (xy, np.array([2.0, 1.0], np.float32), desc), "b": (xy, np.array([2.0, 1.0], np.float32), desc),
+            "c": (np.zeros((0, 2), np.float32), np.zeros(0, np.float32), np.zeros((0, 4), np.float32))}
+    kps = Keypoints.from_table_rows(rows, {"a": (640, 480)})
+    assert kps["a"].image_size == (640, 480)
+    assert kps["b"].image_size == (10, 5)          # max x 9, max y 4 -> a 10 x 5 frame
+    assert kps["c"].image_size == (1, 1) and len(kps["c"]) == 0 and kps["c"].dim == 4
+    np.testing.assert_array_equal(kps["b"].xy, xy)
+    np.testing.assert_array_equal(kps["a"].descriptors, desc)
