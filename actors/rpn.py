@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from actors.common import ActorResources
+from actors.common import ActorResources, Progress
 from actors.extract import ImageShardMapper, ImageStageSpec, run_image_stage
 from pipeline.backbone import build_backbone
 from pipeline.config import IndexConfig, config_from_dict
@@ -53,6 +53,7 @@ def rpn_samples(root: str, n_images: int, seed: int = 0) -> tuple[list[tuple[tor
                               device=torch.device("cpu"))
     uris = image_uris(root, chosen)
     samples = []
+    progress = Progress("train_rpn maps", len(chosen), every=10.0)
     with torch.no_grad():   # not inference_mode: the maps feed a training graph (they are constants there)
         for i in chosen:
             img = decode_image(read_bytes(uris[i])).convert("RGB")
@@ -60,6 +61,7 @@ def rpn_samples(root: str, n_images: int, seed: int = 0) -> tuple[list[tuple[tor
             A = backbone(to_network_input(img, size=(w, h))[None])[0].float()
             cells = pixels_to_cells(boxes[ids_arr == i], tuple(A.shape[-2:]), (img.height, img.width))
             samples.append((A.clone(), cells))  # a normal tensor: the backbone may run in inference mode
+            progress.update(1)
     return samples, chosen
 
 

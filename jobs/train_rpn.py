@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Sequence
 
+from actors.common import Progress
 from actors.rpn import rpn_samples
 from jobs.index import setup_logging
 from pipeline.rpn import RPNConfig, train_rpn
@@ -48,7 +49,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     t_maps = time.time() - t0
     losses: list[dict] = []
-    arrays = train_rpn(cfg, samples, step_callback=lambda step, loss: losses.append(loss))
+    progress = Progress("train_rpn", cfg.iterations, unit="steps", every=10.0)
+
+    def on_step(step: int, loss: dict) -> None:
+        losses.append(loss)
+        progress.update(1)
+
+    arrays = train_rpn(cfg, samples, step_callback=on_step)
     last = losses[-min(len(losses), 100):]
     tail = {k: sum(x[k] for x in last) / max(len(last), 1) for k in ("cls", "box")}
     info = {"kind": "rpn", "config": cfg.to_dict(), "index": args.index, "images": ids,
