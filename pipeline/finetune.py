@@ -17,15 +17,15 @@ rigid R-MAC grid (the seed learns the representation on the grid, before the RPN
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from pipeline.determinism import single_threaded_torch
 from pipeline.pooling import l2n, regional_mac, rmac_grid
 from pipeline.projection import LearnedProjection, mine_hard_negatives, positive_components, triplet_loss
 
@@ -95,18 +95,6 @@ def rmac_forward(trunk: nn.Module, image: torch.Tensor, projection: LearnedProje
     return l2n(projection.project(regional_mac(A, boxes)).sum(0))
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def finetune_backbone(model: nn.Module, layer: str, images: Sequence[torch.Tensor], positives: np.ndarray,
                       projection: Mapping[str, np.ndarray], config: FinetuneConfig = FinetuneConfig(),
                       groups: np.ndarray | None = None, trunk: nn.Module | None = None,
@@ -128,7 +116,7 @@ def finetune_backbone(model: nn.Module, layer: str, images: Sequence[torch.Tenso
     pairs = np.unique(np.concatenate([positives, positives[:, ::-1]]), axis=0)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    with _seeded(config.seed):
+    with single_threaded_torch(config.seed):
         model.to(device).eval()
         trunk = (trunk or create_feature_extractor(model, {layer: "out"})).to(device).eval()
         unfreeze_last_blocks(model, config.unfreeze_blocks, up_to=layer)

@@ -28,10 +28,9 @@ negative, because transitivity of verified matches is stronger evidence than one
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import scipy.sparse as sp
@@ -39,6 +38,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 from torch import nn
 
+from pipeline.determinism import single_threaded_torch
 from pipeline.pooling import l2n
 from pipeline.whitening import Whitening
 
@@ -372,17 +372,6 @@ def run_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, prep: Prepared
             "mean_similarity": _mean_similarity(desc)}
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch single-threaded (bit-reproducible reductions), restoring the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def make_optimizer(model: nn.Module, config: ProjectionConfig) -> torch.optim.Optimizer:
     """SGD with momentum and weight decay (seed 003 §5.1) over the trainable parameters."""
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr,
@@ -424,7 +413,7 @@ def train_projection(config: ProjectionConfig, data: TripletData, init: Mapping[
     d = r if config.dim is None else int(config.dim)
     if not 0 < d <= r:
         raise ValueError(f"dim must be in 1..{r} (the width of the initial whitening)")
-    with _single_thread():
+    with single_threaded_torch():
         prep = Prepared(data, mean, projection, device)
         core = WhitenedTrainable(r, d, config.learn_shift).to(device)
         model = prepare_model(core) if prepare_model is not None else core

@@ -40,16 +40,17 @@ Decisions and departures (with reasons):
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from pipeline.determinism import single_threaded_torch
 
 BBOX_CLIP = math.log(1000.0 / 16)  # torchvision's cap on exp() of the size deltas
 
@@ -276,19 +277,6 @@ def propose(head: RPNHead, fmap: torch.Tensor | np.ndarray, cfg: RPNConfig) -> t
     return (boxes / cfg.stride).cpu().numpy().astype(np.float32), scores.cpu().numpy().astype(np.float32)
 
 
-@contextlib.contextmanager
-def _deterministic(seed: int) -> Iterator[None]:
-    """Single-threaded torch with the global RNG seeded inside and restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-    finally:
-        torch.set_num_threads(before)
-
-
 RPNSample = tuple[torch.Tensor | np.ndarray, np.ndarray]
 
 
@@ -306,7 +294,7 @@ def train_rpn(config: RPNConfig, samples: Sequence[RPNSample], seed: int | None 
         raise ValueError("train_rpn needs at least one sample")
     maps = [torch.as_tensor(np.asarray(m) if not torch.is_tensor(m) else m, dtype=torch.float32) for m, _ in samples]
     targets = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4) * config.stride) for _, b in samples]
-    with _deterministic(seed):
+    with single_threaded_torch(seed):
         head = RPNHead(int(maps[0].shape[0]), config.num_anchors, config.mid_channels, config.init_std)
         gen = torch.Generator().manual_seed(seed)
         if config.optimizer == "sgd":
