@@ -162,6 +162,19 @@ def last_progress(log_path: Path, offset: int) -> str | None:
     return lines[-1].strip()[:200] if lines else None
 
 
+def keep_niceness(pid: int) -> None:
+    """Give the new session of ``pid`` this process's niceness as its autogroup's (Linux, best effort).
+
+    A stage runs in its own session (so that a deadline can stop its whole tree), and with the kernel's
+    autogroup scheduling a new session is a new scheduling group whose weight ignores the processes' nice
+    values: ``nice -n 19 experiments/scale_table.sh`` would otherwise compete as an equal with foreground work."""
+    niceness = os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
+    except OSError:
+        pass
+
+
 def measure(cmd: list[str], run_dir: Path, log_path: Path, deadline: float | None = None) -> dict[str, Any]:
     """Run ``cmd`` and measure it (see the module docstring); past ``deadline`` it is stopped and the row says so,
     with the last progress line of its log (the rate of the partial run)."""
@@ -170,6 +183,7 @@ def measure(cmd: list[str], run_dir: Path, log_path: Path, deadline: float | Non
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        keep_niceness(proc.pid)
         watch = TreeWatch(proc.pid)
         stopped = watch.run(proc, deadline)
     row = {"returncode": proc.returncode, "wall_s": time.time() - t0, "cpu_s": watch.cpu_seconds,
