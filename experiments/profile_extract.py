@@ -5,7 +5,8 @@
 
 Steps (the work of ``actors.extract.ImageShardMapper`` on one shard, run serially here so that each has its
 own cost): read + sha1, decode (``storage.images.decode_image``, draft mode), network input (resize +
-normalise, every forward scale), forward (the actor's batches), features (``pipeline.extract.extract_features``
+normalise, every forward scale), forward (the actor's batches), keypoints (the learned keypoint network
+of ``extract.keypoints``, batched like the forward), features (``pipeline.extract.extract_features``
 with a cProfile breakdown by function), rows (``_add``: local PCA and the row buffers) and the Parquet write.
 CPU time is ``time.process_time`` (every thread of the process), so a busy machine inflates the wall clock but
 not these numbers much; the serial steps run with the torch thread count of one of the mapper's lanes
@@ -80,6 +81,8 @@ def serial_profile(m: ImageShardMapper, rows: list[dict], top: int) -> tuple[Clo
         pending.append(d)
     batches.append(pending)
     acts = [clock.run("forward", m._forward, b) for b in batches]
+    for b in batches:  # learned keypoints (XFeat by default): the same pass, after the CNN forward in a lane
+        clock.run("keypoints", m._keypoints, b)
     prof = cProfile.Profile()
     feats = []
     for b, a in zip(batches, acts):
