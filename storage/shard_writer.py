@@ -43,7 +43,8 @@ class ShardTables:
         self.region_desc: list[np.ndarray] = []
         self.globals: list[tuple[str, str]] = []
         self.global_desc: list[np.ndarray] = []
-        self.locals: list[dict[str, Any]] = []
+        # per image: (image_id, xy (n, 2), scale (n,), strength (n,)), kept as arrays (built into columns at write)
+        self.locals: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
         self.local_desc: list[np.ndarray] = []
         self.keypoint_dim = keypoint_dim
         self.keypoint_dtype = keypoint_dtype
@@ -84,9 +85,9 @@ class ShardTables:
 
     def add_locals(self, image_id: str, xy: np.ndarray, scale: np.ndarray, strength: np.ndarray,
                    desc: np.ndarray) -> None:
-        for j in range(len(desc)):
-            self.locals.append({"image_id": image_id, "local_id": j, "x": float(xy[j, 0]), "y": float(xy[j, 1]),
-                                "scale": float(scale[j]), "strength": float(strength[j])})
+        n = len(desc)
+        self.locals.append((image_id, np.asarray(xy, np.float32).reshape(-1, 2)[:n],
+                            np.asarray(scale, np.float32).ravel()[:n], np.asarray(strength, np.float32).ravel()[:n]))
         self.local_desc.append(np.asarray(desc, np.float32))
 
     def add_keypoints(self, image_id: str, xy: np.ndarray, score: np.ndarray, desc: np.ndarray) -> None:
@@ -109,6 +110,20 @@ class ShardTables:
         return pa.table({"image_id": pa.array(ids, pa.string()), "keypoint_id": pa.array(kid, pa.int32()),
                          "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1]), "score": pa.array(score),
                          "descriptor": descriptor_array(desc, self.keypoint_dtype)}, schema=schema)
+
+    def _locals_table(self, dim: int, desc: np.ndarray) -> pa.Table:
+        """The locals rows in the order they were added, built column by column from the per-image arrays (a
+        Python dict per local cost the actor's main thread ~4 ms of GIL per image at 600 locals)."""
+        n = [len(k[1]) for k in self.locals]
+        ids = [k[0] for k, c in zip(self.locals, n) for _ in range(c)]
+        cat = (lambda i, shape: np.concatenate([k[i] for k in self.locals]) if self.locals
+               else np.zeros(shape, np.float32))
+        xy, scale, strength = cat(1, (0, 2)), cat(2, (0,)), cat(3, (0,))
+        lid = np.concatenate([np.arange(c, dtype=np.int32) for c in n]) if n else np.zeros(0, np.int32)
+        return pa.table({"image_id": pa.array(ids, pa.string()), "local_id": pa.array(lid, pa.int32()),
+                         "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1]), "scale": pa.array(scale),
+                         "strength": pa.array(strength), "descriptor": descriptor_array(desc, self.dtype)},
+                        schema=locals_schema(dim, self.dtype))
 
     def _table(self, rows: list[dict[str, Any]], schema: pa.Schema, desc: np.ndarray | None) -> pa.Table:
         cols: dict[str, Any] = {}
@@ -138,8 +153,7 @@ class ShardTables:
         if "locals" in self.tables and self.local_dim is not None:
             dim = self.local_dim
             ldesc = np.concatenate(self.local_desc) if self.local_desc else np.zeros((0, dim), np.float32)
-            files["locals"] = store.write("locals", stage, shard, self._table(
-                self.locals, locals_schema(dim, self.dtype), ldesc))
+            files["locals"] = store.write("locals", stage, shard, self._locals_table(dim, ldesc))
         if "keypoints" in self.tables and self.keypoint_dim is not None:
             files["keypoints"] = store.write("keypoints", stage, shard, self._keypoints_table(),
                                              row_group_size=KEYPOINT_ROW_GROUP)
