@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from actors.common import Progress
 from pipeline.descriptors import OWN_WHITENING
 from pipeline.whitening import (WhitenConfig, Whitening, learn_pca_whitening, learn_supervised_whitening,
                                 whitenings_from_arrays)
@@ -27,7 +28,9 @@ def sample_regions(table_files: list[str], sources: tuple[str, ...], n: int, see
     rng = np.random.default_rng(seed)
     per_file = max(1, n // max(1, len(table_files)))
     parts, metas = [], []
+    progress = Progress("whiten: regions sample", len(table_files), unit="files", every=10.0)
     for uri in table_files:
+        progress.update(1)
         t = read_parquet(uri)
         t = t.filter(pc.is_in(t.column("source"), value_set=pa.array(list(sources))))
         if t.num_rows > per_file:
@@ -46,7 +49,9 @@ def sample_globals(table_files: list[str], methods: tuple[str, ...], n: int, see
     a method is at most ``n`` rows whatever the corpus size."""
     wanted = pa.array(list(methods))
     counts = {m: [] for m in methods}
+    progress = Progress("whiten: globals, pass 1 of 2", len(table_files), unit="files", every=10.0)
     for uri in table_files:                  # pass 1: rows per method per file (the method column only)
+        progress.update(1)
         col = read_parquet(uri, columns=["method"]).column("method")
         for m in methods:
             counts[m].append(int(pc.sum(pc.equal(col, m)).as_py() or 0))
@@ -58,7 +63,9 @@ def sample_globals(table_files: list[str], methods: tuple[str, ...], n: int, see
         take[m] = np.sort(rng.choice(total, n, replace=False)) if total > n else np.arange(total)
         starts[m] = np.r_[0, np.cumsum(counts[m])]
     parts: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    progress = Progress("whiten: globals, pass 2 of 2", len(table_files), unit="files", every=10.0)
     for f, uri in enumerate(table_files):    # pass 2: the chosen rows, file by file
+        progress.update(1)
         if not any(counts[m][f] for m in methods):
             continue
         t = read_parquet(uri, columns=["method", "descriptor"])
