@@ -12,7 +12,8 @@ so the ratios are the numbers to read; ``uptime`` is printed before and after):
    included; the CNN gets its already resized inputs). Also against one forward at 512 and at 1,024 px, the
    demo's and the package default's ``extract.max_side``.
 2. **Storage**: bytes of the run's committed ``keypoints`` files over the images that have keypoints (what the
-   index really stores, Parquet with its encodings), and per keypoint.
+   index really stores, Parquet with its encodings), and per keypoint; the reference is a sample of those files
+   written again with the other descriptor type (float16 for an int8 run), same layout and writer.
 3. **Verification** of one query's top ``K``, through the product's code (:class:`service.search.SearchService`,
    its :class:`service.verify.SpatialVerifier` reader and matcher, :func:`pipeline.verification`): reading the
    shortlist's keypoints from the table (per-shard reader, cold cache), matching, MAGSAC++; next to the
@@ -36,7 +37,9 @@ from pipeline.verification import verify_matches
 from service.search import SearchService
 from service.tracks import resolve_tracks
 from storage.keypoint_weights import load_keypoint_weights
-from storage.tables import TableStore
+from storage.schemas import descriptor_array, descriptors_to_numpy, keypoints_schema
+from storage.shard_writer import KEYPOINT_ROW_GROUP
+from storage.tables import TableStore, read_parquet
 from storage.uri import get_fs
 
 
@@ -107,8 +110,35 @@ def time_extraction(cfg: ExtractConfig, paths: list[str], repeats: int) -> dict:
     return out
 
 
+def reencoded_bytes(files: list[str], dtype: str, sample: int = 8) -> dict:
+    """The first ``sample`` committed keypoints files written again with ``dtype`` descriptors (``int8`` |
+    ``float16``), the same columns, row groups and writer (zstd), in memory: bytes as stored vs re-encoded."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    stored, other, images = 0, 0, set()
+    for uri in files[:sample]:
+        fs, path = get_fs(uri)
+        stored += fs.size(path)
+        t = read_parquet(uri)
+        images.update(t.column("image_id").to_pylist())
+        desc = descriptors_to_numpy(t.column("descriptor"))
+        col = descriptor_array(desc, dtype)
+        t = t.set_column(t.schema.get_field_index("descriptor"), pa.field("descriptor", col.type), col)
+        t = t.replace_schema_metadata(keypoints_schema(desc.shape[1], dtype).metadata)
+        buf = io.BytesIO()
+        pq.write_table(t, buf, compression="zstd", row_group_size=KEYPOINT_ROW_GROUP)
+        other += buf.tell()
+    n = max(1, len(images))
+    return {"files": min(sample, len(files)), "images": len(images), "dtype": dtype,
+            "stored_bytes_per_image": stored / n, "reencoded_bytes_per_image": other / n}
+
+
 def measure_storage(root: str) -> dict:
-    """The committed keypoints files of the run: bytes per image with keypoints and per keypoint."""
+    """The committed keypoints files of the run: bytes per image with keypoints and per keypoint; and a sample of
+    them re-encoded with the other descriptor type (float16 <-> int8), the in-run reference of the int8 choice."""
     import pyarrow.parquet as pq
 
     files = TableStore(root).committed_files("keypoints")
@@ -128,6 +158,14 @@ def measure_storage(root: str) -> dict:
     print(f"\n[storage] {len(files)} keypoints files, {len(images):,} images, {rows / n:.0f} keypoints per image "
           f"({dtype} descriptors): {nbytes / n / 1000:.1f} kB per image ({nbytes / n / 1024:.1f} KiB), "
           f"{nbytes / max(1, rows):.1f} B per keypoint  (target <= 80 KB)")
+    if files:
+        other = "float16" if dtype == "int8" else "int8"
+        ref = reencoded_bytes(files, other)
+        out["reencoded"] = ref
+        print(f"[storage] the first {ref['files']} files ({ref['images']:,} images) re-encoded with {other} "
+              f"descriptors: {ref['reencoded_bytes_per_image'] / 1000:.1f} kB per image against "
+              f"{ref['stored_bytes_per_image'] / 1000:.1f} kB as stored ({dtype}): ratio stored / {other} "
+              f"{ref['stored_bytes_per_image'] / max(ref['reencoded_bytes_per_image'], 1):.2f}")
     return out
 
 
