@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -99,3 +100,24 @@ def test_bench_sv_storage_reads_the_runs_keypoints_files(run) -> None:
     assert out["files"] == len(files) == 2 and out["images"] == 3 and out["keypoints"] == rows > 0
     assert out["descriptor_dtype"] == "int8" and out["bytes_per_keypoint"] < 100
     assert out["bytes_per_image"] == pytest.approx(out["bytes"] / 3)
+    # the in-run reference: the same files with float16 descriptors, written by pyarrow here independently
+    import io
+
+    from storage.schemas import descriptor_array, descriptors_to_numpy
+    from storage.shard_writer import KEYPOINT_ROW_GROUP
+
+    ref = out["reencoded"]
+    assert ref["dtype"] == "float16" and ref["files"] == 2 and ref["images"] == 3
+    assert ref["stored_bytes_per_image"] == pytest.approx(out["bytes_per_image"])
+    total = 0
+    for f in files:
+        t = pq.read_table(f)
+        col = descriptor_array(descriptors_to_numpy(t.column("descriptor")), "float16")
+        t = t.set_column(t.schema.get_field_index("descriptor"), "descriptor", col)
+        assert col.type.value_type == pa.float16()
+        buf = io.BytesIO()
+        pq.write_table(t.replace_schema_metadata(None), buf, compression="zstd", row_group_size=KEYPOINT_ROW_GROUP)
+        total += buf.tell()
+    # schema metadata is a few hundred bytes per file: equal up to that
+    assert abs(ref["reencoded_bytes_per_image"] * 3 - total) < 2 * 2048
+    assert ref["reencoded_bytes_per_image"] > out["bytes_per_image"]  # float16 is wider than int8
