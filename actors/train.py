@@ -77,13 +77,16 @@ def load_triplet_data(root: str, pairs: pa.Table, sources: tuple[str, ...] = RMA
                       accept: tuple[str, ...] = (POSITIVE, WEAK_POSITIVE)) -> tuple[TripletData, list[str]]:
     """The run's stored regional MACs of ``sources`` (every indexed image: the database itself is the training
     set) and the mined pairs of kinds ``accept`` as positives. Returns the data and the image id of each row."""
-    ids, parts = [], []
+    ids, parts, missing = [], [], []
     for src in sources:
+        before = len(ids)
         for rid, _, X in iter_regions(root, src):   # one file at a time
             ids += rid
             parts.append(X.astype(np.float32))
-    if not parts:
-        raise RuntimeError(f"no regions of sources {list(sources)} in {root}")
+        if len(ids) == before:
+            missing.append(src)
+    if missing:   # an R-MAC without some of the regions asked for would train a different descriptor
+        raise RuntimeError(f"no regions of source(s) {missing} in {root} (asked for {list(sources)})")
     ids_arr = np.asarray(ids, dtype=str)
     order = np.argsort(ids_arr, kind="stable")
     names, starts = np.unique(ids_arr[order], return_index=True)

@@ -2,16 +2,17 @@
 
     python -m jobs.train_projection --index <run> [--pairs <pairs.parquet URI>] [--out <folder URI>]
         [--epochs 10] [--dim 256] [--margin 0.1] [--lr 0.001] [--seed 0] [--kinds positive,weak_positive]
-        [--workers 1] [--gpu] [--plain] [--num-cpus N] [--ray-address ADDR]
+        [--workers 1] [--gpu] [--plain] [--num-cpus N] [--ray-address ADDR] [--sources full,grid]
 
-The training data are the run's stored regional MACs (``full`` + ``grid``, the R-MAC regions; the backbone stays
-frozen) and the positives of ``jobs.mine_pairs`` (``--pairs``, default the run's own table); the layer starts
-from the run's PCA-whitening and re-mines hard negatives every epoch (``pipeline.projection``). Ray Train's
-``TorchTrainer`` runs it (``--workers`` workers, ``--gpu`` for GPU workers; ``--plain`` runs the same function
-in this process, with the same result for one CPU worker). Writes ``projection.npz`` (arrays, no pickle) and
-``info.json`` (the config, the pairs, the epochs' statistics) to ``--out`` (default: the run's
-``learned_projection`` artefact). Apply it with ``jobs.index --set whiten.kind=learned --set
-whiten.projection=<folder>``: the run gets ``rmac_learned`` next to the PCA-whitened ``rmac``.
+The training data are the run's stored regional MACs (``--sources``: ``full`` + ``grid`` by default, the R-MAC
+regions; ``full,rpn`` for a run with RPN regions; the backbone stays frozen) and the positives of
+``jobs.mine_pairs`` (``--pairs``, default the run's own table); the layer starts from the run's PCA-whitening and
+re-mines hard negatives every epoch (``pipeline.projection``). Ray Train's ``TorchTrainer`` runs it (``--workers``
+workers, ``--gpu`` for GPU workers; ``--plain`` runs the same function in this process, with the same result for one
+CPU worker). Writes ``projection.npz`` (arrays, no pickle) and ``info.json`` (the config, the pairs, the epochs'
+statistics) to ``--out`` (default: the run's ``learned_projection`` artefact). Apply it with ``jobs.index --set
+whiten.kind=learned --set whiten.projection=<folder>``: the run gets ``rmac_learned`` next to the PCA-whitened
+``rmac``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from typing import Any, Sequence
 from actors.common import init_ray
 from actors.train import load_triplet_data, train_projection_ray
 from jobs.index import setup_logging
+from pipeline.descriptors import RMAC_SOURCES
 from pipeline.pair_mining import POSITIVE, WEAK_POSITIVE
 from pipeline.projection import LearnedProjection, ProjectionConfig, TripletData, train_projection, triplet_accuracy
 from service.errors import UserError, run_cli
@@ -41,6 +43,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index", required=True, help="output root of the index run (regions + whitening)")
     p.add_argument("--pairs", default=None, help="mined pairs (default: the run's jobs.mine_pairs table)")
     p.add_argument("--out", default=None, help="projection folder URI (default: the run's artefact)")
+    p.add_argument("--sources", default=",".join(RMAC_SOURCES),
+                   help="the regions whose MACs make each image's R-MAC during training (default full,grid: the "
+                        "rmac_learned descriptor; full,rpn trains for rmac_learned_rpn's RPN regions)")
     p.add_argument("--kinds", default=f"{POSITIVE},{WEAK_POSITIVE}", help="pair kinds used as positives")
     d = ProjectionConfig()
     p.add_argument("--epochs", type=int, default=d.epochs)
@@ -86,7 +91,11 @@ def run(args: argparse.Namespace) -> int:
     if not exists(pairs_uri):
         raise UserError(f"{pairs_uri}: no mined pairs (run python -m jobs.mine_pairs --index {args.index} first)")
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-    data, names = load_triplet_data(args.index, load_pairs(pairs_uri), accept=kinds)
+    sources = tuple(x.strip() for x in args.sources.split(",") if x.strip())
+    try:
+        data, names = load_triplet_data(args.index, load_pairs(pairs_uri), sources=sources, accept=kinds)
+    except RuntimeError as exc:   # no regions of these sources in the run
+        raise UserError(str(exc)) from None
     if data.positives.shape[0] == 0:
         raise UserError(f"{pairs_uri}: no pairs of kinds {list(kinds)} among the run's images")
     init = load_whitening_arrays(args.index)["regions"]
@@ -98,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     acc = accuracies(data, init, arrays, args.dim)
     info = {"kind": "learned_projection", "config": cfg.to_dict(), "index": args.index, "seconds": seconds,
             "pairs": {"uri": pairs_uri, "kinds": list(kinds), "positives": int(data.positives.shape[0])},
-            "images": len(names), "regions": int(data.regions.shape[0]), "runner": "plain" if args.plain else
+            "images": len(names), "regions": int(data.regions.shape[0]), "sources": list(sources),
+            "runner": "plain" if args.plain else
             f"ray_train x{args.workers}", "metrics": metrics, "triplet_accuracy": acc,
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     out = args.out or default_projection_location(args.index)

@@ -23,6 +23,7 @@ from jobs import mine_pairs as mine_job
 from jobs import train_projection as train_job
 from jobs import train_rpn as train_rpn_job
 from service.benchmark import default_methods
+from service.errors import EXIT_USAGE
 from service.search import SearchService
 from storage.arrays import save_json
 from storage.layout import RunLayout
@@ -121,6 +122,13 @@ def test_learned_projection_and_rpn_are_indexed_next_to_rmac(small_run, tmp_path
     manifest = RunManifest(str(out))
     assert manifest.stage("descriptors")["result"]["projection"] == folder
     assert manifest.stage("rpn")["result"]["images"] > 0
+    # a projection trained for rmac_learned_rpn: the R-MACs of training pool the full image and the RPN regions
+    assert train_job.main(common + ["--plain", "--sources", "full,rpn", "--out", str(tmp_path / "rpn")]) == 0
+    rpn_arrays, rpn_info = load_projection(str(tmp_path / "rpn"))
+    assert rpn_info["sources"] == ["full", "rpn"] and info["sources"] == ["full", "grid"]
+    assert rpn_info["regions"] != info["regions"] and not np.array_equal(rpn_arrays["projection"],
+                                                                         plain_arrays["projection"])
+    assert train_job.main(common + ["--plain", "--sources", "full,nosuch", "--out", str(tmp_path / "x")]) == EXIT_USAGE
     assert manifest.stage("extract")["status"] == "done"
     names = set(list_names(str(out)))
     assert {"global_rmac", "global_rmac_learned", "global_rmac_rpn", "global_rmac_learned_rpn",
