@@ -19,6 +19,7 @@ import faiss
 import numpy as np
 import ray
 
+from actors.common import Progress
 from actors.whiten import load_whitenings
 from pipeline import faiss_index as fi
 from pipeline.faiss_index import FaissConfig
@@ -139,22 +140,28 @@ def publish_itq(root: str, regional_name: str, regional: dict[str, Any], X: np.n
 def run_faiss_stage(root: str, cfg: FaissConfig) -> dict[str, Any]:
     """Build and publish one snapshot per ``cfg.methods`` global method and per ``cfg.regional`` source."""
     out: dict[str, Any] = {}
+    progress = Progress("faiss", len(cfg.methods) + len(cfg.regional), unit="indexes", every=0.0)
     for method in cfg.methods:
         t0 = time.time()
         ids, X = read_globals(root, method, trim=True)  # trailing zero padding dropped file by file
         if len(ids) == 0:
             log.warning("[faiss] no descriptors for method %s: skipped (is its stage enabled?)", method)
+            progress.update(1)
             continue
         d = _effective_dim(X)
         X = np.ascontiguousarray(X[:, :d])
         shards, factory, params = build_index(X, cfg)
         out[f"global_{method}"] = {**_publish(root, f"global_{method}", "global", method, shards, factory, params,
                                               ids, d, len(ids)), "seconds": time.time() - t0}
+        log.info("[faiss] global_%s: %s over %s vectors x %d in %.1f s", method, factory, f"{len(ids):,}", d,
+                 time.time() - t0)
+        progress.update(1)
     for source in cfg.regional:
         t0 = time.time()
         rid, X = load_regional(root, source)
         if len(rid) == 0:
             log.warning("[faiss] no regions of source %s: skipped", source)
+            progress.update(1)
             continue
         image_ids, region_image = np.unique(np.asarray(rid, dtype=str), return_inverse=True)
         shards, factory, params = build_index(X, cfg)
@@ -166,6 +173,9 @@ def run_faiss_stage(root: str, cfg: FaissConfig) -> dict[str, Any]:
             itq = publish_itq(root, name, out[name], X, cfg, exact)
             if itq.get("bits"):
                 out[SnapshotFiles.itq_name(name)] = itq
+        log.info("[faiss] %s: %s over %s regions x %d in %.1f s", name, factory, f"{len(rid):,}", X.shape[1],
+                 time.time() - t0)
+        progress.update(1)
     return out
 
 
