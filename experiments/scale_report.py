@@ -129,11 +129,12 @@ class Cluster:
     gpus_per_node: int = 4
     cpus_per_node: int = 16                # the Ray CPU resource cluster.yaml gives a gpu_a10g node (48 vCPUs)
     efficiency: float = 0.7               # share of the cores a CPU stage keeps busy
-    # measured (README, `make demo`): extract 7.3 images/s at 512 px on this machine's 2 cores, incl. actor start
-    # and the local PCA sample -> 0.27 core-seconds per image (the scale runs model the 512 px statistics)
-    extract_cpu_s_per_image: float = 2 / 7.3
+    # measured (README, `make demo`, 2026-12-01): extract 11.5 images/s at 512 px on this machine's 2 cores, incl.
+    # actor start, the local PCA / CAM sample and XFeat keypoints -> 0.17 core-seconds per image (the scale runs
+    # model the 512 px statistics)
+    extract_cpu_s_per_image: float = 2 / 11.5
     extract_gpu_images_per_s: float = 100.0  # per GPU at 512 px; assumed (no GPU extraction figure is in the repo)
-    os_forward_cpu_s_per_image: float = 2 / 7.8  # OS's own decode + forward (README: OS 7.8 images/s, 2 cores)
+    os_forward_cpu_s_per_image: float = 2 / 19.2  # OS's own decode + forward (README `make demo`: 19.2 images/s)
 
 
 # stages whose work is sharded over all the cluster's workers; the others run their heavy step on one node

@@ -4,7 +4,9 @@
 # 10k and 100k images with configs/scale.yaml (every region source, locals and keypoints at the real per-image
 # counts); 1M with configs/scale_1m.yaml (regions: FS.EGM only, locals at 10 %, no keypoints: what this machine's
 # disk holds); object saliency on the first 2 shards (512 images) at every size. Resumes: sizes and stages already
-# in <root>/results.json are kept, generated corpora are reused. Needs ~27 GB of disk for 10k + 100k, ~20 GB for 1M.
+# in <root>/results.json are kept, generated corpora are reused. Needs ~27 GB of disk for 10k + 100k, ~25 GB for 1M
+# (13 GB of tables, 11 GB of stage outputs). Run it at nice 19 to leave the cores to other work: scale_dag gives
+# each stage's session the same niceness (see experiments/scale_dag.keep_niceness).
 set -euo pipefail
 ROOT=${1:?usage: experiments/scale_table.sh <root> [HH:MM]}
 DEADLINE=(); [[ -n "${2:-}" ]] && DEADLINE=(--deadline "$2")
