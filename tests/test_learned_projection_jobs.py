@@ -123,8 +123,8 @@ def test_learned_projection_and_rpn_are_indexed_next_to_rmac(small_run, tmp_path
     assert manifest.stage("descriptors")["result"]["projection"] == folder
     assert manifest.stage("rpn")["result"]["images"] > 0
     # a projection trained for rmac_learned_rpn: the R-MACs of training pool the full image and the RPN regions
-    assert train_job.main(common + ["--plain", "--sources", "full,rpn", "--out", str(tmp_path / "rpn")]) == 0
-    rpn_arrays, rpn_info = load_projection(str(tmp_path / "rpn"))
+    assert train_job.main(common + ["--plain", "--sources", "full,rpn", "--out", str(tmp_path / "proj_full_rpn")]) == 0
+    rpn_arrays, rpn_info = load_projection(str(tmp_path / "proj_full_rpn"))
     assert rpn_info["sources"] == ["full", "rpn"] and info["sources"] == ["full", "grid"]
     assert rpn_info["regions"] != info["regions"] and not np.array_equal(rpn_arrays["projection"],
                                                                          plain_arrays["projection"])
