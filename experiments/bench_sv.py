@@ -39,7 +39,7 @@ from service.tracks import resolve_tracks
 from storage.keypoint_weights import load_keypoint_weights
 from storage.schemas import descriptor_array, descriptors_to_numpy, keypoints_schema
 from storage.shard_writer import KEYPOINT_ROW_GROUP
-from storage.tables import TableStore, read_parquet
+from storage.tables import TableStore, parquet_bytes, read_parquet
 from storage.uri import get_fs
 
 
@@ -112,11 +112,9 @@ def time_extraction(cfg: ExtractConfig, paths: list[str], repeats: int) -> dict:
 
 def reencoded_bytes(files: list[str], dtype: str, sample: int = 8) -> dict:
     """The first ``sample`` committed keypoints files written again with ``dtype`` descriptors (``int8`` |
-    ``float16``), the same columns, row groups and writer (zstd), in memory: bytes as stored vs re-encoded."""
-    import io
-
+    ``float16``), the same columns, row groups and writer (:func:`storage.tables.parquet_bytes`), in memory:
+    bytes as stored vs re-encoded."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     stored, other, images = 0, 0, set()
     for uri in files[:sample]:
@@ -128,9 +126,7 @@ def reencoded_bytes(files: list[str], dtype: str, sample: int = 8) -> dict:
         col = descriptor_array(desc, dtype)
         t = t.set_column(t.schema.get_field_index("descriptor"), pa.field("descriptor", col.type), col)
         t = t.replace_schema_metadata(keypoints_schema(desc.shape[1], dtype).metadata)
-        buf = io.BytesIO()
-        pq.write_table(t, buf, compression="zstd", row_group_size=KEYPOINT_ROW_GROUP)
-        other += buf.tell()
+        other += len(parquet_bytes(t, row_group_size=KEYPOINT_ROW_GROUP))   # the writer of the tables
     n = max(1, len(images))
     return {"files": min(sample, len(files)), "images": len(images), "dtype": dtype,
             "stored_bytes_per_image": stored / n, "reencoded_bytes_per_image": other / n}

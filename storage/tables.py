@@ -25,11 +25,16 @@ from storage.uri import exists, join, listdir, read_bytes, remove, write_bytes_a
 def write_parquet(uri: str, table: pa.Table, compression: str = "zstd", row_group_size: int | None = None) -> int:
     """Atomically write one Parquet file; returns its size in bytes. ``row_group_size``: rows per row group
     (small groups let a reader fetch a few images' rows by their ``image_id`` statistics)."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression, row_group_size=row_group_size)
-    data = buf.getvalue()
+    data = parquet_bytes(table, compression, row_group_size)
     write_bytes_atomic(uri, data)
     return len(data)
+
+
+def parquet_bytes(table: pa.Table, compression: str = "zstd", row_group_size: int | None = None) -> bytes:
+    """The bytes :func:`write_parquet` stores for ``table`` (the one writer: encodings, compression, row groups)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression, row_group_size=row_group_size)
+    return buf.getvalue()
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -69,11 +74,17 @@ class StageManifest:
         out = {}
         for uri in listdir(self.layout.shard_markers_dir(self.stage)):
             if uri.endswith(".json"):
-                marker = load_json(uri)
-                if isinstance(marker.get("files"), dict):
-                    marker["files"] = {k: self.resolve(v) for k, v in marker["files"].items()}
-                out[uri.rsplit("/", 1)[-1][:-5]] = marker
+                out[uri.rsplit("/", 1)[-1][:-5]] = self._resolved(load_json(uri))
         return out
+
+    def marker(self, shard: int | str) -> dict[str, Any]:
+        """One committed shard's marker, its files as URIs under this run's root (as :meth:`committed`)."""
+        return self._resolved(load_json(self.marker_uri(shard)))
+
+    def _resolved(self, marker: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(marker.get("files"), dict):
+            marker["files"] = {k: self.resolve(v) for k, v in marker["files"].items()}
+        return marker
 
     def is_committed(self, shard: int | str) -> bool:
         return exists(self.marker_uri(shard))
@@ -156,8 +167,8 @@ def drop_images(root: str, stage: str, image_ids: set[str], shards: set[str]) ->
     for label in sorted(shards):
         if not manifest.is_committed(label):
             continue
-        marker = load_json(manifest.marker_uri(label))
-        files = {name: manifest.resolve(uri) for name, uri in marker.get("files", {}).items()}
+        marker = manifest.marker(label)
+        files = marker.get("files", {})
         tables = {name: read_parquet(uri) for name, uri in files.items()}
         hit = any(t.num_rows and pc.any(pc.is_in(t.column("image_id"), value_set=value_set)).as_py()
                   for t in tables.values())
