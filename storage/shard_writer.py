@@ -6,7 +6,7 @@ nothing left to do on a rerun. Descriptor columns are float16 or float32 fixed-s
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -99,13 +99,9 @@ class ShardTables:
         """The keypoints rows sorted by image id (row groups then cover narrow id ranges), descriptors in
         ``keypoint_dtype``."""
         dim = int(self.keypoint_dim or 0)
-        items = sorted(self.keypoints, key=lambda k: k[0])
-        n = [len(k[1]) for k in items]
-        ids = [i for (i, *_), c in zip(items, n) for _ in range(c)]
-        xy = np.concatenate([k[1] for k in items]) if items else np.zeros((0, 2), np.float32)
-        score = np.concatenate([k[2] for k in items]) if items else np.zeros(0, np.float32)
-        desc = np.concatenate([k[3].reshape(-1, dim) for k in items]) if items else np.zeros((0, dim), np.float32)
-        kid = np.concatenate([np.arange(c, dtype=np.int32) for c in n]) if items else np.zeros(0, np.int32)
+        items = [(i, xy, score, desc.reshape(-1, dim)) for i, xy, score, desc in sorted(self.keypoints,
+                                                                                     key=lambda k: k[0])]
+        ids, kid, (xy, score, desc) = _image_rows(items, ((0, 2), (0,), (0, dim)))
         schema = keypoints_schema(dim, self.keypoint_dtype)
         return pa.table({"image_id": pa.array(ids, pa.string()), "keypoint_id": pa.array(kid, pa.int32()),
                          "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1]), "score": pa.array(score),
@@ -114,13 +110,7 @@ class ShardTables:
     def _locals_table(self, dim: int, desc: np.ndarray) -> pa.Table:
         """The locals rows in the order they were added, built column by column from the per-image arrays (a
         Python dict per local cost the actor's main thread ~4 ms of GIL per image at 600 locals)."""
-        n = [len(k[1]) for k in self.locals]
-        ids = [k[0] for k, c in zip(self.locals, n) for _ in range(c)]
-        def column(i: int, empty_shape: tuple[int, ...]) -> np.ndarray:
-            return np.concatenate([k[i] for k in self.locals]) if self.locals else np.zeros(empty_shape, np.float32)
-
-        xy, scale, strength = column(1, (0, 2)), column(2, (0,)), column(3, (0,))
-        lid = np.concatenate([np.arange(c, dtype=np.int32) for c in n]) if n else np.zeros(0, np.int32)
+        ids, lid, (xy, scale, strength) = _image_rows(self.locals, ((0, 2), (0,), (0,)))
         return pa.table({"image_id": pa.array(ids, pa.string()), "local_id": pa.array(lid, pa.int32()),
                          "x": pa.array(xy[:, 0]), "y": pa.array(xy[:, 1]), "scale": pa.array(scale),
                          "strength": pa.array(strength), "descriptor": descriptor_array(desc, self.dtype)},
@@ -160,6 +150,19 @@ class ShardTables:
                                              row_group_size=KEYPOINT_ROW_GROUP)
         files["errors"] = store.write("errors", stage, shard, self._table(self.errors, ERRORS_SCHEMA, None))
         return files
+
+
+def _image_rows(items: Sequence[tuple[Any, ...]], empty_shapes: tuple[tuple[int, ...], ...]
+                ) -> tuple[list[str], np.ndarray, list[np.ndarray]]:
+    """Per-image arrays ``(image_id, a_1, ..., a_k)`` (each with one row per item of the image) as table columns:
+    the image id repeated over its rows, the row number within its image (int32), and each ``a_j`` concatenated
+    over the images (float32 zeros of ``empty_shapes[j]`` when there are none)."""
+    counts = [len(item[1]) for item in items]
+    ids = [item[0] for item, c in zip(items, counts) for _ in range(c)]
+    row = np.concatenate([np.arange(c, dtype=np.int32) for c in counts]) if items else np.zeros(0, np.int32)
+    cols = [np.concatenate([item[j] for item in items]) if items else np.zeros(shape, np.float32)
+            for j, shape in enumerate(empty_shapes, start=1)]
+    return ids, row, cols
 
 
 __all__ = ["ShardTables", "IMAGE_TABLES", "KEYPOINT_ROW_GROUP", "pad_width"]
