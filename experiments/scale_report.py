@@ -185,9 +185,10 @@ def projection(results_path: Path, n: int = 1_000_000, c: Cluster = Cluster()) -
         src = "measured" if last["n"] == n else \
             f"from {last['n']:,}, linear {linear}" if linear else \
             f"from {last['n']:,} with p = {p:.2f}" if p is not None else f"from {last['n']:,}, linear"
-        seen = "-" if not big else _fmt_s(max(full_cost(big[0], "cpu_s") - base.get(n, 0.0) / sampled(big[0]), 0))
-        if big and stage in FULL_PROBLEM_AT_1M:
-            cpu = max(full_cost(big[0], "cpu_s") - base.get(n, 0.0) / sampled(big[0]), 1e-3)
+        big_cpu = max(full_cost(big[0], "cpu_s") - base.get(n, 0.0) / sampled(big[0]), 0.0) if big else None
+        seen = "-" if big_cpu is None else _fmt_s(big_cpu)
+        if big_cpu is not None and stage in FULL_PROBLEM_AT_1M:
+            cpu = max(big_cpu, 1e-3)
             src = f"measured at {n:,} (reduced config: the same FS.EGM graph)"
         cores = c.cpus_per_node * c.efficiency * (c.nodes if stage in SHARDED else 1)
         wall = cpu / cores
