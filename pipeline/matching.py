@@ -239,7 +239,12 @@ class GlueMatcher:
         if len(kp) and kp.dim != self.dim:
             raise ValueError(f"{self.config.name} expects {self.dim}-D descriptors "
                              f"({MATCHER_EXTRACTOR[self.config.name]}), got {kp.dim}-D ({kp.extractor or '?'})")
-        return {"keypoints": torch.from_numpy(np.ascontiguousarray(kp.xy, np.float32))[None].to(self.device),
+        # XFeat's sub-pixel refinement can put a border keypoint a fraction of a pixel outside the image
+        # (x = -0.05 on real photos), which kornia's LightGlue refuses ("keypoints must lie inside the
+        # image"); the glue models only use positions for their positional encoding, so clip to the frame.
+        w, h = kp.image_size
+        xy = np.clip(np.asarray(kp.xy, np.float32), 0.0, np.array([w, h], np.float32))
+        return {"keypoints": torch.from_numpy(np.ascontiguousarray(xy))[None].to(self.device),
                 "descriptors": torch.from_numpy(np.ascontiguousarray(kp.descriptors, np.float32))[None].to(self.device),
                 "image_size": torch.tensor([kp.image_size], dtype=torch.float32, device=self.device)}
 

@@ -188,3 +188,19 @@ def test_lighterglue_matches_are_geometrically_correct(warped_pair):
     assert not verify_pair(q, other, VerifyConfig(), m).verified
     with pytest.raises(ValueError):
         m.match(Keypoints(q.xy, q.scores, np.ones((len(q), 128), np.float32) / np.sqrt(128), q.image_size), db)
+
+
+def test_glue_matcher_accepts_subpixel_border_keypoints(warped_pair):
+    """XFeat's sub-pixel refinement puts border keypoints up to a fraction of a pixel outside the image
+    (x = -0.05 on real photos); kornia's LightGlue refused the whole pair. The matcher clips positions to the
+    frame and matches as before, returning the caller's indices."""
+    q, db, _ = warped_pair
+    m = build_matcher(MatcherConfig("lighterglue"), "cpu", load_keypoint_weights("lighterglue"))
+    w, h = db.image_size
+    xy = db.xy.copy()
+    xy[0] = (-0.05, -0.05)
+    xy[1] = (w + 0.04, h + 0.04)
+    shifted = Keypoints(xy, db.scores, db.descriptors, db.image_size, db.extractor)
+    pairs, _ = m.match(q, shifted)
+    ref, _ = m.match(q, db)
+    assert len(pairs) > 100 and abs(len(pairs) - len(ref)) <= 5
