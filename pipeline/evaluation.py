@@ -230,3 +230,34 @@ def mean_pr_curve(
     if not curves:
         return levels, np.full(levels.size, np.nan)
     return levels, np.mean(curves, axis=0)
+
+
+def paired_bootstrap(ap_a: Sequence[float] | np.ndarray, ap_b: Sequence[float] | np.ndarray,
+                     n_resamples: int = 10000, confidence: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """How sure is "method B beats method A" on these queries? Paired bootstrap over queries of ``mAP(B) - mAP(A)``.
+
+    ``ap_a``, ``ap_b``: per-query APs of the two methods on the same queries (NaN = a query without positives
+    under the protocol; dropped from both). Queries are resampled with replacement ``n_resamples`` times (seeded)
+    and the difference of means is taken on each resample; returns the observed difference ``diff``, the
+    percentile interval ``low`` / ``high`` at ``confidence``, and the counts of queries where B is ``better`` /
+    ``worse`` / ``n`` in all. On a small track (60 no-box queries, mostly one positive each) one query moving from
+    rank 1 to rank 4 changes mAP by 1.25 points: the interval says whether a difference is more than that noise.
+    """
+    a = np.asarray(ap_a, np.float64).ravel()
+    b = np.asarray(ap_b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"per-query APs of different lengths: {a.size} vs {b.size}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    d = b[keep] - a[keep]
+    if d.size == 0:
+        nan = float("nan")
+        return {"diff": nan, "low": nan, "high": nan, "better": 0, "worse": 0, "n": 0}
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    for s in range(0, n_resamples, 1000):  # blocks bound memory at 1000 x n
+        m = min(1000, n_resamples - s)
+        means[s:s + m] = d[rng.integers(0, d.size, (m, d.size))].mean(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"diff": float(d.mean()), "low": float(low), "high": float(high),
+            "better": int((d > 1e-12).sum()), "worse": int((d < -1e-12).sum()), "n": int(d.size)}

@@ -279,3 +279,43 @@ def test_museum_landmarks_oracle_and_reversed_rankings():
         assert m == pytest.approx(1.0) and np.allclose(mpr, 1.0)
         m_worst, _, _, _ = compute_map(worst, pg)
         assert m_worst < 0.05
+
+
+def test_paired_bootstrap_hand_cases():
+    from pipeline.evaluation import paired_bootstrap
+    same = paired_bootstrap([1.0, 0.5, 0.25], [1.0, 0.5, 0.25])
+    assert same == {"diff": 0.0, "low": 0.0, "high": 0.0, "better": 0, "worse": 0, "n": 3}
+    # every query gains 0.1: every resample's mean gain is 0.1
+    shift = paired_bootstrap([0.2, 0.5, 0.7, 0.9], [0.3, 0.6, 0.8, 1.0])
+    assert shift["diff"] == pytest.approx(0.1) and shift["low"] == pytest.approx(0.1)
+    assert shift["high"] == pytest.approx(0.1) and (shift["better"], shift["worse"]) == (4, 0)
+    # differences (0, 1): resample means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4 -> 95 % interval [0, 1];
+    # the NaN query (no positives) is dropped from both methods
+    two = paired_bootstrap([1.0, 0.0, np.nan], [1.0, 1.0, np.nan])
+    assert (two["diff"], two["low"], two["high"], two["n"]) == (0.5, 0.0, 1.0, 2)
+    with pytest.raises(ValueError):
+        paired_bootstrap([1.0], [1.0, 0.5])
+
+
+def test_paired_bootstrap_matches_scipy():
+    scipy_stats = pytest.importorskip("scipy.stats")
+    from pipeline.evaluation import paired_bootstrap
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0, 1, 300)
+    b = np.clip(a + rng.normal(0.02, 0.1, 300), 0, 1)
+    ours = paired_bootstrap(a, b, n_resamples=20000, seed=1)
+    ref = scipy_stats.bootstrap((b - a,), np.mean, n_resamples=20000, method="percentile",
+                                confidence_level=0.95, random_state=7).confidence_interval
+    assert ours["diff"] == pytest.approx(float(np.mean(b - a)))
+    assert ours["low"] == pytest.approx(ref.low, abs=0.002) and ours["high"] == pytest.approx(ref.high, abs=0.002)
+
+
+def test_compare_methods_reads_report_aps():
+    from experiments.compare_methods import compare
+    aps = {"medium": {"aps": [1.0, 0.5, 0.25, 1.0]}, "hard": {"aps": [None, None, None, None]}}
+    better = {"medium": {"aps": [1.0, 1.0, 0.25, 1.0]}, "hard": {"aps": [None, None, None, None]}}
+    report = {"tracks": {"t": {"methods": {"a": aps, "b": better}}, "u": {"methods": {"a": aps}}}}
+    rows = compare(report, "a", "b")
+    assert len(rows) == 1 and rows[0]["track"] == "t" and rows[0]["protocol"] == "medium"
+    assert rows[0]["map_a"] == pytest.approx(68.75) and rows[0]["map_b"] == pytest.approx(81.25)
+    assert rows[0]["diff"] == pytest.approx(0.125) and (rows[0]["better"], rows[0]["worse"]) == (1, 0)
