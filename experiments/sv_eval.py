@@ -289,6 +289,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     cv2.setNumThreads(args.threads)
     tracks = load_tracks(DATA)
+    if args.tracks:
+        tracks = {t: tracks[t] for t in args.tracks.split(",")}
     rank_dir = Path(args.rankings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -345,7 +347,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
                 keep = (conf >= min_sim) & (ratio <= max_ratio)
                 pr = pairs[keep]
                 t = time.perf_counter()
-                _, _, mask = fit_geometry(qstore[qk].xy[pr[:, 0]], store[iid].xy[pr[:, 1]], vcfg)
+                pcfg = vcfg
+                if point.get("thr_px") == "extraction":
+                    # threshold in pixels of the keypoint extraction's input (the database image at most
+                    # max_side), turned into the database image's original pixels
+                    side = max(store[iid].image_size)
+                    pcfg = replace(vcfg, ransac_threshold=vcfg.ransac_threshold * max(1.0, side / kcfg.max_side))
+                _, _, mask = fit_geometry(qstore[qk].xy[pr[:, 0]], store[iid].xy[pr[:, 1]], pcfg)
                 t_fit += time.perf_counter() - t
                 inl_memo[(qk, iid)] = int(mask.sum())
             ms_fit = 1000 * t_fit / max(len(matches), 1)
@@ -435,6 +443,7 @@ def main() -> None:
     v.add_argument("--out", default="/work/runs/sv_eval")
     v.add_argument("--cache", default="/work/runs/kp_cache")
     v.add_argument("--methods", default="", help="comma-separated method slugs (default: all)")
+    v.add_argument("--tracks", default="", help="comma-separated tracks (default: root,in-photos,no-box)")
     v.add_argument("--top-methods", type=int, default=0, help="per track, the N best first stages (Hard mAP)")
     v.add_argument("--index", default="/work/runs/bench_before/index", help="index run whose locals table "
                    "the cnn extractor reads")

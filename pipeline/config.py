@@ -24,6 +24,7 @@ from pipeline.extract import ExtractConfig
 from pipeline.faiss_index import FaissConfig
 from pipeline.katz import KatzConfig
 from pipeline.knn_graph import GraphConfig
+from pipeline.matching import MATCHER_EXTRACTOR
 from pipeline.object_saliency import ObjectSaliencyConfig
 from pipeline.rpn_regions import RPN_SOURCE, RegionSourceConfig
 from pipeline.verification import VerifyConfig
@@ -120,6 +121,12 @@ class IndexConfig:
         if "asmk" in cfg.stages and cfg.asmk.locals != "cnn" and cfg.asmk.locals != cfg.extract.keypoints.name:
             raise ConfigError(f"asmk.locals: {cfg.asmk.locals} needs extract.keypoints.name: {cfg.asmk.locals} "
                               f"(got {cfg.extract.keypoints.name})")
+        for key, name in (("verify.matcher.name", cfg.verify.matcher.name),
+                          ("verify.rescore_matcher", cfg.verify.rescore_matcher)):
+            needs = MATCHER_EXTRACTOR.get(name)
+            if needs is not None and cfg.extract.keypoints.name not in (needs, "none"):
+                raise ConfigError(f"{key}: {name} matches {needs} keypoints; extract.keypoints.name is "
+                                  f"{cfg.extract.keypoints.name}")
         if cfg.extract.keypoints.name == "cnn" and cfg.extract.local_features <= 0:
             raise ConfigError("extract.keypoints.name: cnn keypoints are the locals: needs extract.local_features > 0")
         if cfg.whiten.kind == "learned":   # its own globals and FAISS snapshot, next to the PCA-whitened rmac

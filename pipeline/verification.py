@@ -27,6 +27,16 @@ experiments/sv_eval.py on museum-landmarks, see its report):
 
 Both leave images outside the shortlist below every shortlist image only if their first-stage score is
 lower, which holds for a ranking; :func:`rerank_shortlist` applies the fusion to a ranked id list.
+
+Re-verification with a learned matcher (``rescore_matcher``, off by default): MNN verifies the whole shortlist
+cheaply; then LighterGlue (XFeat) or LightGlue (ALIKED) re-verifies the images that decide the top of the
+list, :func:`rescore_positions` (the first stage's top ``rescore_top`` and the MNN-fused top ``rescore_top``,
+at most twice that many pairs per query), and their glue inlier counts replace MNN's before the same fusion.
+Why: on museum photos MNN + MAGSAC verifies small distractor images (laptop screens, bank notes, boxes) with
+30-130 inliers against a wall photo, because a painting's frame and a rectangular object are related by a
+homography along their edges; the glue matchers, which match with the context of all keypoints, give those
+pairs 0 inliers and the true paintings hundreds (experiments/sv_cascade.py). They cost ~0.25 s per pair on
+two CPU cores, hence only on the top of the list (milliseconds on a GPU).
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ from pipeline.keypoints import Keypoints
 from pipeline.matching import Matcher, MatcherConfig
 
 FUSION_RULES: tuple[str, ...] = ("tiered", "additive")
+RESCORE_MATCHERS: tuple[str, ...] = ("none", "lighterglue", "lightglue")
 
 
 def _tuned_matcher() -> MatcherConfig:
@@ -58,7 +69,9 @@ class VerifyConfig:
     ``max_iters`` / ``confidence``: RANSAC loop limits (OpenCV's defaults for findHomography are 2000 / 0.995).
     ``min_inliers``: inliers for an image to count as verified. ``shortlist``: K database images verified.
     ``max_scale``, ``max_anisotropy``, ``min_extent``: the degenerate-model checks (module docstring).
-    ``fusion`` / ``fusion_weight`` / ``inlier_cap``: see :func:`fuse_scores`.
+    ``fusion`` / ``fusion_weight`` / ``inlier_cap``: see :func:`fuse_scores`. ``rescore_matcher``: ``none``, or
+    the learned matcher that re-verifies :func:`rescore_positions` (``rescore_top`` each from the first stage and
+    the MNN-fused list; module docstring); its inlier counts use the same ``min_inliers`` and fusion.
     """
 
     matcher: MatcherConfig = field(default_factory=_tuned_matcher)
@@ -74,10 +87,16 @@ class VerifyConfig:
     fusion: str = "tiered"
     fusion_weight: float = 1.0
     inlier_cap: int = 100
+    rescore_matcher: str = "none"
+    rescore_top: int = 10
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_RULES:
             raise ValueError(f"unknown fusion rule {self.fusion!r}; known: {FUSION_RULES}")
+        if self.rescore_matcher not in RESCORE_MATCHERS:
+            raise ValueError(f"unknown rescore_matcher {self.rescore_matcher!r}; known: {RESCORE_MATCHERS}")
+        if self.rescore_top < 1:
+            raise ValueError("rescore_top >= 1 required")
         if self.ransac_threshold <= 0 or self.min_inliers < 1 or self.shortlist < 0 or self.inlier_cap < 1:
             raise ValueError("ransac_threshold > 0, min_inliers >= 1, shortlist >= 0, inlier_cap >= 1 required")
 
@@ -258,3 +277,12 @@ def rerank_shortlist(ranked_ids: np.ndarray, first_stage: np.ndarray | None, inl
     s = -np.arange(k, dtype=np.float64) if first_stage is None else np.asarray(first_stage, np.float64)[:k]
     order = np.argsort(-fuse_scores(s, inliers, cfg), kind="stable")
     return np.concatenate([ids[:k][order], ids[k:]])
+
+
+def rescore_positions(fused_order: np.ndarray, top: int) -> np.ndarray:
+    """Shortlist positions (first-stage order, 0-based) that the learned matcher re-verifies: the first stage's
+    top ``top`` and the images at the top ``top`` of the fused order (``fused_order[r]`` = first-stage position
+    of the image ranked ``r`` after fusion), sorted."""
+    order = np.asarray(fused_order, np.int64).ravel()
+    first = np.arange(min(int(top), order.size), dtype=np.int64)
+    return np.union1d(first, order[:int(top)])

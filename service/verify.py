@@ -7,7 +7,10 @@ the shards that hold them), a MAGSAC++ homography with an affine fallback is fit
 (:func:`pipeline.verification.verify_shortlist`), and the inlier counts are fused with the first-stage scores by
 the run's ``verify.fusion`` rule (:func:`pipeline.verification.fuse_scores`; default ``tiered``: images with at
 least ``verify.min_inliers`` inliers are verified and ranked first by inlier count, the others keep their
-first-stage order). Results past ``K`` keep their order and scores.
+first-stage order). Results past ``K`` keep their order and scores. With ``verify.rescore_matcher``
+(``lighterglue`` / ``lightglue``) the learned matcher then re-verifies the first stage's and the fused list's top
+``verify.rescore_top`` and its inlier counts replace MNN's there before fusing again
+(:func:`pipeline.verification.rescore_positions`).
 
 The ranking's ``extra["matches"]`` holds, per verified image id, the inlier matches as an ``(n, 4)`` float32 array
 ``[xq, yq, xd, yd]`` in query-crop / database-image pixels (what the results browser and the HTML pages draw), and
@@ -29,7 +32,8 @@ import numpy as np
 
 from pipeline.keypoints import Keypoints
 from pipeline.matching import Matcher, build_matcher
-from pipeline.verification import VerifyConfig, fuse_scores, inlier_matches
+from pipeline.matching import MatcherConfig
+from pipeline.verification import VerifyConfig, fuse_scores, inlier_matches, rescore_positions
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
 from storage.keypoint_weights import load_keypoint_weights
@@ -65,9 +69,12 @@ class SpatialVerifier:
         self.cfg = config if config is not None else encoder.cfg.verify
         self.reader = KeypointReader(root)
         self._matcher: Matcher | None = None
+        self._rescorer: Matcher | None = None
         self._db: OrderedDict[str, Keypoints] = OrderedDict()
         self.pairs: dict[tuple[str, str], PairResult] = {}   # the inlier cache, shared by every method
+        self.rescored: dict[tuple[str, str], PairResult] = {}  # the same for the learned re-verification
         self.pairs_verified = 0
+        self.pairs_rescored = 0
         self._lock = threading.Lock()   # the results browser searches from several threads over one service
 
     @property
@@ -77,6 +84,14 @@ class SpatialVerifier:
             self._matcher = build_matcher(m, self.encoder.device,
                                           None if m.name == "mnn" else load_keypoint_weights(m.name))
         return self._matcher
+
+    @property
+    def rescorer(self) -> Matcher:
+        """The learned matcher of ``verify.rescore_matcher`` (built on first use)."""
+        if self._rescorer is None:
+            name = self.cfg.rescore_matcher
+            self._rescorer = build_matcher(MatcherConfig(name=name), self.encoder.device, load_keypoint_weights(name))
+        return self._rescorer
 
     def database_keypoints(self, image_ids: Sequence[str]) -> dict[str, Keypoints]:
         """Keypoints of database images (read per shard on a cache miss); images without any are absent."""
@@ -92,24 +107,31 @@ class SpatialVerifier:
                     self._db.popitem(last=False)
         return have
 
-    def verify(self, q: QueryDescriptors, image_ids: Sequence[str]) -> list[PairResult]:
-        """(inliers, inlier matches) of the query against each image (cached per pair)."""
+    def verify(self, q: QueryDescriptors, image_ids: Sequence[str], rescore: bool = False) -> list[PairResult]:
+        """(inliers, inlier matches) of the query against each image (cached per pair); ``rescore``: with the
+        learned re-verification matcher instead of ``verify.matcher``."""
         if not self.reader.available:
             raise UserError("this run has no keypoints table: +sv needs extract.keypoints at index time")
         qkp = self.encoder.add_keypoints(q).keypoints
         assert qkp is not None
         key = query_key(q)
-        todo = [i for i in dict.fromkeys(image_ids) if (key, i) not in self.pairs]
+        cache = self.rescored if rescore else self.pairs
+        todo = [i for i in dict.fromkeys(image_ids) if (key, i) not in cache]
         if todo:
             db = self.database_keypoints(todo)
             empty = Keypoints.empty(qkp.dim, (1, 1))
-            done = dict(zip(todo, inlier_matches(qkp, [db.get(i, empty) for i in todo], self.cfg, self.matcher)))
+            matcher = self.rescorer if rescore else self.matcher
+            done = dict(zip(todo, inlier_matches(qkp, [db.get(i, empty) for i in todo], self.cfg, matcher)))
             with self._lock:
-                self.add_pairs({(key, i): res for i, res in done.items()})
-                self.pairs_verified += len(todo)
+                if rescore:
+                    self.rescored.update({(key, i): res for i, res in done.items()})
+                    self.pairs_rescored += len(todo)
+                else:
+                    self.add_pairs({(key, i): res for i, res in done.items()})
+                    self.pairs_verified += len(todo)
         else:
             done = {}
-        return [done[i] if i in done else self.pairs[(key, i)] for i in image_ids]
+        return [done[i] if i in done else cache[(key, i)] for i in image_ids]
 
     def add_pairs(self, pairs: dict[tuple[str, str], PairResult]) -> None:
         """Put verified pairs into the cache (e.g. verified elsewhere, as Ray tasks), dropping the oldest beyond
@@ -137,6 +159,14 @@ class SpatialVerifier:
         s = np.asarray(r.scores[:k], np.float64)
         fused = fuse_scores(s, inl, self.cfg)
         order = np.argsort(-fused, kind="stable")
+        if self.cfg.rescore_matcher != "none":
+            # the learned matcher re-verifies the top of both lists; its counts replace MNN's there
+            pos = rescore_positions(order, self.cfg.rescore_top)
+            for j, pr in zip(pos, self.verify(q, [ids[j] for j in pos], rescore=True)):
+                res[j] = pr
+                inl[j] = pr[0]
+            fused = fuse_scores(s, inl, self.cfg)
+            order = np.argsort(-fused, kind="stable")
         extra = dict(r.extra or {})
         extra["matches"] = {ids[j]: res[j][1] for j in range(k) if inl[j] >= self.cfg.min_inliers}
         extra["inliers"] = {ids[j]: int(inl[j]) for j in range(k)}

@@ -71,3 +71,15 @@ def test_config_file_errors_name_the_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_learned_matchers_need_their_extractor():
+    base = {"images": "x", "out": "y"}
+    ok = load_config(None, {**base, "verify.rescore_matcher": "lighterglue"})
+    assert ok.verify.rescore_matcher == "lighterglue" and ok.extract.keypoints.name == "xfeat"
+    with pytest.raises(ConfigError, match="verify.rescore_matcher: lightglue matches aliked keypoints"):
+        load_config(None, {**base, "verify.rescore_matcher": "lightglue"})
+    with pytest.raises(ConfigError, match="verify.matcher.name: lighterglue matches xfeat keypoints"):
+        load_config(None, {**base, "extract.keypoints.name": "aliked", "verify.matcher.name": "lighterglue"})
+    aliked = load_config(None, {**base, "extract.keypoints.name": "aliked", "verify.rescore_matcher": "lightglue"})
+    assert aliked.verify.rescore_matcher == "lightglue"

@@ -121,3 +121,46 @@ def test_bench_sv_storage_reads_the_runs_keypoints_files(run) -> None:
     # schema metadata is a few hundred bytes per file: equal up to that
     assert abs(ref["reencoded_bytes_per_image"] * 3 - total) < 2 * 2048
     assert ref["reencoded_bytes_per_image"] > out["bytes_per_image"]  # float16 is wider than int8
+
+
+class _CannedVerifier(SpatialVerifier):
+    """Inlier counts from tables instead of matching: MNN's, and the learned matcher's for re-verified pairs."""
+
+    def __init__(self, cfg: VerifyConfig, mnn: dict[str, int], glue: dict[str, int]) -> None:
+        self.cfg, self.mnn, self.glue, self.asked = cfg, mnn, glue, []
+
+    def verify(self, q, image_ids, rescore: bool = False):  # type: ignore[override]
+        table = self.glue if rescore else self.mnn
+        if rescore:
+            self.asked.extend(image_ids)
+        return [(table[i], np.zeros((table[i], 4), np.float32)) for i in image_ids]
+
+
+def test_rescore_replaces_mnn_counts_on_the_top_of_both_lists() -> None:
+    """Hand-computed cascade: first stage a..f; MNN verifies e (frame-like false match, 80) and f (40); with
+    rescore_top 2 the learned matcher re-verifies positions {0, 1} (first stage) and {4, 5} (MNN's top 2):
+    e drops to 0, b (MNN 10) rises to 60 and a stays unverified; c, d keep MNN's counts and order."""
+    mnn = {"a": 0, "b": 10, "c": 5, "d": 0, "e": 80, "f": 40}
+    glue = {"a": 3, "b": 60, "e": 0, "f": 120}
+    first = Ranking(list("abcdef"), np.linspace(1.0, 0.5, 6).astype(np.float32))
+    plain = _CannedVerifier(VerifyConfig(), mnn, glue)
+    assert plain.rerank_one(None, first, 100).image_ids == list("efabcd") and plain.asked == []
+    cascade = _CannedVerifier(VerifyConfig(rescore_matcher="lighterglue", rescore_top=2), mnn, glue)
+    out = cascade.rerank_one(None, first, 100)
+    assert sorted(cascade.asked) == ["a", "b", "e", "f"]
+    assert out.image_ids == list("fbacde")
+    assert out.extra["inliers"] == {"a": 3, "b": 60, "c": 5, "d": 0, "e": 0, "f": 120}
+    assert set(out.extra["matches"]) == {"f", "b"}
+
+
+def test_lighterglue_rescore_on_a_run(run) -> None:
+    """The cascade with the real LighterGlue over the run's keypoints table keeps the warped copy first."""
+    root, img = run
+    cfg = VerifyConfig(rescore_matcher="lighterglue", rescore_top=1)
+    verifier = SpatialVerifier(root, _Encoder(), cfg)  # type: ignore[arg-type]
+    q = QueryDescriptors(image_size=(img.shape[1], img.shape[0]), image=Image.fromarray(img))
+    first = Ranking(["other_a", "other_b", "warped"], np.array([0.9, 0.8, 0.7], np.float32))
+    out = verifier.rerank([q], [first], None)[0]
+    # re-verified: first-stage position 0 (other_a) and MNN's top (warped)
+    assert verifier.pairs_rescored == 2 and out.image_ids[0] == "warped"
+    assert out.extra["inliers"]["warped"] >= 100 and out.extra["inliers"]["other_a"] < cfg.min_inliers

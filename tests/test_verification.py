@@ -204,3 +204,15 @@ def test_glue_matcher_accepts_subpixel_border_keypoints(warped_pair):
     pairs, _ = m.match(q, shifted)
     ref, _ = m.match(q, db)
     assert len(pairs) > 100 and abs(len(pairs) - len(ref)) <= 5
+
+
+def test_rescore_positions_and_config():
+    from pipeline.verification import rescore_positions
+    # fused order: first-stage positions of the images ranked 0, 1, 2, ... after MNN fusion
+    assert rescore_positions(np.array([4, 0, 5, 1, 2, 3]), 2).tolist() == [0, 1, 4]
+    assert rescore_positions(np.array([1, 0]), 5).tolist() == [0, 1]
+    assert rescore_positions(np.zeros(0, np.int64), 3).tolist() == []
+    with pytest.raises(ValueError):
+        VerifyConfig(rescore_matcher="sift")
+    with pytest.raises(ValueError):
+        VerifyConfig(rescore_top=0)
