@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from experiments.bench_extract import network_inputs
 from experiments.common import load_backbone, read_image, set_threads, write_json
 from pipeline.extract import ExtractConfig
 from pipeline.keypoints import build_keypoint_extractor
-from pipeline.verification import verify_matches
+from pipeline.verification import fuse_scores, rescore_positions, verify_matches
 from service.search import SearchService
 from service.tracks import resolve_tracks
 from storage.keypoint_weights import load_keypoint_weights
@@ -165,9 +166,13 @@ def measure_storage(root: str) -> dict:
     return out
 
 
-def time_verification(service: SearchService, queries: list, method: str, k: int) -> dict:
-    """Per query: encodings, first-stage search, then the top ``k`` verified (read, match, geometry)."""
+def time_verification(service: SearchService, queries: list, method: str, k: int, rescore: str = "none",
+                      rescore_top: int = 10) -> dict:
+    """Per query: encodings, first-stage search, then the top ``k`` verified (read, match, geometry), and with
+    ``rescore`` the learned matcher's re-verification of :func:`rescore_positions` (the cascade of ``+sv``)."""
     ver = service.verifier()
+    if rescore != "none":
+        ver.cfg = replace(ver.cfg, rescore_matcher=rescore, rescore_top=rescore_top)
     rows = []
     for track, path, box in queries:
         data = Path(path).read_bytes()
@@ -193,11 +198,24 @@ def time_verification(service: SearchService, queries: list, method: str, k: int
         t0 = time.perf_counter()
         res = [verify_matches(qkp, d, pairs, ver.cfg) for d, (pairs, _) in zip(dbs, matches)]
         t_geom = time.perf_counter() - t0
+        t_rescore, n_rescore = 0.0, 0
+        if rescore != "none":
+            inl = np.array([r.inliers for r in res], np.float64)
+            order = np.argsort(-fuse_scores(-np.arange(len(res), dtype=np.float64), inl, ver.cfg), kind="stable")
+            pos = rescore_positions(order, rescore_top)
+            t0 = time.perf_counter()
+            for j in pos:
+                pairs, _ = ver.rescorer.match(qkp, dbs[j])
+                verify_matches(qkp, dbs[j], pairs, ver.cfg)
+            t_rescore, n_rescore = time.perf_counter() - t0, len(pos)
         rows.append({"track": track, "query": Path(path).name, "shortlist": len(dbs), "query_keypoints": len(qkp),
                      "verified": int(sum(r.inliers >= ver.cfg.min_inliers for r in res)),
                      "encode_s": t_enc, "query_keypoints_s": t_qkp, "first_stage_s": t_first, "read_s": t_read,
-                     "match_s": t_match, "geometry_s": t_geom, "verify_s": t_read + t_match + t_geom})
-    keys = ("encode_s", "query_keypoints_s", "first_stage_s", "read_s", "match_s", "geometry_s", "verify_s")
+                     "match_s": t_match, "geometry_s": t_geom, "verify_s": t_read + t_match + t_geom,
+                     "rescore_pairs": n_rescore, "rescore_s": t_rescore,
+                     "cascade_s": t_read + t_match + t_geom + t_rescore})
+    keys = ("encode_s", "query_keypoints_s", "first_stage_s", "read_s", "match_s", "geometry_s", "verify_s",
+            "rescore_s", "cascade_s", "rescore_pairs")
     med = {key: float(np.median([r[key] for r in rows])) for key in keys}
     mean = {key: float(np.mean([r[key] for r in rows])) for key in keys}
     out = {"method": method, "k": k, "queries": len(rows), "median_s": med, "mean_s": mean,
@@ -208,6 +226,12 @@ def time_verification(service: SearchService, queries: list, method: str, k: int
           f"{med['match_s']:.3f} + MAGSAC {med['geometry_s']:.3f} (mean {mean['verify_s']:.3f}, max "
           f"{max(r['verify_s'] for r in rows):.3f}) = {out['ratio_verify_to_first_stage']:.1f}x the first stage  "
           f"(target <= 1.5 s)")
+    if rescore != "none":
+        print(f"[verify] with {rescore} re-verifying the first stage's and MNN's top {rescore_top} (median "
+              f"{med['rescore_pairs']:.0f} pairs): {med['rescore_s']:.3f} s more, {med['cascade_s']:.3f} s in all "
+              f"(mean {mean['cascade_s']:.3f}, max {max(r['cascade_s'] for r in rows):.3f}; "
+              f"{1000 * sum(r['rescore_s'] for r in rows) / max(1, sum(r['rescore_pairs'] for r in rows)):.0f} ms "
+              f"per {rescore} pair)")
     return out
 
 
@@ -222,6 +246,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch / OpenCV threads (an actor's share)")
     p.add_argument("--skip", nargs="*", default=[], choices=("extraction", "storage", "verify"))
+    p.add_argument("--rescore", default="none", choices=("none", "lighterglue", "lightglue"),
+                   help="also time the learned re-verification (verify.rescore_matcher)")
+    p.add_argument("--rescore-top", type=int, default=10)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     set_threads(args.threads)
@@ -235,7 +262,8 @@ def main() -> None:
         res["extraction"] = time_extraction(service.encoder.cfg.extract, database_paths(args.dataset, args.images),
                                             args.repeats)
     if "verify" not in args.skip:
-        res["verify"] = time_verification(service, sample_queries(args.dataset, args.queries), args.method, args.k)
+        res["verify"] = time_verification(service, sample_queries(args.dataset, args.queries), args.method, args.k,
+                                          args.rescore, args.rescore_top)
     res["uptime_after"] = uptime()
     print(f"\n[load] after: {res['uptime_after']}")
     write_json(args.json, res)
