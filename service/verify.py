@@ -23,7 +23,9 @@ cache of database keypoints. This module does not import :mod:`service.search` (
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import replace
 from typing import Any, Protocol, Sequence
@@ -38,6 +40,9 @@ from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
 from storage.keypoint_weights import load_keypoint_weights
 from storage.readers import KeypointReader
+
+log = logging.getLogger("indexer")
+RESCORE_LOG_EVERY = 25  # queries between progress lines of a batch with learned re-verification (~0.25 s a pair)
 
 DB_CACHE = 4096   # database images whose keypoints stay in memory (about 150 KB each at 1,024 XFeat keypoints)
 # (query, image) pairs whose outcome stays cached, oldest dropped first: a benchmark's every shortlist of every
@@ -146,7 +151,16 @@ class SpatialVerifier:
         """Each ranking's top ``depth`` (default ``verify.shortlist``) re-ordered by fused score; the inlier
         matches of verified images in ``extra["matches"]``, every shortlist image's count in ``extra["inliers"]``."""
         k_max = self.cfg.shortlist if depth is None else int(depth)
-        return [self.rerank_one(q, r, k_max) for q, r in zip(qs, rankings)]
+        if self.cfg.rescore_matcher == "none" or len(qs) < RESCORE_LOG_EVERY:
+            return [self.rerank_one(q, r, k_max) for q, r in zip(qs, rankings)]
+        out, t0, n0 = [], time.time(), self.pairs_rescored
+        for n, (q, r) in enumerate(zip(qs, rankings), 1):
+            out.append(self.rerank_one(q, r, k_max))
+            if n % RESCORE_LOG_EVERY == 0 or n == len(qs):
+                el = time.time() - t0
+                log.info("[sv] %d/%d queries re-verified with %s (%d new pairs, %.0f s, ETA %.0f s)", n, len(qs),
+                         self.cfg.rescore_matcher, self.pairs_rescored - n0, el, el / n * (len(qs) - n))
+        return out
 
     def rerank_one(self, q: QueryDescriptors, r: _Ranked, k_max: int) -> Any:
         """One query's ranking re-ordered (see :meth:`rerank`)."""

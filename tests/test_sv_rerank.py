@@ -128,6 +128,7 @@ class _CannedVerifier(SpatialVerifier):
 
     def __init__(self, cfg: VerifyConfig, mnn: dict[str, int], glue: dict[str, int]) -> None:
         self.cfg, self.mnn, self.glue, self.asked = cfg, mnn, glue, []
+        self.pairs_rescored = 0
 
     def verify(self, q, image_ids, rescore: bool = False):  # type: ignore[override]
         table = self.glue if rescore else self.mnn
@@ -164,3 +165,19 @@ def test_lighterglue_rescore_on_a_run(run) -> None:
     # re-verified: first-stage position 0 (other_a) and MNN's top (warped)
     assert verifier.pairs_rescored == 2 and out.image_ids[0] == "warped"
     assert out.extra["inliers"]["warped"] >= 100 and out.extra["inliers"]["other_a"] < cfg.min_inliers
+
+
+def test_rescore_batches_log_progress(caplog) -> None:
+    """A batch of queries with learned re-verification (slow on a CPU) logs its progress."""
+    import logging
+
+    from service.verify import RESCORE_LOG_EVERY
+
+    mnn = {"a": 0, "b": 10, "c": 5, "d": 0, "e": 80, "f": 40}
+    glue = {"a": 3, "b": 60, "e": 0, "f": 120}
+    first = Ranking(list("abcdef"), np.linspace(1.0, 0.5, 6).astype(np.float32))
+    v = _CannedVerifier(VerifyConfig(rescore_matcher="lighterglue", rescore_top=2), mnn, glue)
+    with caplog.at_level(logging.INFO, logger="indexer"):
+        out = v.rerank([None] * RESCORE_LOG_EVERY, [first] * RESCORE_LOG_EVERY, None)
+    assert [o.image_ids for o in out] == [list("fbacde")] * RESCORE_LOG_EVERY
+    assert f"[sv] {RESCORE_LOG_EVERY}/{RESCORE_LOG_EVERY} queries re-verified with lighterglue" in caplog.text
