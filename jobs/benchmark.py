@@ -33,6 +33,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -42,6 +43,7 @@ from actors.common import init_ray
 from actors.verify import verify_many
 from jobs.index import index, setup_logging
 from pipeline.config import STAGES, load_config
+from pipeline.matching import MatcherConfig
 from pipeline.query_patches import proposal_tag
 from service.benchmark import (FULL_RANK_MAX, Benchmark, Result, add_examples, clean, default_methods,
                                encode_queries, evaluate_track, print_table, synthetic_summary)
@@ -215,6 +217,35 @@ def prefetch_verification(args: argparse.Namespace, bench: Benchmark, results: d
     verifier.add_pairs(pairs)
     print(f"[verify] {info['pairs']:,} (query, image) pairs in {info['seconds']:.1f} s ({info['tasks']} Ray tasks)",
           flush=True)
+    if verifier.cfg.rescore_matcher != "none":
+        info["rescore"] = prefetch_rescore(bench, results, specs, queries)
+    return info
+
+
+def prefetch_rescore(bench: Benchmark, results: dict[str, dict[str, Result]], specs: Sequence[MethodSpec],
+                     queries: dict[str, Any]) -> dict[str, Any]:
+    """The learned matcher's re-verification (``verify.rescore_matcher``) of every ``+sv`` method's targets, as Ray
+    tasks into the verifier's second cache: the MNN results are cached by now, so the targets are known. Only a
+    warm-up: whatever it misses, the re-ranking verifies in process."""
+    verifier = bench.service.verifier()
+    targets: dict[str, list[str]] = {}
+    for spec in specs:
+        base, k = sv_base(spec.name), rerank_name(spec.reranks[-1])[1] or verifier.cfg.shortlist
+        for t in [t for t in bench.tracks if not t.synthetic and base in results[t.name]]:
+            ids, res = bench.track_ids(t), results[t.name][base]
+            for qi, qk in enumerate(bench.qkeys[t.name]):
+                key = sv_query_key(bench.qdesc[qk])
+                keep = [r for r, j in enumerate(res.ids[qi, :k]) if 0 <= j < t.n_db and ids[j]]
+                short = [ids[res.ids[qi, r]] for r in keep]
+                if not short or any((key, i) not in verifier.pairs for i in short):
+                    continue
+                todo = verifier.rescore_targets(key, short, res.scores[qi, keep])
+                targets.setdefault(key, []).extend(i for i in todo if (key, i) not in verifier.rescored)
+    cfg = replace(verifier.cfg, matcher=MatcherConfig(name=verifier.cfg.rescore_matcher))
+    pairs, info = verify_many(bench.service.root, cfg, queries, targets)
+    verifier.rescored.update(pairs)
+    print(f"[verify] {info['pairs']:,} pairs re-verified with {cfg.matcher.name} in {info['seconds']:.1f} s "
+          f"({info['tasks']} Ray tasks)", flush=True)
     return info
 
 

@@ -245,7 +245,7 @@ class GlueMatcher:
         w, h = kp.image_size
         xy = np.clip(np.asarray(kp.xy, np.float32), 0.0, np.array([w, h], np.float32))
         return {"keypoints": torch.from_numpy(np.ascontiguousarray(xy))[None].to(self.device),
-                "descriptors": torch.from_numpy(np.ascontiguousarray(kp.descriptors, np.float32))[None].to(self.device),
+                "descriptors": torch.from_numpy(np.array(kp.descriptors, np.float32))[None].to(self.device),
                 "image_size": torch.tensor([kp.image_size], dtype=torch.float32, device=self.device)}
 
     @torch.inference_mode()

@@ -146,6 +146,13 @@ class SpatialVerifier:
             for k in list(self.pairs)[: len(self.pairs) - PAIR_CACHE]:
                 del self.pairs[k]
 
+    def rescore_targets(self, key: str, image_ids: Sequence[str], scores: np.ndarray) -> list[str]:
+        """The shortlist images (first-stage order) that the learned matcher re-verifies for the query ``key``
+        (:func:`query_key`), from its cached MNN results: the pairs a batch can verify ahead, e.g. as Ray tasks."""
+        inl = np.array([self.pairs[(key, i)][0] for i in image_ids], np.float64)
+        order = np.argsort(-fuse_scores(np.asarray(scores, np.float64), inl, self.cfg), kind="stable")
+        return [image_ids[j] for j in rescore_positions(order, self.cfg.rescore_top)]
+
     def rerank(self, qs: Sequence[QueryDescriptors], rankings: Sequence[_Ranked], depth: int | None
                ) -> list[Any]:
         """Each ranking's top ``depth`` (default ``verify.shortlist``) re-ordered by fused score; the inlier

@@ -354,3 +354,33 @@ def test_benchmark_end_to_end(tmp_path, ray_local):
         assert all(set(b.tolist()) == set(s.tolist()) for b, s in zip(base, sv)), name
     assert any(e["results"] and "boxes" in e["results"][0] for e in tr["examples"] if e["method"] != "gem")
     assert len(tr["saliency"]) == 2 * 2   # FS and OS map of each example query
+
+    # ---- the +sv cascade (verify.rescore_matcher): its pairs are re-verified as Ray tasks ahead of the
+    # re-ranking, and the re-ranking then finds every one of them cached
+    from service.verify import SpatialVerifier
+    from service.verify import query_key as sv_query_key
+
+    calls = {"in_process": 0}
+    orig = SpatialVerifier.verify
+
+    def counting(self, q, image_ids, rescore=False):
+        if rescore:
+            key = sv_query_key(q)
+            calls["in_process"] += sum((key, i) not in self.rescored for i in image_ids)
+        return orig(self, q, image_ids, rescore)
+
+    SpatialVerifier.verify = counting
+    try:
+        rc = bm.main(["--dataset", str(gnd_path), "--out", str(out), "--max-side", "256", "--reuse",
+                      "--methods", "gem", "--examples", "1",
+                      "--index-set", "extract.local_features=0", "--index-set", "extract.shard_size=32",
+                      "--index-set", "whiten.dim=64", "--index-set", "graph.k=10",
+                      "--index-set", "object_saliency.k=10", "--index-set", "verify.rescore_matcher=lighterglue",
+                      "--index-set", "verify.rescore_top=2"])
+    finally:
+        SpatialVerifier.verify = orig
+    assert rc == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["verification"]["rescore"]["pairs"] > 0 and calls["in_process"] == 0
+    cascade = np.load(out / "rankings" / "mini.npz", allow_pickle=False)[slug("gem+sv")]
+    assert all(set(b.tolist()) == set(s.tolist()) for b, s in zip(saved[slug("gem")], cascade))
