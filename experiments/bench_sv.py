@@ -34,7 +34,7 @@ from experiments.bench_extract import network_inputs
 from experiments.common import load_backbone, read_image, set_threads, write_json
 from pipeline.extract import ExtractConfig
 from pipeline.keypoints import build_keypoint_extractor
-from pipeline.verification import fuse_scores, rescore_positions, verify_matches
+from pipeline.verification import rescore_positions, verify_matches
 from service.search import SearchService
 from service.tracks import resolve_tracks
 from storage.keypoint_weights import load_keypoint_weights
@@ -201,8 +201,7 @@ def time_verification(service: SearchService, queries: list, method: str, k: int
         t_rescore, n_rescore = 0.0, 0
         if rescore != "none":
             inl = np.array([r.inliers for r in res], np.float64)
-            order = np.argsort(-fuse_scores(-np.arange(len(res), dtype=np.float64), inl, ver.cfg), kind="stable")
-            pos = rescore_positions(order, rescore_top)
+            pos = rescore_positions(-np.arange(len(res), dtype=np.float64), inl, ver.cfg)
             t0 = time.perf_counter()
             for j in pos:
                 pairs, _ = ver.rescorer.match(qkp, dbs[j])

@@ -279,10 +279,10 @@ def rerank_shortlist(ranked_ids: np.ndarray, first_stage: np.ndarray | None, inl
     return np.concatenate([ids[:k][order], ids[k:]])
 
 
-def rescore_positions(fused_order: np.ndarray, top: int) -> np.ndarray:
+def rescore_positions(first_stage: np.ndarray, inliers: np.ndarray, cfg: VerifyConfig) -> np.ndarray:
     """Shortlist positions (first-stage order, 0-based) that the learned matcher re-verifies: the first stage's
-    top ``top`` and the images at the top ``top`` of the fused order (``fused_order[r]`` = first-stage position
-    of the image ranked ``r`` after fusion), sorted."""
-    order = np.asarray(fused_order, np.int64).ravel()
-    first = np.arange(min(int(top), order.size), dtype=np.int64)
-    return np.union1d(first, order[:int(top)])
+    top ``cfg.rescore_top`` and the top ``cfg.rescore_top`` after fusing ``first_stage`` scores with the MNN
+    ``inliers`` (:func:`fuse_scores`), sorted. The one place that choice is made (search, benchmark, bench_sv)."""
+    top = int(cfg.rescore_top)
+    order = np.argsort(-fuse_scores(first_stage, inliers, cfg), kind="stable")
+    return np.union1d(np.arange(min(top, order.size), dtype=np.int64), order[:top].astype(np.int64))

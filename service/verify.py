@@ -150,8 +150,7 @@ class SpatialVerifier:
         """The shortlist images (first-stage order) that the learned matcher re-verifies for the query ``key``
         (:func:`query_key`), from its cached MNN results: the pairs a batch can verify ahead, e.g. as Ray tasks."""
         inl = np.array([self.pairs[(key, i)][0] for i in image_ids], np.float64)
-        order = np.argsort(-fuse_scores(np.asarray(scores, np.float64), inl, self.cfg), kind="stable")
-        return [image_ids[j] for j in rescore_positions(order, self.cfg.rescore_top)]
+        return [image_ids[j] for j in rescore_positions(scores, inl, self.cfg)]
 
     def rerank(self, qs: Sequence[QueryDescriptors], rankings: Sequence[_Ranked], depth: int | None
                ) -> list[Any]:
@@ -178,16 +177,14 @@ class SpatialVerifier:
         res = self.verify(q, ids[:k])
         inl = np.array([n for n, _ in res], np.float64)
         s = np.asarray(r.scores[:k], np.float64)
-        fused = fuse_scores(s, inl, self.cfg)
-        order = np.argsort(-fused, kind="stable")
         if self.cfg.rescore_matcher != "none":
             # the learned matcher re-verifies the top of both lists; its counts replace MNN's there
-            pos = rescore_positions(order, self.cfg.rescore_top)
+            pos = rescore_positions(s, inl, self.cfg)
             for j, pr in zip(pos, self.verify(q, [ids[j] for j in pos], rescore=True)):
                 res[j] = pr
                 inl[j] = pr[0]
-            fused = fuse_scores(s, inl, self.cfg)
-            order = np.argsort(-fused, kind="stable")
+        fused = fuse_scores(s, inl, self.cfg)
+        order = np.argsort(-fused, kind="stable")
         extra = dict(r.extra or {})
         extra["matches"] = {ids[j]: res[j][1] for j in range(k) if inl[j] >= self.cfg.min_inliers}
         extra["inliers"] = {ids[j]: int(inl[j]) for j in range(k)}

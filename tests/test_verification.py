@@ -208,10 +208,14 @@ def test_glue_matcher_accepts_subpixel_border_keypoints(warped_pair):
 
 def test_rescore_positions_and_config():
     from pipeline.verification import rescore_positions
-    # fused order: first-stage positions of the images ranked 0, 1, 2, ... after MNN fusion
-    assert rescore_positions(np.array([4, 0, 5, 1, 2, 3]), 2).tolist() == [0, 1, 4]
-    assert rescore_positions(np.array([1, 0]), 5).tolist() == [0, 1]
-    assert rescore_positions(np.zeros(0, np.int64), 3).tolist() == []
+    # first stage a..f (scores -rank); MNN verifies e (50 inliers) and c (40): fused order e, c, a, b, d, f
+    cfg = VerifyConfig(rescore_top=2)
+    first = -np.arange(6, dtype=np.float64)
+    assert rescore_positions(first, np.array([0, 10, 40, 0, 50, 5]), cfg).tolist() == [0, 1, 2, 4]
+    # only e verified: fused order e, a, ...: {a, b} and {e, a}
+    assert rescore_positions(first, np.array([0, 10, 5, 0, 50, 5]), cfg).tolist() == [0, 1, 4]
+    assert rescore_positions(-np.arange(2.0), np.array([0, 60]), VerifyConfig(rescore_top=5)).tolist() == [0, 1]
+    assert rescore_positions(np.zeros(0), np.zeros(0), cfg).tolist() == []
     with pytest.raises(ValueError):
         VerifyConfig(rescore_matcher="sift")
     with pytest.raises(ValueError):
