@@ -8,7 +8,10 @@ Inputs are the graph stage's artefacts (whitened regions ``V``, the FAISS index 
    driver merges the blocks (:func:`pipeline.pair_mining.merge_candidates`).
 2. **Verification** (with keypoints; a Ray task per block of pairs): the ``max_pairs_per_image`` most similar
    candidates of every image are matched (MNN) and fitted (MAGSAC, ``pipeline.verification``); the inlier
-   counts label them ``positive`` / ``hard_negative`` / ``ambiguous`` (:func:`classify_pairs`).
+   counts label them ``positive`` / ``hard_negative`` / ``ambiguous`` (:func:`classify_pairs`). When the run's
+   ``verify.rescore_matcher`` names a learned matcher (the ``+sv`` cascade), it re-verifies the pairs MNN labels
+   ``positive`` or ``hard_negative`` and its inlier counts replace MNN's there, as at query time: MNN + MAGSAC
+   verifies frame-like rectangles (a laptop, a bank note) against paintings, which the glue matchers reject.
    Without keypoints: ``weak_positive`` (mutual neighbours above a similarity) and ``weak_negative``
    (near neighbours with no mutual region pair), weaker evidence, labelled as such.
 """
@@ -26,10 +29,11 @@ from actors.common import Progress
 from actors.graph import _cached_index
 from pipeline.keypoints import Keypoints
 from pipeline.knn_graph import DEFAULT_NPROBE, graph_from_arrays, graph_to_arrays
-from pipeline.matching import MnnMatcher
-from pipeline.pair_mining import (UNVERIFIED, MiningConfig, cap_per_image, candidates_from_links, classify_pairs,
+from pipeline.matching import build_matcher
+from pipeline.pair_mining import (HARD_NEGATIVE, POSITIVE, UNVERIFIED, MiningConfig, cap_per_image, candidates_from_links, classify_pairs,
                                   merge_candidates, weak_negatives)
 from pipeline.verification import VerifyConfig, verify_shortlist
+from storage.keypoint_weights import load_keypoint_weights
 from storage.readers import KeypointReader, has_keypoints
 from storage.training import load_mining_graph
 
@@ -54,7 +58,8 @@ def _verify_block(root: str, image_a: list[str], image_b: list[str], cfg: Verify
     (:func:`pipeline.verification.verify_shortlist`: the same matches as pair by pair)."""
     reader = KeypointReader(root)
     kps = Keypoints.from_table_rows(reader.read(set(image_a) | set(image_b)), reader.size_of)
-    matcher = MnnMatcher(cfg.matcher)
+    m = cfg.matcher
+    matcher = build_matcher(m, "cpu", None if m.name == "mnn" else load_keypoint_weights(m.name))
     out = np.full(len(image_a), -1, np.int64)
     by_a: dict[str, list[int]] = {}
     for t, (a, b) in enumerate(zip(image_a, image_b)):
@@ -112,6 +117,7 @@ def mine_pairs(root: str, cfg: MiningConfig, k: int | None = None, block_rows: i
     cand = mine_candidates(graph, region_image.astype(np.int64), k, block_rows)
     verified = use_keypoints and has_keypoints(root)
     inliers = np.full(cand["image_a"].size, -1, np.int64)
+    rescored = 0
     if verified:
         verify = verify or VerifyConfig()
         if cfg.min_inliers is None:  # the verification stage's threshold
@@ -121,6 +127,13 @@ def mine_pairs(root: str, cfg: MiningConfig, k: int | None = None, block_rows: i
         vcfg = replace(verify, min_inliers=min(verify.min_inliers, cfg.min_inliers, cfg.negative_inliers + 1))
         inliers[rows] = verify_candidates(root, {c: v[rows] for c, v in cand.items()}, names, vcfg, block_pairs)
         labels = classify_pairs(cand, inliers, cfg)
+        if verify.rescore_matcher != "none":
+            again = np.flatnonzero(np.isin(labels, (POSITIVE, HARD_NEGATIVE)))
+            gcfg = replace(vcfg, matcher=verify.rescorer_config())
+            inliers[again] = verify_candidates(root, {c: v[again] for c, v in cand.items()}, names, gcfg,
+                                               max(1, block_pairs // 10))
+            rescored = int(again.size)
+            labels = classify_pairs(cand, inliers, cfg)
     else:
         labels = weak_negatives(cand, classify_pairs(cand, None, cfg), cfg.weak_negative_rank)
     keep = labels != UNVERIFIED
@@ -135,6 +148,7 @@ def mine_pairs(root: str, cfg: MiningConfig, k: int | None = None, block_rows: i
     kinds, counts = np.unique(labels[keep], return_counts=True)
     info = {"images": int(names.size), "regions": int(region_image.size), "k": k, "candidates": int(labels.size),
             "verified": bool(verified), "verified_pairs": int((inliers >= 0).sum()),
+            "rescore_matcher": verify.rescore_matcher if verified else "none", "rescored_pairs": rescored,
             "counts": {str(a): int(c) for a, c in zip(kinds, counts)},
             "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}}
     return columns, info

@@ -166,13 +166,16 @@ def measure_storage(root: str) -> dict:
     return out
 
 
-def time_verification(service: SearchService, queries: list, method: str, k: int, rescore: str = "none",
-                      rescore_top: int = 10) -> dict:
+def time_verification(service: SearchService, queries: list, method: str, k: int,
+                      rescore: dict | None = None) -> dict:
     """Per query: encodings, first-stage search, then the top ``k`` verified (read, match, geometry), and with
-    ``rescore`` the learned matcher's re-verification of :func:`rescore_positions` (the cascade of ``+sv``)."""
+    ``rescore`` (``verify.rescore_*`` keys without the prefix, e.g. ``{"matcher": "lighterglue", "top": 10}``) the
+    learned matcher's re-verification of :func:`rescore_positions` (the cascade of ``+sv``)."""
     ver = service.verifier()
-    if rescore != "none":
-        ver.cfg = replace(ver.cfg, rescore_matcher=rescore, rescore_top=rescore_top)
+    if rescore:
+        ver.cfg = replace(ver.cfg, **{f"rescore_{key}": v for key, v in rescore.items()})
+    rescore = ver.cfg.rescore_matcher
+    rescore_top = ver.cfg.rescore_top
     rows = []
     for track, path, box in queries:
         data = Path(path).read_bytes()
@@ -248,6 +251,8 @@ def main() -> None:
     p.add_argument("--rescore", default="none", choices=("none", "lighterglue", "lightglue"),
                    help="also time the learned re-verification (verify.rescore_matcher)")
     p.add_argument("--rescore-top", type=int, default=10)
+    p.add_argument("--rescore-keypoints", type=int, default=0, help="verify.rescore_keypoints (0 = all)")
+    p.add_argument("--rescore-depth-confidence", type=float, default=None, help="verify.rescore_depth_confidence")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     set_threads(args.threads)
@@ -261,8 +266,11 @@ def main() -> None:
         res["extraction"] = time_extraction(service.encoder.cfg.extract, database_paths(args.dataset, args.images),
                                             args.repeats)
     if "verify" not in args.skip:
+        rescore = {} if args.rescore == "none" else {
+            "matcher": args.rescore, "top": args.rescore_top, "keypoints": args.rescore_keypoints,
+            "depth_confidence": args.rescore_depth_confidence}
         res["verify"] = time_verification(service, sample_queries(args.dataset, args.queries), args.method, args.k,
-                                          args.rescore, args.rescore_top)
+                                          rescore)
     res["uptime_after"] = uptime()
     print(f"\n[load] after: {res['uptime_after']}")
     write_json(args.json, res)

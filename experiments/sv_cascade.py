@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from sv_eval import DATA, KpStore, load_tracks, parse_scales, query_key, summary
 from pipeline.evaluation import evaluate_all  # noqa: E402
 from pipeline.keypoints import KeypointConfig  # noqa: E402
 from pipeline.matching import MatcherConfig, build_matcher, mutual_nn_matches_many  # noqa: E402
-from pipeline.verification import VerifyConfig, fit_geometry, rerank_shortlist  # noqa: E402
+from pipeline.verification import VerifyConfig, fit_geometry, rerank_shortlist, rescore_positions  # noqa: E402
 from storage.keypoint_weights import load_keypoint_weights  # noqa: E402
 
 
@@ -43,6 +44,12 @@ def main() -> None:
     ap.add_argument("--glue", default="lighterglue")
     ap.add_argument("--memo", default="/work/tmp/sv_cascade_memo.json")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--glue-query-top", type=int, default=0, help="keypoints of the query given to the glue "
+                    "matcher, strongest first (0 = all)")
+    ap.add_argument("--glue-db-top", type=int, default=0, help="the same for the database image (0 = all)")
+    ap.add_argument("--depth-confidence", type=float, default=None, help="LightGlue's early stopping "
+                    "(None = the model's reference value; LighterGlue: off)")
+    ap.add_argument("--mnn-memo", default="/work/tmp/sv_cascade_mnn.json", help="MNN inlier counts, reused")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import cv2
@@ -52,10 +59,15 @@ def main() -> None:
     db = KpStore(Path(args.cache), KeypointConfig(extractor="xfeat", max_side=640, top_n=1024, device="cpu"))
     qs = KpStore(Path(args.cache), KeypointConfig(extractor="xfeat", max_side=1024, top_n=2048, device="cpu",
                                                   scales=parse_scales("1+0.5")), cached_top_n=2048)
-    glue = build_matcher(MatcherConfig(name=args.glue), "cpu", load_keypoint_weights(args.glue))
+    glue = build_matcher(MatcherConfig(name=args.glue, depth_confidence=args.depth_confidence), "cpu",
+                         load_keypoint_weights(args.glue))
+
+    def glue_kp(kp, top: int):
+        return kp.top(top) if top > 0 else kp
     memo_path = Path(args.memo)
     memo: dict[str, int] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
-    mnn_memo: dict[tuple[str, str], int] = {}
+    mnn_path = Path(args.mnn_memo)
+    mnn_memo: dict[str, int] = json.loads(mnn_path.read_text()) if mnn_path.exists() else {}
     tracks = load_tracks(DATA)
     t_glue, n_glue = 0.0, 0
     rows = []
@@ -70,26 +82,25 @@ def main() -> None:
             for qi, qk in enumerate(qkeys):
                 short = [int(j) for j in ids[qi, :args.k] if j >= 0]
                 names = [ds.images[j] for j in short]
-                todo = [n for n in names if (qk, n) not in mnn_memo]
+                todo = [n for n in names if f"{qk}|{n}" not in mnn_memo]
                 if todo:
                     q = qs[qk]
                     res = mutual_nn_matches_many(q.descriptors, [db[n].descriptors for n in todo],
                                                  cfg.matcher.min_similarity)
                     for n, (pairs, _) in zip(todo, res):
                         _, _, mask = fit_geometry(q.xy[pairs[:, 0]], db[n].xy[pairs[:, 1]], cfg)
-                        mnn_memo[(qk, n)] = int(mask.sum())
-                inl = np.array([mnn_memo[(qk, n)] for n in names], np.float64)
-                fused = rerank_shortlist(ids[qi], None, inl, cfg)
-                mnn_lists.append(fused)
-                S = set(short[:args.top]) | {int(j) for j in fused[:args.top]}
+                        mnn_memo[f"{qk}|{n}"] = int(mask.sum())
+                inl = np.array([mnn_memo[f"{qk}|{n}"] for n in names], np.float64)
+                mnn_lists.append(rerank_shortlist(ids[qi], None, inl, cfg))
                 inl2 = inl.copy()
-                for r, j in enumerate(short):
-                    if j not in S:
-                        continue
+                for r in rescore_positions(-np.arange(len(inl), dtype=np.float64), inl,
+                                           replace(cfg, rescore_top=args.top)):
+                    j = short[r]
                     key = f"{qk}|{ds.images[j]}"
                     if key not in memo:
                         t = time.perf_counter()
-                        pairs, _ = glue.match(qs[qk], db[ds.images[j]])
+                        pairs, _ = glue.match(glue_kp(qs[qk], args.glue_query_top),
+                                              glue_kp(db[ds.images[j]], args.glue_db_top))
                         _, _, mask = fit_geometry(qs[qk].xy[pairs[:, 0]], db[ds.images[j]].xy[pairs[:, 1]], cfg)
                         t_glue += time.perf_counter() - t
                         n_glue += 1
@@ -105,6 +116,7 @@ def main() -> None:
             print(f"{tname:10s} {m:22s} first {row['first']}  +sv {row['mnn_sv']}  +sv cascade(T={args.top}) "
                   f"{row['cascade']}", flush=True)
     memo_path.write_text(json.dumps(memo))
+    mnn_path.write_text(json.dumps(mnn_memo))
     print(f"[{args.glue}] {n_glue} new pairs, {1000 * t_glue / max(n_glue, 1):.0f} ms/pair")
     Path(args.memo).with_suffix(".rows.json").write_text(json.dumps(rows, indent=1))
 

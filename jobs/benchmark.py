@@ -43,7 +43,6 @@ from actors.common import init_ray
 from actors.verify import verify_many
 from jobs.index import index, setup_logging
 from pipeline.config import STAGES, load_config
-from pipeline.matching import MatcherConfig
 from pipeline.query_patches import proposal_tag
 from service.benchmark import (FULL_RANK_MAX, Benchmark, Result, add_examples, clean, default_methods,
                                encode_queries, evaluate_track, print_table, synthetic_summary)
@@ -241,7 +240,7 @@ def prefetch_rescore(bench: Benchmark, results: dict[str, dict[str, Result]], sp
                     continue
                 todo = verifier.rescore_targets(key, short, res.scores[qi, keep])
                 targets.setdefault(key, []).extend(i for i in todo if (key, i) not in verifier.rescored)
-    cfg = replace(verifier.cfg, matcher=MatcherConfig(name=verifier.cfg.rescore_matcher))
+    cfg = replace(verifier.cfg, matcher=verifier.cfg.rescorer_config())
     pairs, info = verify_many(bench.service.root, cfg, queries, targets)
     verifier.rescored.update(pairs)
     print(f"[verify] {info['pairs']:,} pairs re-verified with {cfg.matcher.name} in {info['seconds']:.1f} s "

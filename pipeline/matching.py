@@ -39,7 +39,9 @@ class MatcherConfig:
     (nearest / second-nearest descriptor distance; 1.0 = off). ``filter_threshold``: the glue models' match
     probability threshold (0.1 in both reference implementations). ``depth_confidence`` /
     ``width_confidence``: LightGlue's early stopping / point pruning (None = the reference value of the
-    model: LightGlue 0.95 / 0.99, LighterGlue -1 (off) / 0.95).
+    model: LightGlue 0.95 / 0.99, LighterGlue -1 (off) / 0.95). ``max_keypoints``: the matcher sees at most this
+    many keypoints of each image, the strongest (rows are sorted by score, so match indices still address the
+    full arrays); 0 = all. The glue models' attention grows with the square of it.
     """
 
     name: str = "mnn"
@@ -48,10 +50,13 @@ class MatcherConfig:
     filter_threshold: float = 0.1
     depth_confidence: float | None = None
     width_confidence: float | None = None
+    max_keypoints: int = 0
 
     def __post_init__(self) -> None:
         if self.name not in MATCHERS:
             raise ValueError(f"unknown matcher {self.name!r}; known: {MATCHERS}")
+        if self.max_keypoints < 0:
+            raise ValueError(f"max_keypoints must be >= 0 (0 = all), got {self.max_keypoints}")
 
 
 Match = tuple[np.ndarray, np.ndarray]  # pairs (M, 2) int64, confidence (M,) float32
@@ -75,23 +80,32 @@ def mutual_nn_matches(desc_a: np.ndarray, desc_b: np.ndarray, min_similarity: fl
         return _empty()
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"descriptor dimensions differ: {a.shape[1]} vs {b.shape[1]}")
-    return _mutual_from_sim(a @ b.T, min_similarity, (b @ a.T).argmax(axis=1), max_ratio)
+    sim = a @ b.T
+    return _mutual_from_sim(sim, min_similarity, sim.max(axis=0), max_ratio)
 
 
-def _mutual_from_sim(sim: np.ndarray, min_similarity: float, nn_ba: np.ndarray, max_ratio: float = 1.0,
+def _mutual_from_sim(sim: np.ndarray, min_similarity: float, col_max: np.ndarray, max_ratio: float = 1.0,
                      return_ratio: bool = False):
-    """MNN pairs from ``sim`` (n_a, n_b) and the b -> a nearest neighbours ``nn_ba``. The column argmax is
-    taken from a second product ``b @ a.T`` by the callers: a row-wise argmax of a C-contiguous matrix is
-    several times faster than ``sim.argmax(axis=0)`` (strided), and costs less than the extra product.
+    """MNN pairs from ``sim`` (n_a, n_b) and its column maxima ``col_max`` (n_b,).
+
+    One product and two reductions: ``i``'s nearest ``j`` is the row argmax, and ``(i, j)`` is mutual when
+    ``sim[i, j]`` equals column ``j``'s maximum (the lowest such ``i`` when several rows tie). A column *max*
+    of a C-contiguous matrix is a vectorised pass, unlike a column *argmax* (strided), so this costs one
+    matrix product instead of the two that a b -> a argmax needs (the product dominates: 2,048 x 100 x 1,024
+    x 64 multiply-adds per verified query); measured 0.96 -> 0.70 s for a top-100 shortlist on 2 cores.
 
     ``max_ratio < 1`` adds Lowe's ratio test on the a -> b side (distance to the nearest over distance to
     the second nearest, distances ``sqrt(2 - 2 cos)`` of unit vectors); ``return_ratio`` also returns it."""
     nn_ab = sim.argmax(axis=1)
     idx = np.arange(len(sim))
     best = sim[idx, nn_ab]
-    keep = (nn_ba[nn_ab] == idx) & (best >= min_similarity)
-    i = idx[keep]
-    pairs, sims = np.stack([i, nn_ab[keep]], axis=1).astype(np.int64), best[keep].astype(np.float32)
+    keep = (best >= col_max[nn_ab]) & (best >= min_similarity)
+    i, j = idx[keep], nn_ab[keep]
+    _, first = np.unique(j, return_index=True)
+    if len(first) < len(j):  # exact ties within a column: the lowest row wins, as an argmax would pick it
+        first = np.sort(first)
+        i, j = i[first], j[first]
+    pairs, sims = np.stack([i, j], axis=1).astype(np.int64), best[i].astype(np.float32)
     if max_ratio >= 1.0 and not return_ratio:
         return pairs, sims
     if sim.shape[1] > 1 and len(i):
@@ -136,14 +150,13 @@ def mutual_nn_matches_many(desc_q: np.ndarray, descs: Sequence[np.ndarray], min_
                     raise ValueError(f"descriptor dimensions differ: {q.shape[1]} vs {d.shape[1]}")
             stacked = np.concatenate(nonempty)
             sim_all = q @ stacked.T
-            nn_back = stacked @ q.T  # (rows, n_q): per database keypoint, its best query keypoint
-            nn_back = nn_back.argmax(axis=1)
+            col_max = sim_all.max(axis=0)  # (rows,): per database keypoint, its best query similarity
             off = 0
             for k, d in enumerate(block):
                 if len(d) == 0:
                     continue
                 out[start + k] = _mutual_from_sim(sim_all[:, off:off + len(d)], min_similarity,
-                                                  nn_back[off:off + len(d)], max_ratio, return_ratio)
+                                                  col_max[off:off + len(d)], max_ratio, return_ratio)
                 off += len(d)
         start = stop
     return out
@@ -218,6 +231,9 @@ class MnnMatcher:
         return self.match_many(a, [b])[0]
 
     def match_many(self, q: Keypoints, dbs: Sequence[Keypoints]) -> list[Match]:
+        n = self.config.max_keypoints
+        if n:
+            q, dbs = q.top(n), [d.top(n) for d in dbs]
         descs = [d.descriptors for d in dbs]
         if self.device.type == "cpu":
             return mutual_nn_matches_many(q.descriptors, descs, self.config.min_similarity,
@@ -252,6 +268,8 @@ class GlueMatcher:
     def match(self, a: Keypoints, b: Keypoints) -> Match:
         if len(a) == 0 or len(b) == 0:
             return _empty()
+        if self.config.max_keypoints:
+            a, b = a.top(self.config.max_keypoints), b.top(self.config.max_keypoints)
         res = self.net({"image0": self._features(a), "image1": self._features(b)})
         pairs = res["matches"][0].to("cpu").numpy().astype(np.int64).reshape(-1, 2)
         conf = res["scores"][0].to("cpu", torch.float32).numpy()

@@ -89,6 +89,8 @@ class VerifyConfig:
     inlier_cap: int = 100
     rescore_matcher: str = "none"
     rescore_top: int = 10
+    rescore_keypoints: int = 0
+    rescore_depth_confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_RULES:
@@ -97,8 +99,15 @@ class VerifyConfig:
             raise ValueError(f"unknown rescore_matcher {self.rescore_matcher!r}; known: {RESCORE_MATCHERS}")
         if self.rescore_top < 1:
             raise ValueError("rescore_top >= 1 required")
+        if self.rescore_keypoints < 0:
+            raise ValueError("rescore_keypoints >= 0 required (0 = all)")
         if self.ransac_threshold <= 0 or self.min_inliers < 1 or self.shortlist < 0 or self.inlier_cap < 1:
             raise ValueError("ransac_threshold > 0, min_inliers >= 1, shortlist >= 0, inlier_cap >= 1 required")
+
+    def rescorer_config(self) -> MatcherConfig:
+        """The learned re-verification matcher's configuration (``rescore_*`` keys); the one place it is built."""
+        return MatcherConfig(name="mnn" if self.rescore_matcher == "none" else self.rescore_matcher,
+                             max_keypoints=self.rescore_keypoints, depth_confidence=self.rescore_depth_confidence)
 
 
 @dataclass(frozen=True, eq=False)

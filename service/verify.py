@@ -34,7 +34,6 @@ import numpy as np
 
 from pipeline.keypoints import Keypoints
 from pipeline.matching import Matcher, build_matcher
-from pipeline.matching import MatcherConfig
 from pipeline.verification import VerifyConfig, fuse_scores, inlier_matches, rescore_positions
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
@@ -95,7 +94,7 @@ class SpatialVerifier:
         """The learned matcher of ``verify.rescore_matcher`` (built on first use)."""
         if self._rescorer is None:
             name = self.cfg.rescore_matcher
-            self._rescorer = build_matcher(MatcherConfig(name=name), self.encoder.device, load_keypoint_weights(name))
+            self._rescorer = build_matcher(self.cfg.rescorer_config(), self.encoder.device, load_keypoint_weights(name))
         return self._rescorer
 
     def database_keypoints(self, image_ids: Sequence[str]) -> dict[str, Keypoints]:

@@ -199,3 +199,46 @@ def test_mining_verifies_with_a_keypoints_table(small_run, tmp_path) -> None:
         assert (inl >= 15) if same else (inl <= 5), (a, b, inl)
         assert kind == ("positive" if same and mutual >= 2 else "ambiguous" if same else "hard_negative")
     assert "hard_negative" in t.column("kind").to_pylist()
+
+
+def test_mining_cascade_rescores_positives_and_hard_negatives(small_run) -> None:
+    """With ``verify.rescore_matcher`` set, the learned matcher re-verifies the pairs MNN labels positive or hard
+    negative and its inlier counts replace MNN's (checked against the glue matcher run pair by pair here); the
+    ambiguous pairs keep MNN's counts."""
+    from dataclasses import replace
+
+    from actors.mine_pairs import mine_pairs
+    from pipeline.keypoints import Keypoints
+    from pipeline.matching import build_matcher
+    from pipeline.pair_mining import MiningConfig
+    from pipeline.verification import VerifyConfig, verify_pair
+    from storage.keypoint_weights import load_keypoint_weights
+    from storage.readers import KeypointReader
+
+    out, _, _ = small_run
+    ids = sorted(image_uris(str(out)))
+    markers = _plant_keypoints(str(out), ids, {i for i in ids if i.startswith("lund_")}, dim=64)
+    cfg = MiningConfig()
+    try:
+        mnn, info_mnn = mine_pairs(str(out), cfg, verify=VerifyConfig())
+        casc, info = mine_pairs(str(out), cfg, verify=VerifyConfig(rescore_matcher="lighterglue"))
+        reader = KeypointReader(str(out))
+        kps = Keypoints.from_table_rows(reader.read(ids), reader.size_of)
+    finally:
+        for label, m in markers.items():
+            save_json(StageManifest(str(out), "extract").marker_uri(label), m)
+    key = lambda cols: {(a, b): (k, n) for a, b, k, n in zip(cols["image_a"], cols["image_b"], cols["kind"],  # noqa: E731
+                                                              cols["inliers"])}
+    before, after = key(mnn), key(casc)
+    assert before.keys() == after.keys() and info_mnn["rescored_pairs"] == 0
+    again = [p for p, (k, _) in before.items() if k in ("positive", "hard_negative")]
+    assert info["rescore_matcher"] == "lighterglue" and info["rescored_pairs"] == len(again) > 0
+    # mining accepts models from the lower of the positive and negative thresholds (30 and 10 + 1)
+    vcfg = VerifyConfig(min_inliers=min(30, replace(cfg, min_inliers=30).negative_inliers + 1),
+                        rescore_matcher="lighterglue")
+    glue = build_matcher(vcfg.rescorer_config(), "cpu", load_keypoint_weights("lighterglue"))
+    for a, b in again:
+        assert after[(a, b)][1] == verify_pair(kps[a], kps[b], vcfg, glue).inliers, (a, b)
+    for p, (k, n) in before.items():
+        if k == "ambiguous":
+            assert after[p][1] == n

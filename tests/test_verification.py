@@ -45,6 +45,16 @@ def test_mutual_nn_equals_brute_force(min_sim):
     assert np.all(np.diff(pairs[:, 0]) > 0)
 
 
+def test_mutual_nn_exact_ties_go_to_the_lowest_row():
+    rng = np.random.default_rng(3)
+    a, b = unit(rng, 12, 8), unit(rng, 9, 8)
+    a[7] = a[2]  # rows 2 and 7 tie everywhere: only the lower one can be b's mutual neighbour
+    b[4] = a[2]
+    for pairs, _ in (mutual_nn_matches(a, b), mutual_nn_matches_many(a, [b, b[::-1]], chunk_rows=9)[0]):
+        assert {tuple(map(int, p)) for p in pairs} == brute_force_mnn(a, b, -1.0)
+        assert (2, 4) in {tuple(map(int, p)) for p in pairs} and 7 not in pairs[:, 0]
+
+
 def test_ratio_test_equals_brute_force():
     rng = np.random.default_rng(5)
     a, b = unit(rng, 40, 16), unit(rng, 50, 16)
@@ -220,3 +230,31 @@ def test_rescore_positions_and_config():
         VerifyConfig(rescore_matcher="sift")
     with pytest.raises(ValueError):
         VerifyConfig(rescore_top=0)
+    with pytest.raises(ValueError):
+        VerifyConfig(rescore_keypoints=-1)
+
+
+def test_rescorer_config_carries_the_rescore_keys():
+    cfg = VerifyConfig(rescore_matcher="lighterglue", rescore_keypoints=512, rescore_depth_confidence=0.9)
+    m = cfg.rescorer_config()
+    assert (m.name, m.max_keypoints, m.depth_confidence) == ("lighterglue", 512, 0.9)
+    assert VerifyConfig().rescorer_config().max_keypoints == 0
+
+
+def test_max_keypoints_matches_the_strongest_rows_with_full_indices(warped_pair):
+    """A matcher capped at n keypoints equals the uncapped matcher on each image's first n rows (the strongest),
+    and its indices address the full arrays."""
+    q, db, _ = warped_pair
+    n = 300
+    for name in ("mnn", "lighterglue"):
+        weights = None if name == "mnn" else load_keypoint_weights(name)
+        capped = build_matcher(MatcherConfig(name, max_keypoints=n), "cpu", weights)
+        full = build_matcher(MatcherConfig(name), "cpu", weights)
+        pairs, conf = capped.match(q, db)
+        ref, ref_conf = full.match(q.top(n), db.top(n))
+        np.testing.assert_array_equal(pairs, ref)
+        np.testing.assert_allclose(conf, ref_conf, atol=1e-5)
+        assert len(pairs) > 30 and pairs.max() < n
+        assert [p.tolist() for p, _ in capped.match_many(q, [db, db])] == [pairs.tolist()] * 2
+    with pytest.raises(ValueError):
+        MatcherConfig(max_keypoints=-1)
