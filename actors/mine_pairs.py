@@ -30,8 +30,8 @@ from actors.graph import _cached_index
 from pipeline.keypoints import Keypoints
 from pipeline.knn_graph import DEFAULT_NPROBE, graph_from_arrays, graph_to_arrays
 from pipeline.matching import build_matcher
-from pipeline.pair_mining import (HARD_NEGATIVE, POSITIVE, UNVERIFIED, MiningConfig, cap_per_image, candidates_from_links, classify_pairs,
-                                  merge_candidates, weak_negatives)
+from pipeline.pair_mining import (HARD_NEGATIVE, POSITIVE, UNVERIFIED, MiningConfig, cap_per_image,
+                                  candidates_from_links, classify_pairs, merge_candidates, weak_negatives)
 from pipeline.verification import VerifyConfig, verify_shortlist
 from storage.keypoint_weights import load_keypoint_weights
 from storage.readers import KeypointReader, has_keypoints
