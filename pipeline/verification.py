@@ -35,8 +35,9 @@ at most twice that many pairs per query), and their glue inlier counts replace M
 Why: on museum photos MNN + MAGSAC verifies small distractor images (laptop screens, bank notes, boxes) with
 30-130 inliers against a wall photo, because a painting's frame and a rectangular object are related by a
 homography along their edges; the glue matchers, which match with the context of all keypoints, give those
-pairs 0 inliers and the true paintings hundreds (experiments/sv_cascade.py). They cost ~0.25 s per pair on
-two CPU cores, hence only on the top of the list (milliseconds on a GPU).
+pairs 0 inliers and the true paintings hundreds (experiments/sv_cascade.py). They cost ~0.25-0.33 s per pair
+on two CPU cores with every keypoint, hence only on the top of the list (``rescore_keypoints`` /
+``rescore_depth_confidence`` trade some of the cascade's gain for a 5-6x cheaper pair).
 """
 from __future__ import annotations
 
@@ -72,6 +73,10 @@ class VerifyConfig:
     ``fusion`` / ``fusion_weight`` / ``inlier_cap``: see :func:`fuse_scores`. ``rescore_matcher``: ``none``, or
     the learned matcher that re-verifies :func:`rescore_positions` (``rescore_top`` each from the first stage and
     the MNN-fused list; module docstring); its inlier counts use the same ``min_inliers`` and fusion.
+    ``rescore_keypoints``: keypoints of each image the learned matcher sees, strongest first (0 = all);
+    ``rescore_depth_confidence``: its early stopping (None = the model's reference: off for LighterGlue). 512 and
+    0.95 cost 57 instead of 330 ms per LighterGlue pair on 2 CPU cores (experiments/bench_sv.py, same run) and
+    keep the best method's quality, but not every method's (README, "+sv"); the defaults keep the full model.
     """
 
     matcher: MatcherConfig = field(default_factory=_tuned_matcher)
