@@ -19,7 +19,7 @@ import ray
 from actors.common import Progress
 from pipeline.keypoints import Keypoints
 from pipeline.matching import build_matcher
-from pipeline.verification import VerifyConfig, inlier_matches
+from pipeline.verification import VerifyConfig, guided_inlier_matches
 from storage.keypoint_weights import load_keypoint_weights
 from storage.readers import KeypointReader
 
@@ -31,24 +31,30 @@ PairResults = dict[tuple[str, str], tuple[int, np.ndarray]]
 MIN_TASKS = 32
 
 
-def verify_chunk(root: str, cfg: VerifyConfig, jobs: list[tuple[str, QueryKeypoints, list[str]]]) -> PairResults:
-    """Verify each (query key, query keypoints, image ids) job against the run's keypoints table."""
+Job = tuple[str, QueryKeypoints, list[str], list[np.ndarray | None]]
+
+
+def verify_chunk(root: str, cfg: VerifyConfig, jobs: list[Job]) -> PairResults:
+    """Verify each (query key, query keypoints, image ids, anchors) job against the run's keypoints table; a pair's
+    anchors (an earlier verification's inlier matches, or None) come first among the at most
+    ``cfg.matcher.max_keypoints`` keypoints per image the matcher sees
+    (:func:`pipeline.verification.guided_inlier_matches`)."""
     reader = KeypointReader(root)
     m = cfg.matcher
     matcher = build_matcher(m, "cpu", None if m.name == "mnn" else load_keypoint_weights(m.name))
     out: PairResults = {}
-    for key, (xy, scores, desc, size), ids in jobs:
+    for key, (xy, scores, desc, size), ids, anchors in jobs:
         qkp = Keypoints(xy, scores, desc, size)
         rows = Keypoints.from_table_rows(reader.read(ids), reader.size_of)
         empty = Keypoints.empty(qkp.dim, (1, 1))
         db = [rows.get(i, empty) for i in ids]
-        for i, res in zip(ids, inlier_matches(qkp, db, cfg, matcher)):
+        for i, res in zip(ids, guided_inlier_matches(qkp, db, anchors, m.max_keypoints, cfg, matcher)):
             out[(key, i)] = res
     return out
 
 
 @ray.remote(num_cpus=1)
-def _verify_task(root: str, cfg: VerifyConfig, jobs: list[tuple[str, QueryKeypoints, list[str]]]) -> PairResults:
+def _verify_task(root: str, cfg: VerifyConfig, jobs: list[Job]) -> PairResults:
     import cv2  # one OpenCV thread per task: the tasks themselves fill the cores
 
     cv2.setNumThreads(1)
@@ -56,11 +62,18 @@ def _verify_task(root: str, cfg: VerifyConfig, jobs: list[tuple[str, QueryKeypoi
 
 
 def verify_many(root: str, cfg: VerifyConfig, queries: dict[str, QueryKeypoints], shortlists: dict[str, list[str]],
-                chunks: int = 0) -> tuple[PairResults, dict[str, Any]]:
+                chunks: int = 0, anchors: dict[tuple[str, str], np.ndarray] | None = None
+                ) -> tuple[PairResults, dict[str, Any]]:
     """Every (query, image) pair of ``shortlists`` verified: Ray tasks over ``chunks`` groups of queries (default
-    twice the cluster's CPUs) when Ray is up and there is more than one query, else in process."""
+    twice the cluster's CPUs) when Ray is up and there is more than one query, else in process. ``anchors``: per
+    (query key, image id), matches the matcher sees first when it sees at most ``cfg.matcher.max_keypoints``."""
     t0 = time.time()
-    jobs = [(k, queries[k], list(dict.fromkeys(ids))) for k, ids in shortlists.items() if ids]
+    anchors = anchors or {}
+    jobs: list[Job] = []
+    for k, ids in shortlists.items():
+        ids = list(dict.fromkeys(ids))
+        if ids:
+            jobs.append((k, queries[k], ids, [anchors.get((k, i)) for i in ids]))
     pairs = sum(len(j[2]) for j in jobs)
     if len(jobs) <= 1 or not ray.is_initialized():
         out = verify_chunk(root, cfg, jobs)

@@ -34,7 +34,7 @@ from experiments.bench_extract import network_inputs
 from experiments.common import load_backbone, read_image, set_threads, write_json
 from pipeline.extract import ExtractConfig
 from pipeline.keypoints import build_keypoint_extractor
-from pipeline.verification import rescore_positions, verify_matches
+from pipeline.verification import guided_inlier_matches, rescore_positions, verify_matches
 from service.search import SearchService
 from service.tracks import resolve_tracks
 from storage.keypoint_weights import load_keypoint_weights
@@ -206,9 +206,10 @@ def time_verification(service: SearchService, queries: list, method: str, k: int
             inl = np.array([r.inliers for r in res], np.float64)
             pos = rescore_positions(-np.arange(len(res), dtype=np.float64), inl, ver.cfg)
             t0 = time.perf_counter()
-            for j in pos:
-                pairs, _ = ver.rescorer.match(qkp, dbs[j])
-                verify_matches(qkp, dbs[j], pairs, ver.cfg)
+            for j in pos:   # as the product: MNN's inliers first among the keypoints the matcher sees
+                m = res[j].matches
+                anchor = np.c_[qkp.xy[m[:, 0]], dbs[j].xy[m[:, 1]]] if ver.cfg.rescore_guided else None
+                guided_inlier_matches(qkp, [dbs[j]], [anchor], ver.cfg.rescore_keypoints, ver.cfg, ver.rescorer)
             t_rescore, n_rescore = time.perf_counter() - t0, len(pos)
         rows.append({"track": track, "query": Path(path).name, "shortlist": len(dbs), "query_keypoints": len(qkp),
                      "verified": int(sum(r.inliers >= ver.cfg.min_inliers for r in res)),
@@ -253,12 +254,17 @@ def main() -> None:
     p.add_argument("--rescore-top", type=int, default=10)
     p.add_argument("--rescore-keypoints", type=int, default=0, help="verify.rescore_keypoints (0 = all)")
     p.add_argument("--rescore-depth-confidence", type=float, default=None, help="verify.rescore_depth_confidence")
+    p.add_argument("--match-keypoints", type=int, default=None,
+                   help="verify.matcher.max_keypoints: MNN sees at most this many keypoints per image (0 = all)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     set_threads(args.threads)
     __import__("cv2").setNumThreads(args.threads)
     print(f"[load] before: {uptime()}")
     service = SearchService(args.index, device="cpu")
+    if args.match_keypoints is not None:
+        ver = service.verifier()
+        ver.cfg = replace(ver.cfg, matcher=replace(ver.cfg.matcher, max_keypoints=args.match_keypoints))
     res: dict = {"args": vars(args), "uptime_before": uptime()}
     if "storage" not in args.skip:
         res["storage"] = measure_storage(args.index)

@@ -208,6 +208,25 @@ class Keypoints:
         """The ``n`` strongest keypoints (rows are already sorted by decreasing score)."""
         return replace(self, xy=self.xy[:n], scores=self.scores[:n], descriptors=self.descriptors[:n])
 
+    def top_with(self, anchor_xy: np.ndarray, n: int) -> "Keypoints":
+        """At most ``n`` keypoints: those at the positions ``anchor_xy`` ((M, 2), exactly as stored here, e.g. an
+        MNN model's inliers) first, then the strongest others; rows keep their strongest-first order.
+
+        Why: a learned re-verifier that sees only the ``n`` strongest keypoints of a photo in which the object is
+        small can miss the object entirely (its keypoints rank below the surroundings'); handing it the keypoints
+        the cheap matcher already found consistent keeps the evidence in view at the same cost."""
+        if n <= 0 or len(self) <= n:
+            return self
+        xy = np.ascontiguousarray(self.xy, np.float32)
+        anchors = np.ascontiguousarray(np.asarray(anchor_xy, np.float32).reshape(-1, 2))
+        # an (x, y) float32 pair read as one 64-bit key: exact equality of positions, vectorised
+        hit = np.isin(xy.view(np.int64).ravel(), anchors.view(np.int64).ravel()) if len(anchors) \
+            else np.zeros(len(self), bool)
+        picked = np.flatnonzero(hit)[:n]
+        rest = np.flatnonzero(~hit)[: n - len(picked)]
+        idx = np.sort(np.concatenate([picked, rest]))
+        return replace(self, xy=self.xy[idx], scores=self.scores[idx], descriptors=self.descriptors[idx])
+
     def to_arrays(self, descriptor_dtype: str = "float16") -> dict[str, np.ndarray]:
         """Plain arrays for storage: xy / scores float32, descriptors ``float16`` (default) or ``int8``
         (``round(127 * d)``, values of an L2-normalised row lie in [-1, 1]), image_size int32 (2,)."""

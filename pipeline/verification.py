@@ -77,6 +77,10 @@ class VerifyConfig:
     ``rescore_depth_confidence``: its early stopping (None = the model's reference: off for LighterGlue). 512 and
     0.95 cost 57 instead of 330 ms per LighterGlue pair on 2 CPU cores (experiments/bench_sv.py, same run) and
     keep the best method's quality, but not every method's (README, "+sv"); the defaults keep the full model.
+    ``rescore_guided``: with ``rescore_keypoints``, the learned matcher sees the keypoints of MNN's inlier matches
+    first, then the strongest others (:meth:`pipeline.keypoints.Keypoints.top_with`; :func:`guided_inlier_matches`),
+    instead of only the strongest: an object small in a database photo can have none of its keypoints among the
+    photo's 512 strongest.
     """
 
     matcher: MatcherConfig = field(default_factory=_tuned_matcher)
@@ -96,6 +100,7 @@ class VerifyConfig:
     rescore_top: int = 10
     rescore_keypoints: int = 0
     rescore_depth_confidence: float | None = None
+    rescore_guided: bool = True
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSION_RULES:
@@ -259,6 +264,21 @@ def inlier_matches(query_kp: Keypoints, db_kps: Sequence[Keypoints], cfg: Verify
         m = np.concatenate([query_kp.xy[res.matches[:, 0]], d.xy[res.matches[:, 1]]], axis=1) if res.inliers \
             else np.zeros((0, 4), np.float32)
         out.append((int(res.inliers), np.asarray(m, np.float32)))
+    return out
+
+
+def guided_inlier_matches(query_kp: Keypoints, db_kps: Sequence[Keypoints], anchors: Sequence[np.ndarray | None],
+                          n: int, cfg: VerifyConfig, matcher: Matcher) -> list[tuple[int, np.ndarray]]:
+    """:func:`inlier_matches` pair by pair, where the matcher sees at most ``n`` keypoints of each image: those of
+    the pair's ``anchors`` (an earlier verification's (m, 4) inlier matches ``[xq, yq, xd, yd]``, None or empty for
+    none) first, then the strongest (:meth:`Keypoints.top_with`). ``n`` = 0: every keypoint, as
+    :func:`inlier_matches`."""
+    if n <= 0 or not any(a is not None and len(a) for a in anchors):
+        return inlier_matches(query_kp, db_kps, cfg, matcher)   # the matcher's own strongest-n, batched
+    out = []
+    for d, a in zip(db_kps, anchors):
+        a = np.zeros((0, 4), np.float32) if a is None else np.asarray(a, np.float32).reshape(-1, 4)
+        out.extend(inlier_matches(query_kp.top_with(a[:, :2], n), [d.top_with(a[:, 2:], n)], cfg, matcher))
     return out
 
 

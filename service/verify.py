@@ -34,7 +34,7 @@ import numpy as np
 
 from pipeline.keypoints import Keypoints
 from pipeline.matching import Matcher, build_matcher
-from pipeline.verification import VerifyConfig, fuse_scores, inlier_matches, rescore_positions
+from pipeline.verification import VerifyConfig, fuse_scores, guided_inlier_matches, inlier_matches, rescore_positions
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError
 from storage.keypoint_weights import load_keypoint_weights
@@ -124,8 +124,15 @@ class SpatialVerifier:
         if todo:
             db = self.database_keypoints(todo)
             empty = Keypoints.empty(qkp.dim, (1, 1))
-            matcher = self.rescorer if rescore else self.matcher
-            done = dict(zip(todo, inlier_matches(qkp, [db.get(i, empty) for i in todo], self.cfg, matcher)))
+            dbs = [db.get(i, empty) for i in todo]
+            if rescore:
+                # the learned matcher sees MNN's inliers of each pair first (verify.rescore_guided)
+                anchors = [self.pairs[(key, i)][1] if self.cfg.rescore_guided and (key, i) in self.pairs else None
+                           for i in todo]
+                res = guided_inlier_matches(qkp, dbs, anchors, self.cfg.rescore_keypoints, self.cfg, self.rescorer)
+            else:
+                res = inlier_matches(qkp, dbs, self.cfg, self.matcher)
+            done = dict(zip(todo, res))
             with self._lock:
                 if rescore:
                     self.rescored.update({(key, i): res for i, res in done.items()})

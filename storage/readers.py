@@ -6,6 +6,7 @@ and returns numpy arrays in shard order. ``image_ids`` restricts the rows to som
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -134,8 +135,8 @@ class KeypointReader:
     100 x 1-2 row groups, never the whole table.
     """
 
-    def __init__(self, root: str, stage: str = "extract") -> None:
-        self.root, self.stage = root, stage
+    def __init__(self, root: str, stage: str = "extract", threads: int = 4) -> None:
+        self.root, self.stage, self.threads = root, stage, threads
         markers = StageManifest(root, stage).committed()
         self.files = {label: m["files"]["keypoints"] for label, m in markers.items()
                       if m.get("files", {}).get("keypoints")}
@@ -166,33 +167,49 @@ class KeypointReader:
 
     def read(self, image_ids: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """image id -> (positions (n, 2) original-image pixels, scores (n,), descriptors (n, D) float32), in
-        keypoint order (strongest first); images without keypoints (or unknown) are absent."""
+        keypoint order (strongest first); images without keypoints (or unknown) are absent.
+
+        The shards are read by up to ``threads`` threads: a shortlist spans dozens of shards, and Parquet's
+        decoding releases the GIL, so the shards' reads overlap (on object storage, so do their requests)."""
         by_shard: dict[str, set[str]] = {}
         for i in dict.fromkeys(image_ids):
             label = self.shard_of.get(i)
             if label in self.files:
                 by_shard.setdefault(label, set()).add(i)
         out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for label, ids in sorted(by_shard.items()):
-            uri = self.files[label]
-            fs, path = get_fs(uri)
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                groups = self._row_groups(pf, uri, ids)
-                if not groups:
-                    continue
-                t = pf.read_row_groups(groups, columns=["image_id", "keypoint_id", "x", "y", "score", "descriptor"])
-            t = _only(t, ids)
-            names = np.asarray(t.column("image_id").to_pylist(), dtype=object)
-            kid = t.column("keypoint_id").to_numpy()
-            xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.float32)
-            score = t.column("score").to_numpy().astype(np.float32)
-            desc = descriptors_to_numpy(t.column("descriptor"), np.float32)
-            for i in ids:
-                m = np.flatnonzero(names == i)
-                if len(m):
-                    m = m[np.argsort(kid[m], kind="stable")]
-                    out[i] = (xy[m], score[m], desc[m])
+        jobs = sorted(by_shard.items())
+        if len(jobs) > 1 and self.threads > 1:
+            with ThreadPoolExecutor(min(self.threads, len(jobs))) as pool:
+                parts = list(pool.map(lambda job: self._read_shard(*job), jobs))
+        else:
+            parts = [self._read_shard(label, ids) for label, ids in jobs]
+        for part in parts:
+            out.update(part)
+        return out
+
+    def _read_shard(self, label: str, ids: set[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The rows of ``ids`` in one shard's keypoints file (only the row groups that can hold them)."""
+        uri = self.files[label]
+        fs, path = get_fs(uri)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            groups = self._row_groups(pf, uri, ids)
+            if not groups:
+                return {}
+            t = pf.read_row_groups(groups, columns=["image_id", "keypoint_id", "x", "y", "score", "descriptor"],
+                                   use_threads=False)
+        t = _only(t, ids)
+        names = np.asarray(t.column("image_id").to_pylist(), dtype=object)
+        kid = t.column("keypoint_id").to_numpy()
+        xy = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], axis=1).astype(np.float32)
+        score = t.column("score").to_numpy().astype(np.float32)
+        desc = descriptors_to_numpy(t.column("descriptor"), np.float32)
+        out = {}
+        for i in ids:
+            m = np.flatnonzero(names == i)
+            if len(m):
+                m = m[np.argsort(kid[m], kind="stable")]
+                out[i] = (xy[m], score[m], desc[m])
         return out
 
 

@@ -76,6 +76,13 @@ def test_sharded_and_single_builds_are_identical(tmp_path: Path, photos: None) -
         np.testing.assert_array_equal(xy[:, 0], t.column("x").to_numpy())
         np.testing.assert_array_equal(score, t.column("score").to_numpy())
         np.testing.assert_array_equal(desc, descriptors_to_numpy(t.column("descriptor")))
+    # the shards' reads run in threads: the same arrays as one thread reading them in turn
+    serial = KeypointReader(str(tmp_path / "three"), threads=1).read(IDS)
+    threaded = KeypointReader(str(tmp_path / "three"), threads=4).read(IDS)
+    assert set(serial) == set(threaded) == set(IDS)
+    for i in IDS:
+        for a, b in zip(serial[i], threaded[i]):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_int8_and_float16_tables_hold_the_same_keypoints(tmp_path: Path, photos: None) -> None:

@@ -181,3 +181,31 @@ def test_rescore_batches_log_progress(caplog) -> None:
         out = v.rerank([None] * RESCORE_LOG_EVERY, [first] * RESCORE_LOG_EVERY, None)
     assert [o.image_ids for o in out] == [list("fbacde")] * RESCORE_LOG_EVERY
     assert f"[sv] {RESCORE_LOG_EVERY}/{RESCORE_LOG_EVERY} queries re-verified with lighterglue" in caplog.text
+
+
+def test_guided_rescore_is_the_same_in_process_and_in_ray_chunks(run) -> None:
+    """With ``rescore_keypoints`` the learned matcher sees each pair's MNN inliers first (``rescore_guided``): the
+    service's re-ranking and the benchmark's Ray-task chunks (``verify_chunk`` with MNN's matches as anchors)
+    verify the same pairs to the same inliers."""
+    from dataclasses import replace
+
+    from actors.verify import verify_chunk
+    from service.verify import query_key
+
+    root, img = run
+    cfg = VerifyConfig(rescore_matcher="lighterglue", rescore_top=1, rescore_keypoints=256)
+    assert cfg.rescore_guided
+    verifier = SpatialVerifier(root, _Encoder(), cfg)  # type: ignore[arg-type]
+    q = QueryDescriptors(image_size=(img.shape[1], img.shape[0]), image=Image.fromarray(img))
+    first = Ranking(["other_a", "other_b", "warped"], np.array([0.9, 0.8, 0.7], np.float32))
+    out = verifier.rerank([q], [first], None)[0]
+    assert out.image_ids[0] == "warped" and out.extra["inliers"]["warped"] >= cfg.min_inliers
+    key, ids = query_key(q), ["other_a", "warped"]
+    assert sorted(i for k, i in verifier.rescored) == ids
+    anchors = [verifier.pairs[(key, i)][1] for i in ids]
+    assert len(anchors[1]) >= cfg.min_inliers   # MNN's inliers of the warped copy guide the matcher
+    chunk = verify_chunk(root, replace(cfg, matcher=cfg.rescorer_config()),
+                         [(key, (q.kp_xy, q.kp_scores, q.kp_desc, q.image_size), ids, anchors)])
+    for i in ids:
+        assert chunk[(key, i)][0] == verifier.rescored[(key, i)][0]
+        np.testing.assert_array_equal(chunk[(key, i)][1], verifier.rescored[(key, i)][1])

@@ -258,3 +258,52 @@ def test_max_keypoints_matches_the_strongest_rows_with_full_indices(warped_pair)
         assert [p.tolist() for p, _ in capped.match_many(q, [db, db])] == [pairs.tolist()] * 2
     with pytest.raises(ValueError):
         MatcherConfig(max_keypoints=-1)
+
+
+def test_top_with_keeps_anchors_then_the_strongest_in_order():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (10, 2)).astype(np.float32)
+    kp = Keypoints(xy, np.linspace(1, 0.1, 10).astype(np.float32), unit(rng, 10, 8), (100, 100))
+    # anchors at rows 7 and 9 (one unknown position, ignored): rows 7, 9 plus the strongest 0, 1 -> 0, 1, 7, 9
+    sub = kp.top_with(np.r_[xy[[9, 7]], [[-1.0, -1.0]]], 4)
+    np.testing.assert_array_equal(sub.xy, xy[[0, 1, 7, 9]])
+    np.testing.assert_array_equal(sub.descriptors, kp.descriptors[[0, 1, 7, 9]])
+    # more anchors than room: the strongest anchors; no anchors: top(n); n >= len or 0: everything
+    np.testing.assert_array_equal(kp.top_with(xy[[9, 8, 5]], 2).xy, xy[[5, 8]])
+    np.testing.assert_array_equal(kp.top_with(np.zeros((0, 2)), 3).xy, kp.top(3).xy)
+    assert kp.top_with(xy[[9]], 10) is kp and kp.top_with(xy[[9]], 0) is kp
+
+
+def test_guided_inlier_matches_show_the_matcher_its_anchors(warped_pair):
+    """With anchors, the capped matcher sees the anchored keypoints of both images plus the strongest up to n;
+    the inlier matches come back in the images' pixels. Without anchors (or n = 0) it is inlier_matches."""
+    from pipeline.verification import guided_inlier_matches, inlier_matches
+
+    q, db, other = warped_pair
+    n, cfg = 200, VerifyConfig(min_inliers=15)
+    seen = []
+
+    class Recording:
+        def __init__(self) -> None:
+            self.inner = build_matcher(MatcherConfig("mnn", min_similarity=0.82, max_keypoints=n))
+
+        def match_many(self, a, bs):
+            seen.append((a, list(bs)))
+            return self.inner.match_many(a, bs)
+
+    full = inlier_matches(q, [db], cfg, build_matcher(MatcherConfig("mnn", min_similarity=0.82)))[0]
+    anchor = full[1][-40:]   # weak inliers: the last rows of the matches, outside each image's strongest n
+    assert not {tuple(p) for p in anchor[:, :2]} <= {tuple(p) for p in q.top(n).xy}   # top(n) would miss some
+    m = Recording()
+    got = guided_inlier_matches(q, [db, other], [anchor, None], n, cfg, m)
+    (a0, (b0,)), (a1, (b1,)) = seen
+    assert len(a0) == len(b0) == n and len(b1) == n
+    for pts, kp in ((anchor[:, :2], a0), (anchor[:, 2:], b0)):   # every anchor is in view
+        assert {tuple(p) for p in pts} <= {tuple(p) for p in kp.xy}
+    np.testing.assert_array_equal(b1.xy, other.top(n).xy)
+    assert got[0][0] >= 15 and got[1][0] == 0
+    assert {tuple(p) for p in got[0][1][:, :2]} <= {tuple(p) for p in q.xy}
+    seen.clear()
+    plain = guided_inlier_matches(q, [db, other], [None, np.zeros((0, 4))], n, cfg, m)
+    assert len(seen) == 1 and len(seen[0][1]) == 2   # one batched call, as inlier_matches
+    assert [r[0] for r in plain] == [r[0] for r in inlier_matches(q, [db, other], cfg, m.inner)]
