@@ -75,8 +75,9 @@ class VerifyConfig:
     the MNN-fused list; module docstring); its inlier counts use the same ``min_inliers`` and fusion.
     ``rescore_keypoints``: keypoints of each image the learned matcher sees, strongest first (0 = all);
     ``rescore_depth_confidence``: its early stopping (None = the model's reference: off for LighterGlue). 512 and
-    0.95 cost 57 instead of 330 ms per LighterGlue pair on 2 CPU cores (experiments/bench_sv.py, same run) and
-    keep the best method's quality, but not every method's (README, "+sv"); the defaults keep the full model.
+    0.95 cost 57 instead of 330 ms per LighterGlue pair on 2 CPU cores (experiments/bench_sv.py, same run); with
+    ``rescore_guided`` and ``matcher.max_keypoints`` 1,024 they make the README's "cheap cascade", which kept the
+    full cascade's quality on museum-landmarks at under 1 s per query (median); the defaults keep the full model.
     ``rescore_guided``: with ``rescore_keypoints``, the learned matcher sees the keypoints of MNN's inlier matches
     first, then the strongest others (:meth:`pipeline.keypoints.Keypoints.top_with`; :func:`guided_inlier_matches`),
     instead of only the strongest: an object small in a database photo can have none of its keypoints among the
