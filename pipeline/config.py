@@ -220,18 +220,38 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+def _field_default(cls: type, name: str) -> Any:
+    """The default value of dataclass field ``name`` (its factory called), or None when it has none."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def build(cls: type, data: Mapping[str, Any], prefix: str = "", base: Any = None) -> Any:
     """Build dataclass ``cls`` from a mapping: unknown keys and wrong types raise :class:`ConfigError` naming
-    the key; values the dataclass itself refuses (``__post_init__``) are reported the same way."""
+    the key; values the dataclass itself refuses (``__post_init__``) are reported the same way. ``base``: an
+    instance whose values the mapping overrides (default: the class defaults).
+
+    A nested section given in part (``verify.matcher.max_keypoints``) overrides the field's own default instance,
+    not the nested class's defaults: ``verify.matcher`` defaults to the tuned MNN (cosine 0.75), and building it
+    from ``MatcherConfig()`` silently reset the threshold to 0.82 whenever one of its keys was set."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         where = prefix or "config"
         raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if dataclasses.is_dataclass(hints[k]) and isinstance(v, Mapping):
+            default = getattr(base, k) if base is not None else _field_default(cls, k)
+            kwargs[k] = build(hints[k], v, key, default if isinstance(default, hints[k]) else None)
+        else:
+            kwargs[k] = _coerce(v, hints[k], key)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except (ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError):
             raise

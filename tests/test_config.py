@@ -83,3 +83,20 @@ def test_learned_matchers_need_their_extractor():
         load_config(None, {**base, "extract.keypoints.name": "aliked", "verify.matcher.name": "lighterglue"})
     aliked = load_config(None, {**base, "extract.keypoints.name": "aliked", "verify.rescore_matcher": "lightglue"})
     assert aliked.verify.rescore_matcher == "lightglue"
+
+
+def test_a_partly_given_section_keeps_its_fields_own_defaults(tmp_path):
+    """``verify.matcher`` defaults to the tuned MNN (cosine 0.75, not MatcherConfig's 0.82): setting one of its keys,
+    on the command line or in a file, keeps the others at the field's default instance."""
+    base = {"images": "x", "out": "y"}
+    assert load_config(None, base).verify.matcher.min_similarity == 0.75
+    m = load_config(None, {**base, "verify.matcher.max_keypoints": 1024}).verify.matcher
+    assert (m.name, m.min_similarity, m.max_keypoints) == ("mnn", 0.75, 1024)
+    f = tmp_path / "c.yaml"
+    f.write_text("images: x\nout: y\nverify:\n  min_inliers: 20\n  matcher: {max_ratio: 0.9}\n")
+    v = load_config(f).verify
+    assert (v.min_inliers, v.matcher.min_similarity, v.matcher.max_ratio) == (20, 0.75, 0.9)
+    # a whole section replaced explicitly still works; a bad value inside it is still named
+    assert load_config(None, {**base, "verify.matcher.min_similarity": 0.9}).verify.matcher.min_similarity == 0.9
+    with pytest.raises(ConfigError, match="verify.matcher.max_keypoints"):
+        load_config(None, {**base, "verify.matcher.max_keypoints": "many"})
