@@ -210,19 +210,15 @@ class Keypoints:
         return replace(self, xy=self.xy[:n], scores=self.scores[:n], descriptors=self.descriptors[:n])
 
     def top_with(self, anchor_xy: np.ndarray, n: int) -> "Keypoints":
-        """At most ``n`` keypoints: those at the positions ``anchor_xy`` ((M, 2), exactly as stored here, e.g. an
-        MNN model's inliers) first, then the strongest others; rows keep their strongest-first order.
-
-        Why: a learned re-verifier that sees only the ``n`` strongest keypoints of a photo in which the object is
-        small can miss the object entirely (its keypoints rank below the surroundings'); handing it the keypoints
-        the cheap matcher already found consistent keeps the evidence in view at the same cost."""
+        """At most ``n`` keypoints: those at the positions ``anchor_xy`` ((M, 2), exactly as stored here, e.g. MNN's
+        inliers) first, then the strongest others, in row order. A learned re-verifier shown only the ``n`` strongest
+        can miss an object that is small in the photo; the anchors keep the evidence in view at the same cost."""
         if n <= 0 or len(self) <= n:
             return self
         xy = np.ascontiguousarray(self.xy, np.float32)
         anchors = np.ascontiguousarray(np.asarray(anchor_xy, np.float32).reshape(-1, 2))
         # an (x, y) float32 pair read as one 64-bit key: exact equality of positions, vectorised
-        hit = np.isin(xy.view(np.int64).ravel(), anchors.view(np.int64).ravel()) if len(anchors) \
-            else np.zeros(len(self), bool)
+        hit = np.isin(xy.view(np.int64).ravel(), anchors.view(np.int64).ravel())
         picked = np.flatnonzero(hit)[:n]
         rest = np.flatnonzero(~hit)[: n - len(picked)]
         idx = np.sort(np.concatenate([picked, rest]))
@@ -373,11 +369,9 @@ class _BaseExtractor:
         With several ``config.scales`` each image is run at every ``max_side * scale`` and each scale
         contributes its ``top_n // len(scales)`` strongest keypoints (a fixed quota, so a scale whose
         detector scores run lower is still represented); positions from every scale are in original pixels.
-        The rows interleave the scales' rankings (every scale's strongest, in ``scales`` order, then every
-        scale's second, ...), so that any prefix -- a matcher's ``max_keypoints`` cap, ``top(n)`` -- keeps the
-        scales in proportion. Sorting the union by score instead left the 0.5 scale 20-28 % of the strongest
-        1,024 of 2,048 query keypoints on museum photos (detector scores are not comparable across scales), and
-        capping MNN there cost 5 points of in-photos mAP (README, "+sv").
+        Rows interleave the scales' rankings (each scale's 1st, in ``scales`` order, then each one's 2nd, ...): any
+        prefix (a matcher's ``max_keypoints``, ``top(n)``) keeps the scales in proportion. Sorted by score, the
+        0.5 scale held 20-28 % of the top 1,024 of museum queries and capped MNN lost 5 in-photos points (README).
         """
         sizes = list(original_sizes) if original_sizes is not None else [None] * len(images)
         if len(sizes) != len(images):
