@@ -34,7 +34,7 @@ from experiments.bench_extract import network_inputs
 from experiments.common import load_backbone, read_image, set_threads, write_json
 from pipeline.extract import ExtractConfig
 from pipeline.keypoints import build_keypoint_extractor
-from pipeline.verification import guided_inlier_matches, rescore_positions, verify_matches
+from pipeline.verification import guided_inlier_matches, match_positions, rescore_positions, verify_matches
 from service.search import SearchService
 from service.tracks import resolve_tracks
 from storage.keypoint_weights import load_keypoint_weights
@@ -207,8 +207,7 @@ def time_verification(service: SearchService, queries: list, method: str, k: int
             pos = rescore_positions(-np.arange(len(res), dtype=np.float64), inl, ver.cfg)
             t0 = time.perf_counter()
             for j in pos:   # as the product: MNN's inliers first among the keypoints the matcher sees
-                m = res[j].matches
-                anchor = np.c_[qkp.xy[m[:, 0]], dbs[j].xy[m[:, 1]]] if ver.cfg.rescore_guided else None
+                anchor = match_positions(qkp, dbs[j], res[j].matches) if ver.cfg.rescore_guided else None
                 guided_inlier_matches(qkp, [dbs[j]], [anchor], ver.cfg.rescore_keypoints, ver.cfg, ver.rescorer)
             t_rescore, n_rescore = time.perf_counter() - t0, len(pos)
         rows.append({"track": track, "query": Path(path).name, "shortlist": len(dbs), "query_keypoints": len(qkp),

@@ -241,9 +241,8 @@ def prefetch_rescore(bench: Benchmark, results: dict[str, dict[str, Result]], sp
                 todo = verifier.rescore_targets(key, short, res.scores[qi, keep])
                 targets.setdefault(key, []).extend(i for i in todo if (key, i) not in verifier.rescored)
     cfg = replace(verifier.cfg, matcher=verifier.cfg.rescorer_config())
-    # verify.rescore_guided: each pair's MNN inliers are among the keypoints the learned matcher sees
-    anchors = {p: verifier.pairs[p][1] for k, ids in targets.items() for p in ((k, i) for i in ids)
-               if cfg.rescore_guided and p in verifier.pairs}
+    anchors = {(k, i): a for k, ids in targets.items() for i, a in zip(ids, verifier.rescore_anchors(k, ids))
+               if a is not None}
     pairs, info = verify_many(bench.service.root, cfg, queries, targets, anchors=anchors)
     verifier.rescored.update(pairs)
     print(f"[verify] {info['pairs']:,} pairs re-verified with {cfg.matcher.name} in {info['seconds']:.1f} s "

@@ -260,12 +260,15 @@ def inlier_matches(query_kp: Keypoints, db_kps: Sequence[Keypoints], cfg: Verify
     """Per database image of a shortlist: (inlier count, (n, 4) float32 inlier matches ``[xq, yq, xd, yd]`` in
     query / database pixels) -- what a re-ranking keeps of :func:`verify_shortlist` (0 and no rows when the
     image is not verified)."""
-    out = []
-    for d, res in zip(db_kps, verify_shortlist(query_kp, db_kps, cfg, matcher)):
-        m = np.concatenate([query_kp.xy[res.matches[:, 0]], d.xy[res.matches[:, 1]]], axis=1) if res.inliers \
-            else np.zeros((0, 4), np.float32)
-        out.append((int(res.inliers), np.asarray(m, np.float32)))
-    return out
+    return [(int(res.inliers), match_positions(query_kp, d, res.matches))
+            for d, res in zip(db_kps, verify_shortlist(query_kp, db_kps, cfg, matcher))]
+
+
+def match_positions(query_kp: Keypoints, db_kp: Keypoints, matches: np.ndarray) -> np.ndarray:
+    """(n, 4) float32 ``[xq, yq, xd, yd]`` pixels of (n, 2) keypoint index pairs (e.g. a :class:`VerifyResult`'s
+    inlier ``matches``): what re-rankings keep, draw, and hand :func:`guided_inlier_matches` as anchors."""
+    m = np.asarray(matches, np.int64).reshape(-1, 2)
+    return np.concatenate([query_kp.xy[m[:, 0]], db_kp.xy[m[:, 1]]], axis=1).astype(np.float32)
 
 
 def guided_inlier_matches(query_kp: Keypoints, db_kps: Sequence[Keypoints], anchors: Sequence[np.ndarray | None],

@@ -126,10 +126,8 @@ class SpatialVerifier:
             empty = Keypoints.empty(qkp.dim, (1, 1))
             dbs = [db.get(i, empty) for i in todo]
             if rescore:
-                # the learned matcher sees MNN's inliers of each pair first (verify.rescore_guided)
-                anchors = [self.pairs[(key, i)][1] if self.cfg.rescore_guided and (key, i) in self.pairs else None
-                           for i in todo]
-                res = guided_inlier_matches(qkp, dbs, anchors, self.cfg.rescore_keypoints, self.cfg, self.rescorer)
+                res = guided_inlier_matches(qkp, dbs, self.rescore_anchors(key, todo), self.cfg.rescore_keypoints,
+                                            self.cfg, self.rescorer)
             else:
                 res = inlier_matches(qkp, dbs, self.cfg, self.matcher)
             done = dict(zip(todo, res))
@@ -151,6 +149,13 @@ class SpatialVerifier:
         if len(self.pairs) > PAIR_CACHE:
             for k in list(self.pairs)[: len(self.pairs) - PAIR_CACHE]:
                 del self.pairs[k]
+
+    def rescore_anchors(self, key: str, image_ids: Sequence[str]) -> list[np.ndarray | None]:
+        """Per image, the cached MNN inlier matches of the query ``key`` that the learned matcher sees first
+        (``verify.rescore_guided``; None when off or not verified): the one place in-process re-verification and the
+        benchmark's Ray tasks take them from."""
+        guided = self.cfg.rescore_guided
+        return [self.pairs[(key, i)][1] if guided and (key, i) in self.pairs else None for i in image_ids]
 
     def rescore_targets(self, key: str, image_ids: Sequence[str], scores: np.ndarray) -> list[str]:
         """The shortlist images (first-stage order) that the learned matcher re-verifies for the query ``key``
