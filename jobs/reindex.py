@@ -98,15 +98,21 @@ def prune_snapshots(cfg: IndexConfig) -> int:
 
 
 def reindex(cfg: IndexConfig) -> dict[str, Any]:
-    """Incremental update of the run at ``cfg.out`` under the output's lease; see the module docstring."""
+    """Incremental update of the run at ``cfg.out`` under the output's lease; see the module docstring. Ray is
+    started (or joined) once the lease is held and the previous run found, as in ``jobs.index``: a busy output or
+    a missing run fails before Ray starts."""
     with job_lease(cfg, "reindex") as lease:
-        return _reindex(cfg, lease)
+        previous = read_corpus_manifest(cfg.out)
+        if previous is None:
+            raise NotAnIndexError(f"no previous run at {redact(cfg.out)}: run `python -m jobs.index` first")
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        t0 = time.time()
+        summary = _reindex(cfg, previous, lease)
+        summary["seconds"] = time.time() - t0
+    return summary
 
 
-def _reindex(cfg: IndexConfig, lease: Lease) -> dict[str, Any]:
-    previous = read_corpus_manifest(cfg.out)
-    if previous is None:
-        raise NotAnIndexError(f"no previous run at {redact(cfg.out)}: run `python -m jobs.index` first")
+def _reindex(cfg: IndexConfig, previous: pa.Table, lease: Lease) -> dict[str, Any]:
     summary: dict[str, Any] = {"stages": {}}
     manifest, changed_fraction = update_manifest(cfg, previous, summary)
     run = RunManifest(cfg.out)
@@ -132,14 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         cfg = config_from_args(args)
         check_access(cfg.out)
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
-        t0 = time.time()
         try:
             summary = reindex(cfg)
         except StageFailed as exc:
             log.error("%s", exc)
             return 1
-        summary["seconds"] = time.time() - t0
         print_summary(summary)
         return 0
 

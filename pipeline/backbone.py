@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models.feature_extraction import create_feature_extractor
+
+# torchvision is imported only when a backbone is built: importing it takes seconds (it pulls in torch._dynamo), and
+# the query side imports this module in processes that never build one (argument and config errors, --help)
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,23 @@ def _efficientnet_lite0() -> nn.Module:
     return EfficientNet.from_name("efficientnet-lite0")
 
 
+def _torchvision_model(builder: str) -> Callable[[], nn.Module]:
+    """A constructor of ``torchvision.models.<builder>`` without weights."""
+    def build() -> nn.Module:
+        import torchvision
+
+        return getattr(torchvision.models, builder)(weights=None)
+
+    return build
+
+
 REGISTRY: dict[str, BackboneSpec] = {
-    "mobilenet_v2": BackboneSpec(lambda: torchvision.models.mobilenet_v2(weights=None), "features.18",
-                                 "classifier.1", 32, 1280, "mobilenet_v2"),
+    "mobilenet_v2": BackboneSpec(_torchvision_model("mobilenet_v2"), "features.18", "classifier.1", 32, 1280,
+                                 "mobilenet_v2"),
     "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, "head", "_fc", 32, 1280, "efficientnet_lite0"),
-    "resnet50": BackboneSpec(lambda: torchvision.models.resnet50(weights=None), "layer4", "fc", 32, 2048),
-    "resnet101": BackboneSpec(lambda: torchvision.models.resnet101(weights=None), "layer4", "fc", 32, 2048),
-    "vgg16": BackboneSpec(lambda: torchvision.models.vgg16(weights=None), "features.29", None, 16, 512),
+    "resnet50": BackboneSpec(_torchvision_model("resnet50"), "layer4", "fc", 32, 2048),
+    "resnet101": BackboneSpec(_torchvision_model("resnet101"), "layer4", "fc", 32, 2048),
+    "vgg16": BackboneSpec(_torchvision_model("vgg16"), "features.29", None, 16, 512),
 }
 
 
@@ -126,6 +137,8 @@ def build_backbone(name: str = "mobilenet_v2", state_dict: dict[str, torch.Tenso
     explicit ``layer``.
     """
     if name.startswith("torchvision:"):
+        import torchvision
+
         builder = getattr(torchvision.models, name.split(":", 1)[1])
         if layer is None:
             raise ValueError(f"backbone {name!r} needs an explicit layer")
@@ -145,6 +158,8 @@ def build_backbone(name: str = "mobilenet_v2", state_dict: dict[str, torch.Tenso
     if name == "efficientnet_lite0":
         trunk: nn.Module = _EfficientNetTrunk(model, layer)
     else:
+        from torchvision.models.feature_extraction import create_feature_extractor
+
         trunk = create_feature_extractor(model, {layer: "out"})
     channels, stride = spec.channels, spec.stride
     if layer != spec.default_layer or channels == 0:

@@ -27,8 +27,8 @@ from itertools import combinations
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import GroupKFold
-from sklearn.svm import LinearSVR
+# scikit-learn (about a second to import) is imported inside the two training functions that use it: the query side
+# imports this module only to score patches with a fitted RegionScorer
 
 from pipeline.evaluation import compute_map
 
@@ -155,6 +155,8 @@ def _fit_linear_svr(X: np.ndarray, y: np.ndarray, C: float, cfg: ScorerConfig) -
     scale = X.std(0)
     scale[scale < 1e-12] = 1.0
     y_mean = float(y.mean())
+    from sklearn.svm import LinearSVR
+
     svr = LinearSVR(C=C, epsilon=cfg.epsilon, loss="squared_epsilon_insensitive", fit_intercept=True,
                     dual=X.shape[0] < X.shape[1], tol=cfg.tol, max_iter=cfg.max_iter, random_state=0)
     svr.fit((X - mean) / scale, y - y_mean)
@@ -171,6 +173,8 @@ def grouped_folds(groups: np.ndarray, n_folds: int) -> list[tuple[np.ndarray, np
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise ValueError("grouped cross-validation needs at least two groups (photos)")
+    from sklearn.model_selection import GroupKFold
+
     kf = GroupKFold(n_splits=min(n_folds, n_groups))
     return list(kf.split(np.zeros((len(groups), 1)), groups=groups))
 

@@ -47,8 +47,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
+# torchvision (box_iou, nms) is imported where it is used: importing it takes seconds (it pulls in torch._dynamo)
+# and pipeline.config, so every job and Ray worker, imports this module
 
 from pipeline.determinism import single_threaded_torch
 
@@ -126,7 +127,9 @@ def label_anchors(anchors: torch.Tensor, gt_boxes: torch.Tensor, cfg: RPNConfig,
     if gt.shape[0] == 0:
         labels[:] = 0
     else:
-        iou = torchvision.ops.box_iou(anchors, gt)  # (N, G)
+        from torchvision.ops import box_iou
+
+        iou = box_iou(anchors, gt)  # (N, G)
         best, matched = iou.max(dim=1)
         labels[best < cfg.neg_iou] = 0
         gt_best = iou.max(dim=0).values  # (G,)
@@ -261,7 +264,9 @@ def select_proposals(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.
     min_side = cfg.min_size_cells * cfg.stride
     keep = ((boxes[:, 2] - boxes[:, 0]) >= min_side) & ((boxes[:, 3] - boxes[:, 1]) >= min_side)
     boxes, scores = boxes[keep], scores[keep]
-    keep = torchvision.ops.nms(boxes, scores, cfg.nms_iou)[: cfg.post_nms_top_n]
+    from torchvision.ops import nms
+
+    keep = nms(boxes, scores, cfg.nms_iou)[: cfg.post_nms_top_n]
     return boxes[keep], scores[keep]
 
 

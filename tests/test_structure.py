@@ -144,3 +144,18 @@ def test_lint_is_clean():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", *PROJECT, "tests"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:]
+
+
+def test_entry_points_import_no_torchvision_or_sklearn():
+    """Every ``python -m jobs.X`` (and every Ray worker, through pipeline.config) pays its imports: torchvision
+    (seconds, with torch._dynamo) and scikit-learn load only where a backbone is built or a scorer trained."""
+    import subprocess
+    import sys
+
+    jobs = sorted(p.stem for p in (REPO / "jobs").glob("*.py") if p.stem != "__init__")
+    code = ("import importlib, sys\n"
+            f"for j in {jobs!r}:\n    importlib.import_module('jobs.' + j)\n"
+            "print(' '.join(m for m in ('torchvision', 'torch._dynamo', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "", f"imported at start-up: {proc.stdout.strip()}"
