@@ -13,7 +13,7 @@ import ray
 from actors.common import Progress
 from actors.indexes import load_regional
 from pipeline.query_patches import lambda_aps
-from pipeline.region_scoring import LAMBDA_GRID, patch_labels
+from pipeline.region_scoring import LAMBDA_GRID, patch_labels, retrieval_profile_dense, sim_patch_img
 
 log = logging.getLogger("indexer")
 
@@ -30,6 +30,10 @@ class TrainingQuery:
     desc: np.ndarray                 # (P, d) patch descriptors
     feats: np.ndarray                # (P, F) scorer features
     sample: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows the SVR trains on
+    group: str = ""                  # cross-validation group (default: the photo)
+
+    def __post_init__(self) -> None:
+        self.group = self.group or self.photo
 
 
 def corpus_items(root: str, source: str, corpus_ids: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -45,10 +49,34 @@ def corpus_items(root: str, source: str, corpus_ids: Sequence[str | None]) -> tu
     return np.ascontiguousarray(X[order], np.float32), img[order]
 
 
+_PROFILE_CHUNK = 256  # patches per dense (chunk, n_images) score block of the profile features
+
+
+def patch_profiles(X: np.ndarray, img: np.ndarray, n_images: int, full: np.ndarray, desc: np.ndarray,
+                   junk: np.ndarray | Sequence[int] = ()) -> np.ndarray:
+    """Retrieval-profile features (P, 6) of every patch against the corpus items (exact search, as a query on
+    an exact regional index sees them; :func:`pipeline.region_scoring.retrieval_profile`).
+
+    ``junk`` images are left out of the search, as from the ranking the patch's label is computed on: a
+    landmark query's own photo in the corpus would otherwise be every patch's perfect first match, which a
+    query that is not in the index never has."""
+    junk = np.asarray(junk, np.int64).ravel()
+    junk = junk[(junk >= 0) & (junk < n_images)]
+    full_img = sim_patch_img(np.asarray(full, np.float32).reshape(1, -1), X, img, n_images)[0]
+    full_img[junk] = -np.inf
+    parts = []
+    for s in range(0, len(desc), _PROFILE_CHUNK):
+        S = sim_patch_img(desc[s:s + _PROFILE_CHUNK], X, img, n_images)
+        S[:, junk] = -np.inf
+        parts.append(retrieval_profile_dense(S, full_img))
+    return np.concatenate(parts) if parts else np.zeros((0, 6))
+
+
 @ray.remote(num_cpus=1)
-def _labels_task(X: np.ndarray, img: np.ndarray, n_images: int, desc: np.ndarray, positives: np.ndarray,
-                 junk: np.ndarray) -> np.ndarray:
-    return patch_labels(desc, X, img, positives, junk, n_images=n_images)
+def _labels_task(X: np.ndarray, img: np.ndarray, n_images: int, q: TrainingQuery, profile: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    labels = patch_labels(q.desc[q.sample], X, img, q.positives, q.junk, n_images=n_images)
+    return labels, (patch_profiles(X, img, n_images, q.full, q.desc, q.junk) if profile else None)
 
 
 @ray.remote(num_cpus=1)
@@ -71,12 +99,18 @@ def _gather(refs: list, what: str) -> list:
     return out
 
 
-def label_patches(X: np.ndarray, img: np.ndarray, n_images: int, queries: Sequence[TrainingQuery]
-                  ) -> list[np.ndarray]:
-    """DCG@10 label of each sampled patch (``q.sample``) of every query, one Ray task per query."""
+def label_patches(X: np.ndarray, img: np.ndarray, n_images: int, queries: Sequence[TrainingQuery],
+                  profile: bool = False) -> list[np.ndarray]:
+    """DCG@10 label of each sampled patch (``q.sample``) of every query, one Ray task per query. With
+    ``profile``, each query's retrieval-profile features (of every patch) are appended to ``q.feats`` in place."""
     X_ref, img_ref = ray.put(X), ray.put(img)
-    refs = [_labels_task.remote(X_ref, img_ref, n_images, q.desc[q.sample], q.positives, q.junk) for q in queries]
-    return _gather(refs, "labels")
+    refs = [_labels_task.remote(X_ref, img_ref, n_images, q, profile) for q in queries]
+    out = []
+    for q, (labels, prof) in zip(queries, _gather(refs, "labels")):
+        if prof is not None:
+            q.feats = np.concatenate([q.feats, prof.astype(q.feats.dtype)], axis=1)
+        out.append(labels)
+    return out
 
 
 def lambda_curve(X: np.ndarray, img: np.ndarray, n_images: int, queries: Sequence[TrainingQuery],
@@ -89,4 +123,4 @@ def lambda_curve(X: np.ndarray, img: np.ndarray, n_images: int, queries: Sequenc
     return np.stack(_gather(refs, "lambda"))
 
 
-__all__ = ["TrainingQuery", "corpus_items", "label_patches", "lambda_curve"]
+__all__ = ["TrainingQuery", "corpus_items", "patch_profiles", "label_patches", "lambda_curve"]

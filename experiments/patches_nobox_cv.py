@@ -10,6 +10,11 @@ photos, cross-fitted: the no-box photos are split into folds so that no two fold
 by inner out-of-fold mAP) trained only on the other folds (plus the noboxfree queries). Ground truth is used for
 the training labels of the training folds and for the evaluation of the held-out fold only.
 
+Each scorer reads the paper's features plus the retrieval-profile columns, as ``jobs.train_query_scorer`` does by
+default (``--no-profile``: the paper's features only). The script also ranks no-box with ``regional:os_egm`` (the
+query's full view and OS.EGM regions, max over items, as ``jobs.search``) and prints each row's paired-bootstrap
+interval against it.
+
     python experiments/patches_nobox_cv.py --index runs/bench13/index --data ../shared/data/museum-landmarks
 """
 from __future__ import annotations
@@ -23,11 +28,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.query_scorer import TrainingQuery, corpus_items  # noqa: E402
+from actors.query_scorer import TrainingQuery, corpus_items, patch_profiles  # noqa: E402
 from jobs.train_query_scorer import corpus_ids, encode_queries, positives  # noqa: E402
-from pipeline.query_patches import lambda_aps, noboxfree_queries, pick_lambda  # noqa: E402
+from pipeline.evaluation import compute_map, paired_bootstrap  # noqa: E402
+from pipeline.query_patches import lambda_aps, noboxfree_queries, object_groups, pick_lambda  # noqa: E402
 from pipeline.query_regions import ProposalConfig  # noqa: E402
-from pipeline.region_scoring import LAMBDA_GRID, RegionScorer, ScorerConfig, grouped_folds, patch_labels  # noqa: E402
+from pipeline.region_scoring import (LAMBDA_GRID, RegionScorer, ScorerConfig, grouped_folds, patch_labels,  # noqa: E402
+                                     sim_patch_img)
 from service.encoder import QueryEncoder  # noqa: E402
 from storage.datasets import load_gnd_json  # noqa: E402
 
@@ -45,23 +52,8 @@ def make_queries(ds, idx, encoded, per_photo: int, rng) -> list[TrainingQuery]:
 
 
 def painting_groups(queries: list[TrainingQuery]) -> np.ndarray:
-    """Connected components of photos that share a positive: the CV groups (no painting on both sides)."""
-    parent = list(range(len(queries)))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    owner: dict[int, int] = {}
-    for n, q in enumerate(queries):
-        for p in q.positives.tolist():
-            if p in owner:
-                parent[find(n)] = find(owner[p])
-            else:
-                owner[p] = n
-    return np.array([f"g{find(n)}" for n in range(len(queries))])
+    """CV groups: photos that share a photo or a positive are one group (no painting on both sides of a fold)."""
+    return object_groups([q.photo for q in queries], [q.positives for q in queries])
 
 
 def train(queries, labels, groups, cfg: ScorerConfig, X, img, n_images, k) -> tuple[RegionScorer, float]:
@@ -90,6 +82,20 @@ def evaluate(scorer: RegionScorer, lam: float, queries, X, img, n_images, k) -> 
                                 [lam], k)[0] for q in queries])
 
 
+def regional_aps(encoded, queries, X, img, n_images) -> np.ndarray:
+    """Per-query AP of ``regional:os_egm``: max over the query's full view and OS.EGM regions (exact search)."""
+    ranks = [np.argsort(-sim_patch_img(np.concatenate([e.regions["full"], e.regions["os_egm"]]), X, img,
+                                       n_images).max(0), kind="stable") for e in encoded]
+    return compute_map(ranks, [{"ok": q.positives, "junk": q.junk} for q in queries])[1]
+
+
+def report(name: str, aps: np.ndarray, base: np.ndarray) -> None:
+    b = paired_bootstrap(base, aps)
+    print(f"{name}: no-box mAP {100 * np.nanmean(aps):.2f}, vs regional:os_egm {100 * b['diff']:+.1f} "
+          f"[{100 * b['low']:+.1f}, {100 * b['high']:+.1f}], better on {b['better']}, worse on {b['worse']}",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--index", required=True)
@@ -100,6 +106,7 @@ def main() -> None:
     ap.add_argument("--per-photo", type=int, default=200)
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="the paper's features only")
     args = ap.parse_args()
     t0 = time.time()
     root = load_gnd_json(f"{args.data}/gnd.json")
@@ -110,12 +117,18 @@ def main() -> None:
     ridx = noboxfree_queries(root.queries, nobox.queries)
     nidx = np.arange(len(nobox.queries))
     rq = make_queries(root, ridx, encode_queries(enc, root, ridx, props, args.cache), args.per_photo, rng)
-    nq = make_queries(nobox, nidx, encode_queries(enc, nobox, nidx, props, args.cache), args.per_photo, rng)
+    nenc = encode_queries(enc, nobox, nidx, props, args.cache)
+    nq = make_queries(nobox, nidx, nenc, args.per_photo, rng)
     if root.images != nobox.images:
         raise SystemExit("root and no-box database lists differ")
     X, img = corpus_items(args.index, "os_egm", corpus_ids(args.index, root))
     n = root.n_images
     print(f"encoded {len(rq)} noboxfree + {len(nq)} no-box queries ({time.time() - t0:.0f}s)", flush=True)
+    if args.profile:
+        for q in rq + nq:
+            q.feats = np.concatenate([q.feats, patch_profiles(X, img, n, q.full, q.desc, q.junk).astype(q.feats.dtype)], 1)
+    base = regional_aps(nenc, nq, X, img, n)
+    print(f"regional:os_egm no-box mAP {100 * np.mean(base):.2f}", flush=True)
     rl = [patch_labels(q.desc[q.sample], X, img, q.positives, q.junk, n_images=n) for q in rq]
     nl = [patch_labels(q.desc[q.sample], X, img, q.positives, q.junk, n_images=n) for q in nq]
     print(f"labels: noboxfree mean {np.mean(np.concatenate(rl)):.3f}, wall photos mean "
@@ -144,9 +157,10 @@ def main() -> None:
         print(f"  fold {fold}: {len(te)} photos held out; walls+noboxfree C={sb.C:g} lambda={lb:+.1f} "
               f"mAP {100 * np.nanmean(ap_b[te]):.1f}; walls only C={sc.C:g} lambda={lc:+.1f} "
               f"mAP {100 * np.nanmean(ap_c[te]):.1f} ({time.time() - t0:.0f}s)", flush=True)
-    print(f"no-box mAP (medium = hard): (a) noboxfree {100 * np.nanmean(ap_a):.2f}; (b) cross-fitted wall photos + "
-          f"noboxfree {100 * np.nanmean(ap_b):.2f}; (c) cross-fitted wall photos only {100 * np.nanmean(ap_c):.2f}")
-    np.savez(f"{args.cache}/nobox_cv_aps.npz", a=ap_a, b=ap_b, c=ap_c, queries=np.array(nobox.queries))
+    report("(a) noboxfree scorer", ap_a, base)
+    report("(b) cross-fitted wall photos + noboxfree", ap_b, base)
+    report("(c) cross-fitted wall photos only", ap_c, base)
+    np.savez(f"{args.cache}/nobox_cv_aps.npz", a=ap_a, b=ap_b, c=ap_c, regional=base, queries=np.array(nobox.queries))
 
 
 if __name__ == "__main__":

@@ -2,17 +2,22 @@
 
     python -m jobs.train_query_scorer --dataset <folder with gnd.json | gnd.json> --index <run> [--out <uri>]
         [--split noboxfree|cv] [--source os_egm] [--proposals selective_search|egm|grid] [--max-proposals 2000]
-        [--patches-per-photo 200] [--cache DIR] [--num-cpus N] [--ray-address ADDR]
+        [--patches-per-photo 200] [--no-profile] [--cache DIR] [--num-cpus N] [--ray-address ADDR]
 
 1. **Training queries** (``--split``): ``noboxfree`` (default) keeps the root queries whose source photo is not a
    query photo of the ``no-box`` track next to the ground truth (museum-landmarks: the landmark and ``qsd1_*``
    queries; ``qsd2_*`` are the no-box wall photos cropped to a painting), so ``patches`` can be evaluated on no-box
-   with no photo seen in training; ``cv`` takes every root query (the scorer's CV is grouped by photo, so its
-   out-of-fold numbers never score a photo with a model that saw it; the saved scorer has seen every photo).
+   with no photo seen in training; ``cv`` takes every query of ``--dataset`` (the scorer's CV is grouped by object,
+   so its out-of-fold numbers never score a photo with a model that saw it or another photo of its object; the
+   saved scorer has seen every photo). Train on photos of the kind you will query with: ``--dataset
+   <museum-landmarks>/no-box --split cv`` learns from whole cluttered wall photos, as seed 000 does.
 2. **Patches**: each query (cropped to its box) is encoded by the run's encoder with its patches (``--proposals``).
 3. **Labels** (Ray, a task per query): DCG@10 of retrieving the labelled corpus (the ground truth's database, as
-   indexed in ``regional_<source>``) with each of ``--patches-per-photo`` sampled patches alone.
-4. **Scorer**: a linear L2-regularised SVR, ``C`` by grouped CV (groups = source photos); the CV error per ``C``.
+   indexed in ``regional_<source>``) with each of ``--patches-per-photo`` sampled patches alone; unless
+   ``--no-profile``, also every patch's retrieval-profile features against that corpus
+   (:func:`pipeline.region_scoring.retrieval_profile`), which join the paper's features.
+4. **Scorer**: a linear L2-regularised SVR, ``C`` by grouped CV (groups = objects: photos that share a source
+   photo or a positive, :func:`pipeline.query_patches.object_groups`); the CV error per ``C``.
 5. **lambda** (Ray, a task per query): the mAP of greedy diverse top-k patch voting for lambda in -5 .. 5 (step
    0.2) with out-of-fold unaries of *every* patch, as at query time; the best one is kept.
 6. **Artefact**: arrays (no pickle) + ``info.json`` (lambda, C, feature names, the patch config, CV curves) in
@@ -32,10 +37,10 @@ from actors.common import init_ray
 from actors.query_scorer import TrainingQuery, corpus_items, label_patches, lambda_curve
 from jobs.index import setup_logging
 from pipeline.config import to_plain
-from pipeline.query_patches import (PatchSearchConfig, fold_scorers, noboxfree_queries, pick_lambda,
+from pipeline.query_patches import (PatchSearchConfig, fold_scorers, noboxfree_queries, object_groups, pick_lambda,
                                     proposal_tag, source_photo)
 from pipeline.query_regions import PROPOSAL_SOURCES, ProposalConfig
-from pipeline.region_scoring import LAMBDA_GRID, RegionScorer, ScorerConfig
+from pipeline.region_scoring import LAMBDA_GRID, PROFILE_NAMES, RegionScorer, ScorerConfig
 from service.encoder import QueryDescriptors, QueryEncoder
 from service.errors import UserError, run_cli
 from service.tracks import canonical, query_key
@@ -69,6 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="the paper's features only (descriptor, geometry, saliency): no retrieval-profile columns")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -143,7 +150,10 @@ def training_queries(ds: Dataset, idx: np.ndarray, encoded: list[QueryDescriptor
         out.append(TrainingQuery(ds.queries[int(i)], source_photo(ds.queries[int(i)]), positives(g),
                                  np.asarray(g.get("junk", []), np.int64), np.asarray(q.regions["full"][0], np.float32),
                                  np.asarray(q.patch_desc, np.float32), np.asarray(q.patch_feat, np.float32), sample))
-    return [t for t in out if len(t.sample)]
+    out = [t for t in out if len(t.sample)]
+    for t, g in zip(out, object_groups([t.photo for t in out], [t.positives for t in out])):
+        t.group = g
+    return out
 
 
 def fit_scorer(queries: list[TrainingQuery], labels: list[np.ndarray], cfg: ScorerConfig
@@ -151,18 +161,19 @@ def fit_scorer(queries: list[TrainingQuery], labels: list[np.ndarray], cfg: Scor
     """The SVR (``C`` by grouped CV) and the out-of-fold unaries of every patch of every query."""
     X = np.concatenate([q.feats[q.sample] for q in queries])
     y = np.concatenate(labels)
-    groups = np.concatenate([np.full(len(q.sample), q.photo, dtype=object) for q in queries]).astype(str)
+    groups = np.concatenate([np.full(len(q.sample), q.group, dtype=object) for q in queries]).astype(str)
     scorer = RegionScorer.fit(X, y, groups, cfg)
     for C, mse in zip(scorer.cv["Cs"], scorer.cv["mse"]):
         print(f"[scorer] C={C:<8g} CV mean squared error {mse:.5f}", flush=True)
     models = fold_scorers(X, y, groups, scorer.C, cfg)
     psis = []
     for q in queries:
-        model = next(m for held, m in models if q.photo in held)
+        model = next(m for held, m in models if q.group in held)
         psis.append(model.predict(q.feats))
     label_var = float(np.var(y))
     print(f"[scorer] chosen C={scorer.C:g}: CV error {scorer.cv['mse'].min():.5f} (label variance {label_var:.5f}, "
-          f"{len(y)} patches of {len(set(groups))} photos)", flush=True)
+          f"{len(y)} patches of {len({q.photo for q in queries})} photos in {len(set(groups))} object groups)",
+          flush=True)
     return scorer, psis
 
 
@@ -195,12 +206,13 @@ def run(args: argparse.Namespace) -> int:
     if len(X) == 0:
         raise UserError(f"the run has no regional_{args.source} items of the dataset's images")
     init_ray(args.ray_address, args.num_cpus)
-    labels = label_patches(X, img, ds.n_images, queries)
+    labels = label_patches(X, img, ds.n_images, queries, profile=args.profile)
     cfg = ScorerConfig(n_folds=args.folds)
     scorer, psis = fit_scorer(queries, labels, cfg)
     lam, grid, maps = choose_lambda(X, img, ds.n_images, queries, psis, args.k)
     patch_cfg = PatchSearchConfig(proposals=proposals, k=args.k, lam=lam, source=args.source)
-    info = {"config": to_plain(patch_cfg), "feature_names": enc.patch_feature_names(), "C": scorer.C,
+    names = enc.patch_feature_names() + (list(PROFILE_NAMES) if args.profile else [])
+    info = {"config": to_plain(patch_cfg), "feature_names": names, "C": scorer.C, "groups": "object",
             "lambda": lam, "split": args.split, "n_queries": len(queries), "queries": [q.name for q in queries],
             "n_patches": int(sum(len(q.sample) for q in queries)), "cv_Cs": scorer.cv["Cs"].tolist(),
             "cv_mse": scorer.cv["mse"].tolist(), "lambda_grid": grid.tolist(), "lambda_map": maps.tolist(),

@@ -16,13 +16,14 @@ import numpy as np
 
 from pipeline.config import ConfigError, build, to_plain
 from pipeline.query_patches import PatchSearchConfig, select_patches, vote_rankings
-from pipeline.region_scoring import RegionScorer
+from pipeline.region_scoring import PROFILE_K, PROFILE_NAMES, RegionScorer, dense_from_topk, retrieval_profile
 from service.encoder import QueryDescriptors
 from service.errors import UserError
 from service.indexes import LoadedIndex
 from storage.query_scorer import load_query_scorer, resolve_location
 from storage.uri import redact
 
+_PROFILE_BATCH = 256  # patches per regional search of the profile features (bounds its (batch, n_images) block)
 TRAIN_HINT = ("train one with `python -m jobs.train_query_scorer --dataset <gnd.json folder> --index <run>` "
               "or pass a scorer folder (--scorer / SearchService(scorer=...))")
 
@@ -57,17 +58,50 @@ class PatchSearch:
         return {"location": self.location, "config": to_plain(self.cfg), **{k: self.info[k] for k in keep
                                                                           if k in self.info}}
 
-    def choose(self, q: QueryDescriptors, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(chosen patch indices, all patch scores ``psi``) of one query."""
+    @property
+    def uses_profile(self) -> bool:
+        """Whether the scorer reads retrieval-profile features (appended after the encoder's patch features)."""
+        return tuple(self.feature_names[-len(PROFILE_NAMES):]) == PROFILE_NAMES
+
+    def profile(self, q: QueryDescriptors, idx: LoadedIndex, allowed: np.ndarray | None = None) -> np.ndarray:
+        """Retrieval-profile features (P, 6) of the query's patches over ``idx``
+        (:func:`pipeline.region_scoring.retrieval_profile`): each patch's best ``PROFILE_K`` image scores and
+        the full query image's score of the patch's best image, through the same regional search as the voting
+        (exact, FAISS or ITQ-prefiltered)."""
+        D = np.asarray(q.patch_desc, np.float32)
+        n_img = len(idx.image_ids)
+        exact = idx.exact and idx.itq is None
+        Sf, If = idx.search_regional([np.asarray(q.regions["full"], np.float32)[:1]],
+                                     None if exact else self.cfg.item_depth, allowed)
+        full_dense = dense_from_topk(Sf, If, n_img)[0]
+        tops, best = [], []
+        for s in range(0, len(D), _PROFILE_BATCH):
+            S, I = idx.search_regional([D[i:i + 1] for i in range(s, min(s + _PROFILE_BATCH, len(D)))], PROFILE_K,
+                                       allowed)
+            tops.append(S)
+            best.append(I[:, 0])
+        b = np.concatenate(best) if best else np.zeros(0, np.int64)
+        full_at = np.where(b >= 0, full_dense[np.maximum(b, 0)], np.nan)
+        top = np.concatenate(tops) if tops else np.zeros((0, PROFILE_K), np.float32)
+        return retrieval_profile(top, float(Sf[0, 0]) if np.isfinite(Sf[0, 0]) else 0.0, full_at)
+
+    def choose(self, q: QueryDescriptors, k: int, idx: LoadedIndex | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen patch indices, all patch scores ``psi``) of one query; ``idx`` (the regional index searched)
+        is needed by a scorer with retrieval-profile features."""
         if not q.has_patches:
             raise UserError("the query was encoded without patches: encode it with the scorer's proposals "
                             "(SearchService.encode(..., patches=True))")
         feats = np.asarray(q.patch_feat, np.float32)
+        if len(feats) == 0:
+            return np.zeros(0, np.int64), np.zeros(0)
+        if self.uses_profile:
+            if idx is None:
+                raise ValueError("this scorer reads retrieval-profile features: pass the regional index")
+            feats = np.concatenate([feats, self.profile(q, idx, allowed).astype(np.float32)], axis=1)
         if feats.shape[1] != self.scorer.n_features:
             raise UserError(f"the scorer expects {self.scorer.n_features} patch features, the query has "
                             f"{feats.shape[1]}: it was trained on another index run")
-        if len(feats) == 0:
-            return np.zeros(0, np.int64), np.zeros(0)
         psi = self.scorer.predict(feats)
         return select_patches(psi, q.patch_desc, k, self.cfg.lam), psi
 
@@ -85,7 +119,7 @@ class PatchSearch:
         I = np.full((len(qs), width), -1, np.int64)
         extras = []
         for r, q in enumerate(qs):
-            chosen, psi = self.choose(q, k)
+            chosen, psi = self.choose(q, k, idx, allowed)
             items = ([np.asarray(q.regions["full"], np.float32)[:1]] if "full" in q.regions else []) + \
                 [np.asarray(q.patch_desc, np.float32)[c:c + 1] for c in chosen]
             if not items:

@@ -15,11 +15,13 @@ from actors.indexes import _publish, publish_itq
 from pipeline import faiss_index as fi
 from pipeline.config import to_plain
 from pipeline.faiss_index import FaissConfig, stage_parameters
-from pipeline.query_patches import (PatchSearchConfig, lambda_aps, noboxfree_queries, out_of_fold_scores,
-                                    pick_lambda, source_photo, vote_rankings)
+from actors.query_scorer import patch_profiles
+from pipeline.query_patches import (PatchSearchConfig, lambda_aps, noboxfree_queries, object_groups,
+                                    out_of_fold_scores, pick_lambda, source_photo, vote_rankings)
 from pipeline.query_regions import ProposalConfig
-from pipeline.region_scoring import (LambdaQuery, RegionScorer, ScorerConfig, greedy_diverse_topk, grouped_folds,
-                                     out_of_fold_predictions, patch_vote_scores, select_lambda, sim_patch_img)
+from pipeline.region_scoring import (PROFILE_NAMES, LambdaQuery, RegionScorer, ScorerConfig, greedy_diverse_topk,
+                                     grouped_folds, out_of_fold_predictions, patch_vote_scores, select_lambda,
+                                     sim_patch_img)
 from service.encoder import QueryDescriptors
 from service.errors import UserError
 from service.indexes import LoadedIndex, open_index, open_itq
@@ -156,11 +158,11 @@ def test_parse_patches_and_generic_list_rerankings():
 
 
 # ------------------------------------------------------------------------------------------ service path
-def _scorer_folder(tmp_path, F, cfg):
+def _scorer_folder(tmp_path, F, cfg, names=None):
     rng = np.random.default_rng(3)
     scorer = RegionScorer(coef=rng.standard_normal(F), intercept=0.5, x_mean=np.zeros(F), x_scale=np.ones(F), C=1.0)
     folder = str(tmp_path / "scorer")
-    info = {"config": to_plain(cfg), "feature_names": [f"f{i}" for i in range(F)], "lambda": cfg.lam}
+    info = {"config": to_plain(cfg), "feature_names": names or [f"f{i}" for i in range(F)], "lambda": cfg.lam}
     save_query_scorer(folder, scorer.to_arrays(), info)
     return scorer, folder
 
@@ -203,6 +205,36 @@ def test_service_ranks_patches_as_the_numpy_vote(tmp_path):
     spi2 = sim_patch_img(np.concatenate([q.regions["full"], q.patch_desc[chosen2]]), X, img, n_img)
     top3 = np.argsort(-(spi2[0] + spi2[1:].sum(0)), kind="stable")[:3]
     assert r2.image_ids == [f"im{i}" for i in top3[::-1]]
+
+
+def test_profile_features_at_query_time_equal_those_the_scorer_was_trained_on(tmp_path):
+    """A scorer with retrieval-profile columns: the service computes them through the regional index as the
+    training job computes them from the corpus items (actors.query_scorer.patch_profiles), so psi is the same."""
+    rng = np.random.default_rng(6)
+    d, P, F, n_img = 16, 40, 5, 12
+    img = np.sort(rng.integers(0, n_img, 90))
+    X = _unit(rng, 90, d)
+    idx = LoadedIndex.from_vectors(X, [f"im{i}" for i in range(n_img)], img)
+    cfg = PatchSearchConfig(k=3, lam=-0.4, source="os_egm")
+    names = [f"f{i}" for i in range(F)] + list(PROFILE_NAMES)
+    scorer, folder = _scorer_folder(tmp_path, F + len(PROFILE_NAMES), cfg, names)
+    svc = SearchService(str(tmp_path / "run"), encoder=object(), indexes={"regional_os_egm": idx}, scorer=folder)
+    assert svc.patch_search().uses_profile
+    q = _query(rng, d, P, F)
+    prof = patch_profiles(X, img, n_img, q.regions["full"][0], q.patch_desc)
+    np.testing.assert_allclose(svc.patch_search().profile(q, idx), prof, rtol=1e-5, atol=1e-6)
+    psi = scorer.predict(np.hstack([q.patch_feat, prof]))
+    chosen = greedy_diverse_topk(psi, q.patch_desc @ q.patch_desc.T, 3, -0.4)
+    r = svc.rank([q], "patches")[0]
+    assert r.extra["patch_boxes"] == q.patch_boxes[chosen].tolist()
+    np.testing.assert_allclose(r.extra["patch_scores"], psi[chosen], rtol=1e-5)
+    with pytest.raises(ValueError, match="regional index"):
+        svc.patch_search().choose(q, 3)
+
+
+def test_object_groups_join_photos_that_share_a_photo_or_a_positive():
+    groups = object_groups(["a", "a", "b", "c", "d", "e"], [[1], [2], [2], [3], [], [3, 9]])
+    assert groups.tolist() == ["g0", "g0", "g0", "g1", "g2", "g1"]
 
 
 def test_service_says_how_to_train_when_there_is_no_scorer(tmp_path):

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from pipeline.region_scoring import (LambdaQuery, RegionScorer, ScorerConfig, best_subset_bruteforce, dcg_at_k,
-                                     dense_from_topk, diversity_objective, greedy_diverse_topk, grouped_folds,
-                                     out_of_fold_predictions, patch_labels, patch_vote_scores, select_lambda,
-                                     sim_patch_img, split_by_photo)
+from pipeline.region_scoring import (PROFILE_NAMES, LambdaQuery, RegionScorer, ScorerConfig, best_subset_bruteforce,
+                                     dcg_at_k, dense_from_topk, diversity_objective, greedy_diverse_topk,
+                                     grouped_folds, out_of_fold_predictions, patch_labels, patch_vote_scores,
+                                     retrieval_profile, retrieval_profile_dense, select_lambda, sim_patch_img,
+                                     split_by_photo)
 
 
 @pytest.fixture(autouse=True)
@@ -235,3 +236,24 @@ def test_sim_patch_img_same_for_sorted_and_shuffled_regions() -> None:
     Q = rng.normal(size=(4, 5)).astype(np.float32)
     perm = rng.permutation(30)
     np.testing.assert_allclose(sim_patch_img(Q, V, img, 6), sim_patch_img(Q, V[perm], img[perm], 6), rtol=1e-6)
+
+
+def test_retrieval_profile_by_hand():
+    top = np.array([[0.9, 0.5, 0.4], [0.6, 0.6, -np.inf]])
+    got = retrieval_profile(top, 0.8, np.array([0.8, 0.3]))
+    # row 0: best .9, gaps .4 and .5, mean .6, .9 - .8, and the full image ranks the patch's best image first
+    # row 1: the -inf pad counts as the lowest listed score (.6): best .6, gaps 0, mean .6, -.2, .3 - .8
+    np.testing.assert_allclose(got, [[0.9, 0.4, 0.5, 0.6, 0.1, 0.0], [0.6, 0.0, 0.0, 0.6, -0.2, -0.5]], atol=1e-12)
+    assert len(PROFILE_NAMES) == got.shape[1]
+    with pytest.raises(ValueError):
+        retrieval_profile(np.zeros((3, 1)), 0.0, np.zeros(3))
+
+
+def test_retrieval_profile_dense_equals_a_sorted_reference():
+    rng = np.random.default_rng(2)
+    S, full = rng.uniform(-1, 1, (7, 30)), rng.uniform(-1, 1, 30)
+    got = retrieval_profile_dense(S, full, k=10)
+    srt = -np.sort(-S, axis=1)[:, :10]
+    want = np.stack([srt[:, 0], srt[:, 0] - srt[:, 1], srt[:, 0] - srt[:, 9], srt.mean(1), srt[:, 0] - full.max(),
+                     full[S.argmax(1)] - full.max()], axis=1)
+    np.testing.assert_allclose(got, want, atol=1e-12)

@@ -17,7 +17,7 @@ import pytest
 from jobs import benchmark as bm
 from jobs import search as search_job
 from jobs import train_query_scorer as tqs
-from pipeline.region_scoring import LAMBDA_GRID
+from pipeline.region_scoring import LAMBDA_GRID, PROFILE_NAMES
 from service.benchmark import slug
 from service.search import SearchService
 from storage.datasets import load_gnd_json
@@ -80,6 +80,7 @@ def test_train_then_search_with_patches(tmp_path, ray_local, capsys):
     assert info["n_queries"] == 14 and info["lambda"] in np.round(LAMBDA_GRID, 10).tolist()
     assert info["C"] in info["cv_Cs"] and np.isfinite(info["cv_map"])
     assert len(info["feature_names"]) == len(arrays["coef"])
+    assert tuple(info["feature_names"][-len(PROFILE_NAMES):]) == PROFILE_NAMES and info["groups"] == "object"
     assert info["config"]["k"] == 3 and info["config"]["source"] == "os_egm"
     printed = capsys.readouterr().out
     assert "CV mean squared error" in printed and "[lambda] chosen" in printed
