@@ -126,7 +126,8 @@ def main() -> None:
     print(f"encoded {len(rq)} noboxfree + {len(nq)} no-box queries ({time.time() - t0:.0f}s)", flush=True)
     if args.profile:
         for q in rq + nq:
-            q.feats = np.concatenate([q.feats, patch_profiles(X, img, n, q.full, q.desc, q.junk).astype(q.feats.dtype)], 1)
+            prof = patch_profiles(X, img, n, q.full, q.desc, q.junk)
+            q.feats = np.concatenate([q.feats, prof.astype(q.feats.dtype)], axis=1)
     base = regional_aps(nenc, nq, X, img, n)
     print(f"regional:os_egm no-box mAP {100 * np.mean(base):.2f}", flush=True)
     rl = [patch_labels(q.desc[q.sample], X, img, q.positives, q.junk, n_images=n) for q in rq]

@@ -370,9 +370,23 @@ def run(args: argparse.Namespace) -> int:
         "methods": [s.name for s in specs], "query_egm": args.query_egm, "tracks": {}}
     if patches:
         report["query_scorer"] = service.patch_search().describe()
+        report["notes"] += scorer_overlap_notes(service.patch_search().info.get("queries", []), tracks)
     evaluate(args, out, bench, results, specs, synth_ns, items, report)
     write_report(args, out, report)
     return 0
+
+
+def scorer_overlap_notes(trained_on: Sequence[str], tracks: Sequence[Track]) -> list[str]:
+    """One note per track whose query photos the ``patches`` scorer was trained on: those rows are optimistic."""
+    seen, out = set(trained_on), []
+    for t in tracks:
+        names = [t.dataset.queries[int(i)] for i in t.query_idx]
+        n = sum(q in seen for q in names)
+        if n:
+            out.append(f"patches on {t.name}: {n} of its {len(names)} query photos were training queries of the "
+                       "scorer, so the row is optimistic (held-out numbers: the scorer's cv_map, or "
+                       "experiments/patches_nobox_cv.py for no-box).")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -110,6 +110,9 @@ def test_train_then_search_with_patches(tmp_path, ray_local, capsys):
     assert bm.main([*common, "--reuse", "--methods", "regional:os_egm,patches:3"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["query_scorer"]["config"]["lam"] == info["lambda"]
+    # the root row is flagged as optimistic (14 of its queries trained the scorer), the no-box row is not
+    assert [n.split(":")[0] for n in report["notes"] if n.startswith("patches on")] == ["patches on root"]
+    assert "14 of its 16 query photos" in next(n for n in report["notes"] if n.startswith("patches on root"))
     for track in ("root", "no-box"):
         m = report["tracks"][track]["methods"]
         assert {"regional:os_egm", "patches:3"} <= set(m) and m["patches:3"]["medium"]["map"] is not None
