@@ -2,7 +2,7 @@
 
     python -m jobs.train_query_scorer --dataset <folder with gnd.json | gnd.json> --index <run> [--out <uri>]
         [--split noboxfree|cv] [--source os_egm] [--proposals selective_search|egm|grid] [--max-proposals 2000]
-        [--patches-per-photo 200] [--no-profile] [--cache DIR] [--num-cpus N] [--ray-address ADDR]
+        [--patches-per-photo 200] [--profile] [--cache DIR] [--num-cpus N] [--ray-address ADDR]
 
 1. **Training queries** (``--split``): ``noboxfree`` (default) keeps the root queries whose source photo is not a
    query photo of the ``no-box`` track next to the ground truth (museum-landmarks: the landmark and ``qsd1_*``
@@ -13,8 +13,8 @@
    <museum-landmarks>/no-box --split cv`` learns from whole cluttered wall photos, as seed 000 does.
 2. **Patches**: each query (cropped to its box) is encoded by the run's encoder with its patches (``--proposals``).
 3. **Labels** (Ray, a task per query): DCG@10 of retrieving the labelled corpus (the ground truth's database, as
-   indexed in ``regional_<source>``) with each of ``--patches-per-photo`` sampled patches alone; unless
-   ``--no-profile``, also every patch's retrieval-profile features against that corpus
+   indexed in ``regional_<source>``) with each of ``--patches-per-photo`` sampled patches alone; with
+   ``--profile``, also every patch's retrieval-profile features against that corpus
    (:func:`pipeline.region_scoring.retrieval_profile`), which join the paper's features.
 4. **Scorer**: a linear L2-regularised SVR, ``C`` by grouped CV (groups = objects: photos that share a source
    photo or a positive, :func:`pipeline.query_patches.object_groups`); the CV error per ``C``.
@@ -74,8 +74,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-profile", dest="profile", action="store_false",
-                   help="the paper's features only (descriptor, geometry, saliency): no retrieval-profile columns")
+    p.add_argument("--profile", action="store_true",
+                   help="add retrieval-profile columns to the paper's features (descriptor, geometry, saliency)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 

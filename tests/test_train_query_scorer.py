@@ -73,7 +73,7 @@ def test_train_then_search_with_patches(tmp_path, ray_local, capsys):
     index = str(out / "index")
 
     rc = tqs.main(["--dataset", str(root), "--index", index, "--proposals", "grid", "--patches-per-photo", "40",
-                   "--k", "3", "--folds", "3", "--cache", str(tmp_path / "qcache")])
+                   "--k", "3", "--folds", "3", "--cache", str(tmp_path / "qcache"), "--profile"])
     assert rc == 0
     arrays, info = load_query_scorer(default_location(index))
     assert not [q for q in info["queries"] if q.startswith("qsd2_")]  # noboxfree: no no-box photo
