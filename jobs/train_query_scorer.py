@@ -202,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     enc = QueryEncoder(args.index)
     queries = training_queries(ds, qidx, encode_queries(enc, ds, qidx, proposals, args.cache),
                                args.patches_per_photo, args.seed)
+    if len({q.group for q in queries}) < 2:
+        raise UserError("the training queries show a single object (they share positives): cross-validation needs "
+                        "at least two objects")
     X, img = corpus_items(args.index, args.source, corpus_ids(args.index, ds))
     if len(X) == 0:
         raise UserError(f"the run has no regional_{args.source} items of the dataset's images")
