@@ -13,7 +13,8 @@ import ray
 from actors.common import Progress
 from actors.indexes import load_regional
 from pipeline.query_patches import lambda_aps
-from pipeline.region_scoring import LAMBDA_GRID, patch_labels, retrieval_profile_dense, sim_patch_img
+from pipeline.region_scoring import (LAMBDA_GRID, PROFILE_NAMES, patch_labels, retrieval_profile_dense,
+                                     sim_patch_img)
 
 log = logging.getLogger("indexer")
 
@@ -69,7 +70,7 @@ def patch_profiles(X: np.ndarray, img: np.ndarray, n_images: int, full: np.ndarr
         S = sim_patch_img(desc[s:s + _PROFILE_CHUNK], X, img, n_images)
         S[:, junk] = -np.inf
         parts.append(retrieval_profile_dense(S, full_img))
-    return np.concatenate(parts) if parts else np.zeros((0, 6))
+    return np.concatenate(parts) if parts else np.zeros((0, len(PROFILE_NAMES)))
 
 
 @ray.remote(num_cpus=1)

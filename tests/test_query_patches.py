@@ -174,12 +174,17 @@ def _query(rng, d, P, F):
                             patch_feat=rng.standard_normal((P, F)).astype(np.float32))
 
 
+def _regional_index(rng, n_rows, d, n_img):
+    """(items, item -> image, the exact LoadedIndex over them) of a random regional index of images im0.."""
+    img = np.sort(rng.integers(0, n_img, n_rows))
+    X = _unit(rng, n_rows, d)
+    return X, img, LoadedIndex.from_vectors(X, [f"im{i}" for i in range(n_img)], img)
+
+
 def test_service_ranks_patches_as_the_numpy_vote(tmp_path):
     rng = np.random.default_rng(4)
     d, P, F, n_img = 16, 30, 7, 12
-    img = np.sort(rng.integers(0, n_img, 80))
-    X = _unit(rng, 80, d)
-    idx = LoadedIndex.from_vectors(X, [f"im{i}" for i in range(n_img)], img)
+    X, img, idx = _regional_index(rng, 80, d, n_img)
     cfg = PatchSearchConfig(k=4, lam=-0.4, source="os_egm")
     scorer, folder = _scorer_folder(tmp_path, F, cfg)
     svc = SearchService(str(tmp_path / "run"), encoder=object(), indexes={"regional_os_egm": idx}, scorer=folder)
@@ -212,9 +217,7 @@ def test_profile_features_at_query_time_equal_those_the_scorer_was_trained_on(tm
     training job computes them from the corpus items (actors.query_scorer.patch_profiles), so psi is the same."""
     rng = np.random.default_rng(6)
     d, P, F, n_img = 16, 40, 5, 12
-    img = np.sort(rng.integers(0, n_img, 90))
-    X = _unit(rng, 90, d)
-    idx = LoadedIndex.from_vectors(X, [f"im{i}" for i in range(n_img)], img)
+    X, img, idx = _regional_index(rng, 90, d, n_img)
     cfg = PatchSearchConfig(k=3, lam=-0.4, source="os_egm")
     names = [f"f{i}" for i in range(F)] + list(PROFILE_NAMES)
     scorer, folder = _scorer_folder(tmp_path, F + len(PROFILE_NAMES), cfg, names)
