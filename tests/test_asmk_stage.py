@@ -35,6 +35,7 @@ def test_kernel_names_map_to_valid_configs():
         kernel_config("bow")
 
 
+@pytest.mark.slow
 def test_snapshots_cover_the_corpus_and_equal_one_build(asmk_run):
     out = str(asmk_run)
     store = TableStore(out)
@@ -67,6 +68,7 @@ def test_snapshots_cover_the_corpus_and_equal_one_build(asmk_run):
         assert np.array_equal(whole.vecs, loaded.index.vecs)
 
 
+@pytest.mark.slow
 def test_search_finds_the_database_image_itself(asmk_run):
     out = str(asmk_run)
     loc = TableStore(out).read("locals", ["extract"])
@@ -98,6 +100,7 @@ def test_query_multiple_assignment_reaches_the_second_nearest_word():
     assert double["a"] > 0 and double["a"] == pytest.approx(double["b"])
 
 
+@pytest.mark.slow
 def test_snapshot_records_the_query_assignment(asmk_run):
     snap = open_latest(str(asmk_run), "asmk_asmk_star")
     assert snap.manifest["parameters"]["query_multiple"] == 5  # the config default (asmk's query-side default)
@@ -117,6 +120,7 @@ def asmk_xfeat_run(museum, ray_local, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_asmk_over_learned_keypoints(asmk_xfeat_run):
     """asmk.locals: xfeat builds the codebook and inverted files from the keypoints table (no locals table)."""
     out = str(asmk_xfeat_run)

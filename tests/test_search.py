@@ -18,6 +18,7 @@ from service.search import SearchService
 
 REPO = Path(__file__).resolve().parents[1]
 PAINTINGS = ["painting_0010*", "painting_0011*", "painting_0012*"]
+pytestmark = pytest.mark.slow  # every test searches the module's indexed run (every stage over 45 images)
 
 
 @pytest.fixture(scope="module")
