@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +37,8 @@ from pipeline.query_patches import lambda_aps, noboxfree_queries, object_groups,
 from pipeline.query_regions import ProposalConfig  # noqa: E402
 from pipeline.region_scoring import (LAMBDA_GRID, RegionScorer, ScorerConfig, grouped_folds, patch_labels,  # noqa: E402
                                      sim_patch_img)
-from service.encoder import QueryEncoder  # noqa: E402
-from storage.datasets import load_gnd_json  # noqa: E402
+from service.encoder import QueryDescriptors, QueryEncoder  # noqa: E402
+from storage.datasets import Dataset, load_gnd_json  # noqa: E402
 
 
 def make_queries(ds, idx, encoded, per_photo: int, rng) -> list[TrainingQuery]:
@@ -50,6 +51,39 @@ def make_queries(ds, idx, encoded, per_photo: int, rng) -> list[TrainingQuery]:
                                  np.asarray(g.get("junk", []), np.int64), np.asarray(q.regions["full"][0], np.float32),
                                  np.asarray(q.patch_desc, np.float32), np.asarray(q.patch_feat, np.float32), sample))
     return out
+
+
+@dataclass
+class Tracks:
+    """The root and no-box ground truth, their encoded training queries and the labelled corpus's items."""
+
+    root: Dataset
+    nobox: Dataset
+    rq: list[TrainingQuery]  # the noboxfree root queries (the product's training protocol)
+    nenc: list[QueryDescriptors]  # the no-box photos, encoded with patches
+    nq: list[TrainingQuery]  # the same photos as training queries
+    X: np.ndarray  # items of regional_os_egm, grouped by corpus image
+    img: np.ndarray
+    n: int
+
+
+def load_tracks(index: str, data: str, cache: str, per_photo: int = 200, seed: int = 0) -> Tracks:
+    """Encode (or read from ``cache``) the noboxfree root queries and the no-box photos of ``data`` with
+    selective-search patches, each with a seeded sample of ``per_photo`` patches, and load the corpus items."""
+    root = load_gnd_json(f"{data}/gnd.json")
+    nobox = load_gnd_json(f"{data}/no-box/gnd.json")
+    if root.images != nobox.images:
+        raise SystemExit("root and no-box database lists differ")
+    enc = QueryEncoder(index)
+    props = ProposalConfig()
+    rng = np.random.default_rng(seed)
+    ridx = noboxfree_queries(root.queries, nobox.queries)
+    nidx = np.arange(len(nobox.queries))
+    rq = make_queries(root, ridx, encode_queries(enc, root, ridx, props, cache), per_photo, rng)
+    nenc = encode_queries(enc, nobox, nidx, props, cache)
+    nq = make_queries(nobox, nidx, nenc, per_photo, rng)
+    X, img = corpus_items(index, "os_egm", corpus_ids(index, root))
+    return Tracks(root, nobox, rq, nenc, nq, X, img, root.n_images)
 
 
 def painting_groups(queries: list[TrainingQuery]) -> np.ndarray:
@@ -112,20 +146,8 @@ def main() -> None:
     ap.add_argument("--rows", default="abc", help="which rows to compute (a, b, c: see the docstring)")
     args = ap.parse_args()
     t0 = time.time()
-    root = load_gnd_json(f"{args.data}/gnd.json")
-    nobox = load_gnd_json(f"{args.data}/no-box/gnd.json")
-    enc = QueryEncoder(args.index)
-    props = ProposalConfig()
-    rng = np.random.default_rng(args.seed)
-    ridx = noboxfree_queries(root.queries, nobox.queries)
-    nidx = np.arange(len(nobox.queries))
-    rq = make_queries(root, ridx, encode_queries(enc, root, ridx, props, args.cache), args.per_photo, rng)
-    nenc = encode_queries(enc, nobox, nidx, props, args.cache)
-    nq = make_queries(nobox, nidx, nenc, args.per_photo, rng)
-    if root.images != nobox.images:
-        raise SystemExit("root and no-box database lists differ")
-    X, img = corpus_items(args.index, "os_egm", corpus_ids(args.index, root))
-    n = root.n_images
+    t = load_tracks(args.index, args.data, args.cache, args.per_photo, args.seed)
+    nobox, rq, nenc, nq, X, img, n = t.nobox, t.rq, t.nenc, t.nq, t.X, t.img, t.n
     print(f"encoded {len(rq)} noboxfree + {len(nq)} no-box queries ({time.time() - t0:.0f}s)", flush=True)
     if args.profile:
         for q in rq + nq:

@@ -30,17 +30,14 @@ from scipy.stats import spearmanr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from patches_nobox_cv import make_queries, regional_aps, train  # noqa: E402
+from patches_nobox_cv import load_tracks, regional_aps, train  # noqa: E402
 
-from actors.query_scorer import corpus_items, patch_profiles  # noqa: E402
-from jobs.train_query_scorer import corpus_ids, encode_queries  # noqa: E402
+from actors.query_scorer import patch_profiles  # noqa: E402
 from pipeline.evaluation import compute_map, paired_bootstrap  # noqa: E402
-from pipeline.query_patches import noboxfree_queries, select_patches  # noqa: E402
-from pipeline.query_regions import GEOMETRY_NAMES, ProposalConfig  # noqa: E402
+from pipeline.query_patches import select_patches  # noqa: E402
+from pipeline.query_regions import GEOMETRY_NAMES  # noqa: E402
 from pipeline.region_scoring import (PROFILE_NAMES, REL_BASE, REL_SIM, ScorerConfig, dcg_at_k,  # noqa: E402
                                      patch_labels, sim_patch_img)
-from service.encoder import QueryEncoder  # noqa: E402
-from storage.datasets import load_gnd_json  # noqa: E402
 
 CELL_PX, MAX_SIDE = 32, 512  # MobileNetV2's stride on the benchmark config's 512 px side
 
@@ -86,18 +83,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=5)
     args = ap.parse_args()
     t0 = time.time()
-    root = load_gnd_json(f"{args.data}/gnd.json")
-    nobox = load_gnd_json(f"{args.data}/no-box/gnd.json")
-    enc = QueryEncoder(args.index)
-    props = ProposalConfig()
-    rng = np.random.default_rng(0)
-    ridx = noboxfree_queries(root.queries, nobox.queries)
-    rq = make_queries(root, ridx, encode_queries(enc, root, ridx, props, args.cache), 200, rng)
-    nidx = np.arange(len(nobox.queries))
-    nenc = encode_queries(enc, nobox, nidx, props, args.cache)
-    nq = make_queries(nobox, nidx, nenc, 200, rng)
-    X, img = corpus_items(args.index, "os_egm", corpus_ids(args.index, root))
-    n = root.n_images
+    t = load_tracks(args.index, args.data, args.cache)
+    rq, nenc, nq, X, img, n = t.rq, t.nenc, t.nq, t.X, t.img, t.n
     base = regional_aps(nenc, nq, X, img, n)
     gnd = [{"ok": q.positives, "junk": q.junk} for q in nq]
 
