@@ -32,21 +32,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from patches_nobox_cv import load_tracks, regional_aps, train  # noqa: E402
 
-from actors.query_scorer import patch_profiles  # noqa: E402
 from pipeline.evaluation import compute_map, paired_bootstrap  # noqa: E402
 from pipeline.query_patches import select_patches  # noqa: E402
 from pipeline.query_regions import GEOMETRY_NAMES  # noqa: E402
-from pipeline.region_scoring import (PROFILE_NAMES, REL_BASE, REL_SIM, ScorerConfig, dcg_at_k,  # noqa: E402
-                                     patch_labels, sim_patch_img)
+from pipeline.region_scoring import (PROFILE_NAMES, ScorerConfig, labels_from_similarities,  # noqa: E402
+                                     patch_labels, retrieval_profile_dense, sim_patch_img)
 
 CELL_PX, MAX_SIDE = 32, 512  # MobileNetV2's stride on the benchmark config's 512 px side
+
+
+def geometry(feats: np.ndarray, d_desc: int, name: str) -> np.ndarray:
+    """One box-geometry column (:data:`pipeline.query_regions.GEOMETRY_NAMES`) of scorer features whose first
+    ``d_desc`` columns are the patch descriptor."""
+    return feats[:, d_desc + GEOMETRY_NAMES.index(name)]
 
 
 def cells_wide_high(feats: np.ndarray, d_desc: int, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Width and height of each patch in feature-map cells of the scale-1 map its descriptor is pooled from."""
     w, h = image_size
     scale = MAX_SIDE / max(w, h)
-    return feats[:, d_desc + 4] * w * scale / CELL_PX, feats[:, d_desc + 5] * h * scale / CELL_PX
+    return (geometry(feats, d_desc, "width") * w * scale / CELL_PX,
+            geometry(feats, d_desc, "height") * h * scale / CELL_PX)
 
 
 RULES = ("sum", "full_x5", "max", "qalf", "zscore", "trunc3", "trunc10")
@@ -104,17 +110,11 @@ def main() -> None:
     d_desc = nq[0].desc.shape[1]
     names = list(GEOMETRY_NAMES) + ["fs_mean", "fs_share", "os_mean", "os_share"]
     rho: dict[str, list[float]] = {k: [] for k in names + list(PROFILE_NAMES) + ["scorer psi"]}
-    labels = []
     for q, d in zip(nq, dense):
-        S = d[1:].copy()
-        S[:, q.junk] = -np.inf
-        top = np.argsort(-S, axis=1)[:, :10]
-        s = np.take_along_axis(S, top, 1)
-        is_pos = np.zeros(n, bool)
-        is_pos[q.positives] = True
-        lab = dcg_at_k(np.where(is_pos[top], REL_BASE + REL_SIM * s, 0.0), 10)
-        labels.append(lab)
-        prof = patch_profiles(X, img, n, q.full, q.desc, q.junk)
+        lab = labels_from_similarities(d[1:], q.positives, q.junk)
+        S, F = d[1:].copy(), d[0].copy()  # the profile as actors.query_scorer.patch_profiles: junk left out
+        S[:, q.junk], F[q.junk] = -np.inf, -np.inf
+        prof = retrieval_profile_dense(S, F)
         for j, name in enumerate(names):
             rho[name].append(spearmanr(q.feats[:, d_desc + j], lab)[0])
         for j, name in enumerate(PROFILE_NAMES):
@@ -126,10 +126,10 @@ def main() -> None:
 
     # 2. what the scorer picks
     chosen = [select_patches(scorer.predict(q.feats), q.desc, args.k, lam) for q in nq]
-    area = np.concatenate([q.feats[c, d_desc + 6] for q, c in zip(nq, chosen)])
+    area = np.concatenate([geometry(q.feats, d_desc, "area")[c] for q, c in zip(nq, chosen)])
     cells = np.concatenate([np.minimum(*cells_wide_high(q.feats, d_desc, e.image_size))[c]
                             for q, e, c in zip(nq, nenc, chosen)])
-    all_area = np.concatenate([q.feats[:, d_desc + 6] for q in nq])
+    all_area = np.concatenate([geometry(q.feats, d_desc, "area") for q in nq])
     print(f"scorer's patches: median area {100 * np.median(area):.2f} % of the photo (all patches "
           f"{100 * np.median(all_area):.2f} %), {100 * np.mean(cells < 1):.0f} % under one feature-map cell "
           "wide or high")

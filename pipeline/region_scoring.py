@@ -91,7 +91,14 @@ def patch_labels(patch_desc: np.ndarray, db_region_desc: np.ndarray, db_region_i
     patch trivially retrieves its own photo first). Ranking is by ``sim_patch_img`` descending, ties by image
     id; images with no region are not ranked.
     """
-    spi = sim_patch_img(patch_desc, db_region_desc, db_region_image, n_images).astype(np.float64)
+    return labels_from_similarities(sim_patch_img(patch_desc, db_region_desc, db_region_image, n_images), positives,
+                                    junk, k)
+
+
+def labels_from_similarities(patch_img: np.ndarray, positives: Sequence[int] | np.ndarray,
+                             junk: Sequence[int] | np.ndarray = (), k: int = DCG_K) -> np.ndarray:
+    """:func:`patch_labels` from already computed ``sim_patch_img`` rows (P, n_images) -> (P,) float64."""
+    spi = np.array(patch_img, dtype=np.float64)  # a copy: junk is masked in place
     n_img = spi.shape[1]
     junk = np.asarray(junk, dtype=np.int64).ravel()
     spi[:, junk[(junk >= 0) & (junk < n_img)]] = -np.inf
