@@ -52,7 +52,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.faiss_index import recall_at_k  # noqa: E402
+from pipeline.faiss_tuning import recall_at_k  # noqa: E402
 from pipeline.itq import build_binary_index, hamming_search, learn_itq, prefilter_rerank  # noqa: E402
 
 CHUNK = 100_000

@@ -159,3 +159,41 @@ def test_entry_points_import_no_torchvision_or_sklearn():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "", f"imported at start-up: {proc.stdout.strip()}"
+
+
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module binds at its top level (definitions, assignments, imports), found without importing it."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        nodes = [node] + (list(ast.walk(node)) if isinstance(node, (ast.If, ast.Try)) else [])
+        for n in nodes:
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(n.name)
+            elif isinstance(n, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in n.names)
+            elif isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+                names.update(t.id for tg in targets for t in ast.walk(tg) if isinstance(t, ast.Name))
+    return names
+
+
+def test_every_project_import_names_something_that_exists():
+    """``from pipeline.x import y`` anywhere (experiments and tests included, which no other test imports all of)
+    must name a module of the project and something it defines: a renamed or moved function breaks the scripts
+    that the README tells users to run, and nothing else would notice."""
+    bad = []
+    for p in _modules(PROJECT) + sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                    and node.module.split(".")[0] in PROJECT):
+                continue
+            base = REPO / node.module.replace(".", "/")
+            target = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+            if not target.exists():
+                bad.append(f"{p.relative_to(REPO)}:{node.lineno} no module {node.module}")
+                continue
+            defined = _top_level_names(target)
+            bad += [f"{p.relative_to(REPO)}:{node.lineno} {node.module} has no {a.name}" for a in node.names
+                    if a.name != "*" and a.name not in defined and not (base / f"{a.name}.py").exists()
+                    and not (base / a.name).is_dir()]
+    assert not bad, "\n".join(bad)
