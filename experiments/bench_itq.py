@@ -18,20 +18,22 @@ clusters of thousands of near-duplicates, many small ones), per-cluster spread c
 its centre is ~0.55-0.85 -- a stand-in for whitened regional descriptors, where a query region has a few
 strong matches and a long tail of weak ones. Queries are fresh draws from the same clusters (not database rows).
 
-Measured (1M x 256, 500 queries, 256 bits, one thread each, on a 2-core machine shared with other jobs at load
-average 13-21, so absolute rates are low and noisy; ratios come from alternated timings)::
+Measured (1M x 256, 500 queries, 256 bits, one thread each, 2026-12-02 on a quiet 2-core machine, load 0.5-1.0;
+ratios come from alternated timings; ``--prefilter 1000 2000 4000 --ivf auto:16 auto:8``)::
 
-    index             prefilter  recall@100  batch 500 (exact 44-78 q/s)   batch 6 (exact 2.1-3.0 q/s)
-    flat                1000      0.918       115 q/s  x1.5                 107 q/s  x35
-    flat                2000      0.965        91 q/s  x1.2                  81 q/s  x27
-    IVF1024 nprobe 16   1000      0.921       393 q/s  x7.2                 349 q/s  x115
-    IVF1024 nprobe 16   2000      0.968       281 q/s  x4.7                 248 q/s  x82
-    IVF1024 nprobe 64   2000      0.968       138 q/s  x3.2                 155 q/s  x51
+    index             prefilter  recall@100  batch 500 (exact 291-314 q/s)  batch 6 (exact 13.8 q/s)
+    flat                1000      0.918        573 q/s  x1.9                  540 q/s  x39
+    flat                2000      0.965        482 q/s  x1.6                  463 q/s  x34
+    IVF1024 nprobe 16   1000      0.923       2858 q/s  x9.5                 3221 q/s  x234
+    IVF1024 nprobe 16   2000      0.969       1939 q/s  x6.2                 1941 q/s  x141
+    IVF1024 nprobe 16   4000      0.990       1180 q/s  x3.9                 1154 q/s  x84
+    IVF1024 nprobe 8    2000      0.961       1999 q/s  x6.9                 2015 q/s  x147
 
-128 bits (first run): recall@100 0.74 / 0.86 / 0.94 at prefilter 1000 / 2000 / 4000; 256 bits at 4000: 0.99.
+128 bits (an earlier run): recall@100 0.74 / 0.86 / 0.94 at prefilter 1000 / 2000 / 4000.
 One query image (5 patches + the full image) is the service's case: there the exact scan cannot use BLAS and
-ITQ + IVF is 50-100x faster at recall >= 0.95; for large offline batches the exact search is one BLAS product
-and the gain at recall >= 0.95 was 4.7x (IVF, prefilter 2000): just under the 5x goal.
+ITQ + IVF is ~140x faster at recall >= 0.95; for large offline batches the exact search is one BLAS product
+and the gain at recall >= 0.95 is 6.2x (IVF, prefilter 2000). Before ``pipeline.itq.hamming_search`` used
+FAISS's counting scanner for deep searches, the k = 2000 heap took half the time (x4.7 on a loaded machine).
 
 Usage (quick check, then the 1M run)::
 

@@ -105,6 +105,32 @@ def test_binary_ivf_returns_true_hamming_distances(model: ITQ, data: np.ndarray)
     np.testing.assert_array_equal(D, np.sort(hamming_distances(codes[:5], codes), axis=1)[:, :10])
 
 
+@pytest.mark.parametrize("nlist", [0, 16])
+def test_deep_hamming_search_counting_scanner_equals_numpy(model: ITQ, data: np.ndarray, nlist: int) -> None:
+    """k >= COUNTING_MIN_K takes FAISS's counting scanner (for IVF with the max_codes fix of faiss#5555, without
+    which it returns no neighbour at all): the same sorted distances as numpy, every id at its distance, and the
+    same neighbours as the heap below the k-th distance (ties at the cut may differ), also after a round trip
+    through serialisation (the service's case)."""
+    import faiss
+
+    from pipeline.itq import COUNTING_MIN_K
+
+    codes = model.encode(data)
+    k = COUNTING_MIN_K + 200
+    ref = hamming_distances(codes[:6], codes)
+    index = faiss.deserialize_index_binary(faiss.serialize_index_binary(
+        build_binary_index(codes, nlist=nlist, nprobe=16)))  # nprobe = nlist: exhaustive
+    D, I = hamming_search(index, codes[:6], k)
+    assert not index.use_heap
+    np.testing.assert_array_equal(D, np.sort(ref, axis=1)[:, :k])
+    np.testing.assert_array_equal(np.take_along_axis(ref, I, 1), D)
+    index.use_heap = True
+    D_heap, I_heap = index.search(codes[:6], k)
+    for r in range(6):
+        below = D[r] < D[r, -1]
+        assert set(I[r][below]) == set(I_heap[r][D_heap[r] < D_heap[r, -1]])
+
+
 def test_arrays_round_trip_and_dimension_checks(model: ITQ, data: np.ndarray) -> None:
     back = ITQ.from_arrays({k: v.copy() for k, v in model.to_arrays().items()})
     np.testing.assert_array_equal(back.encode(data), model.encode(data))
