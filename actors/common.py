@@ -87,6 +87,7 @@ class Progress:
     skipped: int = 0
     started: float = field(default_factory=time.time)
     _last: float = 0.0
+    _logged: tuple[int, int] | None = None  # (done, errors) of the last line: a forced update repeats none
 
     def update(self, n: int, errors: int = 0, force: bool = False) -> None:
         self.done += n
@@ -94,7 +95,10 @@ class Progress:
         now = time.time()
         if not force and now - self._last < self.every and self.done < self.total:
             return
+        if self._logged == (self.done, self.errors):
+            return
         self._last = now
+        self._logged = (self.done, self.errors)
         elapsed = max(now - self.started, 1e-9)
         rate = max(self.done - self.skipped, 0) / elapsed
         remaining = (self.total - self.done) / rate if rate > 0 else float("nan")

@@ -53,7 +53,7 @@ from service.verify import query_key as sv_query_key
 from service.tracks import Track, add_real_distractors, canonical, query_key, resolve_tracks, union_paths
 from storage.arrays import save_json
 from storage.readers import image_uris
-from storage.run import RunManifest, read_corpus_manifest
+from storage.run import NotAnIndexError, RunManifest, load_run_config, read_corpus_manifest
 from storage.uri import read_bytes
 
 log = logging.getLogger("benchmark")
@@ -120,11 +120,30 @@ def build_tracks(args: argparse.Namespace, notes: list[str]) -> list[Track]:
                                 notes)
 
 
+def stages_left(index_root: str) -> list[str] | None:
+    """The stages of the run at ``index_root`` that are not done, judged against the stages *it* was built with
+    (its saved config: an index built without ASMK is complete without it); None when there is no run there."""
+    try:
+        planned = load_run_config(index_root).get("stages") or list(STAGES)
+    except NotAnIndexError:
+        return None
+    manifest = RunManifest(index_root)
+    return [s for s in planned if not manifest.all_done([s])]
+
+
 def run_index(args: argparse.Namespace, list_uri: str, index_root: str) -> None:
-    """Index the union list with ``jobs.index`` (every stage), unless ``--reuse`` finds it complete."""
-    if args.reuse and not args.index_set and RunManifest(index_root).all_done(STAGES):  # --index-set: stages re-hashed
-        log.info("index %s is complete: reused", index_root)
+    """Index the union list with ``jobs.index`` (every stage), unless ``--reuse`` finds it complete.
+
+    ``--reuse`` without ``--index-set`` takes a complete index as it was built, whatever config built it (indexing
+    it again with the default config would redo every stage whose parameters differ); with ``--index-set`` the
+    index is brought up to that config (stages with unchanged parameters are kept)."""
+    left = stages_left(index_root) if args.reuse and not args.index_set else None
+    if left == []:
+        log.info("index %s is complete: reused as built", index_root)
         return
+    if left:
+        log.info("index %s: stages %s are not done: indexing with %s", index_root, ",".join(left),
+                 args.config)
     import ray
     import yaml
 

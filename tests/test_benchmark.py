@@ -384,3 +384,32 @@ def test_benchmark_end_to_end(tmp_path, ray_local):
     assert again["verification"]["rescore"]["pairs"] > 0 and calls["in_process"] == 0
     cascade = np.load(out / "rankings" / "mini.npz", allow_pickle=False)[slug("gem+sv")]
     assert all(set(b.tolist()) == set(s.tolist()) for b, s in zip(saved[slug("gem")], cascade))
+
+
+def test_reuse_takes_a_complete_index_as_it_was_built(tmp_path, monkeypatch):
+    """An index built without some stages (no ASMK: ``extract.local_features=0``) is complete for ``--reuse``:
+    indexing it again with the default config would redo (and overwrite) every stage whose parameters differ.
+    One whose own stages are not all done is indexed again, as is any run when ``--index-set`` asks for a config."""
+    import argparse
+
+    from storage.run import RunManifest, save_run_config
+
+    root = str(tmp_path / "index")
+    assert bm.stages_left(root) is None  # no run there
+    built = ["extract", "whiten", "graph", "object_saliency", "descriptors", "faiss", "diffusion"]
+    save_run_config(root, {"stages": built})
+    manifest = RunManifest(root)
+    for s in built[:-1]:
+        manifest.record(s, {"status": "done"})
+    assert bm.stages_left(root) == ["diffusion"]
+    manifest.record("diffusion", {"status": "done"})
+    assert bm.stages_left(root) == []
+
+    calls = []
+    monkeypatch.setattr(bm, "index", lambda cfg: calls.append(cfg))
+    args = argparse.Namespace(reuse=True, index_set=[], config=str(bm.DEFAULT_CONFIG), num_cpus=None,
+                              ray_address=None, max_side=256)
+    bm.run_index(args, str(tmp_path / "list.txt"), root)
+    assert calls == []  # reused: the ASMK stage it never had does not trigger a rebuild
+    bm.run_index(argparse.Namespace(**{**vars(args), "index_set": ["graph.k=5"]}), str(tmp_path / "list.txt"), root)
+    assert len(calls) == 1 and calls[0].graph.k == 5

@@ -250,3 +250,21 @@ def test_killed_worker_is_replaced_without_duplicates(tmp_path):
     g = store.read("globals", columns=["image_id", "method"]).to_pydict()
     gpairs = list(zip(g["image_id"], g["method"]))
     assert len(gpairs) == len(set(gpairs)) and set(g["image_id"]) == set(ids)
+
+
+def test_progress_logs_each_state_once(caplog):
+    """The last batch's line already says 100 %: the closing forced update must not print it a second time, but
+    a forced update after a change (an error counted) does."""
+    from actors.common import Progress
+
+    prog = Progress("labels", total=4, unit="queries", every=3600.0)
+    with caplog.at_level("INFO", logger="indexer"):
+        prog.update(1)              # first line (nothing logged yet)
+        prog.update(2)              # throttled
+        prog.update(1)              # done == total: logged
+        prog.update(0, force=True)  # same state: not repeated
+        prog.update(0, errors=1, force=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[labels]")]
+    assert [line.split(" (")[0] for line in lines] == ["[labels] 1/4 queries", "[labels] 4/4 queries",
+                                                       "[labels] 4/4 queries"]
+    assert lines[-1].endswith("errors=1") and lines[1].endswith("errors=0")
