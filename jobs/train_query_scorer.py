@@ -174,6 +174,11 @@ def fit_scorer(queries: list[TrainingQuery], labels: list[np.ndarray], cfg: Scor
     print(f"[scorer] chosen C={scorer.C:g}: CV error {scorer.cv['mse'].min():.5f} (label variance {label_var:.5f}, "
           f"{len(y)} patches of {len({q.photo for q in queries})} photos in {len(set(groups))} object groups)",
           flush=True)
+    if scorer.cv["mse"].min() >= label_var:
+        print(f"[scorer] warning: CV error {scorer.cv['mse'].min():.5f} >= label variance {label_var:.5f}: on "
+              "objects it was not trained on, the scorer predicts patch usefulness no better than a constant, so "
+              "patches:k picks patches mostly by lambda's diversity term; more (and more varied) training photos "
+              "are what helps", flush=True)
     return scorer, psis
 
 
