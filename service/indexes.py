@@ -57,6 +57,7 @@ class LoadedIndex:
     _vectors: np.ndarray | None = field(default=None, repr=False)
     _row_of: dict[str, int] | None = field(default=None, repr=False)
     itq: "LoadedITQ | None" = None        # regional: Hamming prefilter + exact re-rank (search_regional uses it)
+    _image_rows: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # rows sorted by image
 
     @classmethod
     def from_vectors(cls, X: np.ndarray, image_ids: Sequence[str], region_image: np.ndarray | None = None
@@ -151,6 +152,24 @@ class LoadedIndex:
         mask = self.allowed_mask(allowed)
         keep = np.ones(len(img), bool) if mask is None else mask[img]
         return RegionSet.build(X[keep], img[keep])
+
+    def rescore_images(self, items: Sequence[np.ndarray], images: np.ndarray) -> np.ndarray:
+        """Exact D2R scores (n_items, len(images)) of each query item against the given int image ids: the max
+        over each image's region rows (the ITQ prefilter's exact rows when there is one). Re-scores a shortlist an
+        approximate search reached; ``-inf`` for an image without rows."""
+        items = [np.ascontiguousarray(np.atleast_2d(x)[:, : self.dim], dtype=np.float32) for x in items]
+        images = np.asarray(images, np.int64)
+        if self._image_rows is None:
+            order = np.argsort(np.asarray(self.region_image, np.int64), kind="stable")
+            bounds = np.searchsorted(np.asarray(self.region_image, np.int64)[order],
+                                     np.arange(len(self.image_ids) + 1))
+            self._image_rows = (order, bounds)
+        order, bounds = self._image_rows
+        counts = bounds[images + 1] - bounds[images]
+        local = np.repeat(np.arange(len(images)), counts)  # shortlist position of each gathered row
+        rows = order[bounds[images][local] + np.arange(len(local)) - np.repeat(np.cumsum(counts) - counts, counts)]
+        X = self.itq.vectors if self.itq is not None else self.vectors()
+        return regional_image_scores(items, RegionSet.build(np.asarray(X[rows], np.float32), local), len(images))
 
     def search_regional(self, items: Sequence[np.ndarray], k: int | None = None,
                         allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -344,3 +344,52 @@ def test_itq_of_another_regional_version_is_ignored(tmp_path):
     _published_regional(tmp_path, X, img)  # a newer regional version without its ITQ
     assert open_itq(root, open_index(root, "regional_os_egm")) is None
 
+
+
+def test_patches_over_a_shallow_itq_prefilter_vote_with_exact_scores(tmp_path):
+    """A prefilter that keeps 30 of 240 region codes: each chosen patch reaches only a few images. Every image
+    some item reached is re-scored exactly for every item (LoadedIndex.rescore_images), so the reached images'
+    votes equal the exact ``sim_img + sum sim_patch_img``; filling an item's unreached images with its lowest
+    listed score did not (the lowest listed score of a prefilter is not a bound of what it missed)."""
+    rng = np.random.default_rng(9)
+    d, P, F = 32, 40, 5
+    X, img = _clustered(rng, 60, 4, d)
+    root, reg = _published_regional(tmp_path, X, img)
+    publish_itq(root, "regional_os_egm", reg, X, FaissConfig(itq_bits=32, itq_prefilter=30), True)
+    idx = open_index(root, "regional_os_egm")
+    idx.itq = open_itq(root, idx)
+    assert idx.itq is not None and idx.itq.prefilter == 30
+    cfg = PatchSearchConfig(k=4, lam=-0.4, source="os_egm")
+    scorer, folder = _scorer_folder(tmp_path, F, cfg)
+    svc = SearchService(root, encoder=object(), indexes={"regional_os_egm": idx}, scorer=folder)
+    q = _query(rng, d, P, F)
+    q.regions["full"] = X[img == 3][:1] + 0.0  # the full query image is one of image 3's regions
+    q.patch_desc[:10] = X[rng.choice(len(X), 10)]  # some patches are database regions of other images
+    r = svc.rank([q], "patches")[0]
+    chosen = greedy_diverse_topk(scorer.predict(q.patch_feat), q.patch_desc @ q.patch_desc.T, 4, -0.4)
+    items = [q.regions["full"]] + [q.patch_desc[c:c + 1] for c in chosen]
+    spi = sim_patch_img(np.concatenate(items), X, img, 60)
+    votes = spi[0] + spi[1:].sum(0)
+    S, I = idx.search_regional(items, 60)
+    reached = np.unique(I[I >= 0])
+    assert 4 <= len(reached) < 60 and (I < 0).any()  # the prefilter really is shallow
+    ranked = np.array([int(i[2:]) for i in r.image_ids])
+    head = ranked[:len(reached)]
+    assert set(head.tolist()) == set(reached.tolist())  # reached images first, in exact vote order
+    np.testing.assert_allclose(np.asarray(r.scores)[:len(reached)], votes[head], rtol=1e-5)
+    assert head[0] == np.argmax(votes) == 3
+
+
+def test_rescore_images_equals_the_dense_regional_scores():
+    from pipeline.ranking import RegionSet, regional_image_scores
+
+    rng = np.random.default_rng(10)
+    img = rng.integers(0, 50, 400)
+    img[img == 7] = 8  # image 7 has no region rows
+    X = rng.standard_normal((400, 16)).astype(np.float32)
+    idx = LoadedIndex.from_vectors(X, [f"i{j}" for j in range(50)], img)
+    items = [rng.standard_normal((1, 16)).astype(np.float32) for _ in range(4)]
+    sel = np.array([3, 7, 0, 49, 8])
+    got = idx.rescore_images(items, sel)
+    np.testing.assert_allclose(got, regional_image_scores(items, RegionSet.build(X, img), 50)[:, sel], rtol=1e-6)
+    assert np.isneginf(got[:, 1]).all() and idx.rescore_images(items, np.zeros(0, np.int64)).shape == (4, 0)
