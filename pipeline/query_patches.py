@@ -46,7 +46,8 @@ class PatchSearchConfig:
     ``jobs.train_query_scorer`` grid-searches it); ``source``: the regional index ``regional_<source>`` whose
     items the patches are matched against (OS.EGM regions, the best regional source on no-box in this
     project's benchmark); ``item_depth``: images each item retrieves from an *approximate* index (exact indexes
-    score every image), the rest of an item's images get its lowest listed score (:func:`dense_from_topk`).
+    score every image); the query side then re-scores every image some item reached exactly for every item, and
+    the images none reached get each item's lowest score among those (:func:`dense_from_topk`).
     """
 
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
