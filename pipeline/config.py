@@ -20,6 +20,7 @@ import yaml
 from pipeline.asmk import AsmkIndexConfig
 from pipeline.descriptors import DescriptorsConfig
 from pipeline.diffusion import DiffusionStageConfig
+from pipeline.errors import ConfigError
 from pipeline.extract import ExtractConfig
 from pipeline.faiss_index import FaissConfig
 from pipeline.katz import KatzConfig
@@ -34,10 +35,6 @@ DEFAULT_LOCAL_FEATURES = 1000  # top-N locals per image when ASMK is on and the 
 STAGES = ("extract", "whiten", "graph", "object_saliency", "descriptors", "faiss", "asmk", "diffusion")
 # every stage the DAG knows, in order: the optional ``rpn`` pass (regions.source: rpn) runs before the descriptors
 ALL_STAGES = STAGES[:4] + ("rpn",) + STAGES[4:]
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)

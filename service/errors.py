@@ -11,7 +11,7 @@ import sys
 import traceback
 from typing import Callable
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from storage.datasets import DatasetError
 from storage.images import ImageError
 from storage.lease import LeaseHeld, LeaseLost

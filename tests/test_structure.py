@@ -197,3 +197,15 @@ def test_every_project_import_names_something_that_exists():
                     if a.name != "*" and a.name not in defined and not (base / f"{a.name}.py").exists()
                     and not (base / a.name).is_dir()]
     assert not bad, "\n".join(bad)
+
+
+def test_download_job_starts_without_torch():
+    """``python -m jobs.download`` only fetches and checks files: it must not pay torch's import (1.7-2.8 s here),
+    which ``service.errors`` once pulled in through ``pipeline.config`` for one exception class."""
+    import subprocess
+    import sys
+
+    code = "import sys, jobs.download\nprint('torch' in sys.modules, 'pipeline.config' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "False"]
