@@ -153,6 +153,12 @@ class LoadedIndex:
         keep = np.ones(len(img), bool) if mask is None else mask[img]
         return RegionSet.build(X[keep], img[keep])
 
+    @property
+    def can_rescore(self) -> bool:
+        """Whether :meth:`rescore_images` has exact rows at hand: the ITQ prefilter's, or an exact index's. An
+        approximate FAISS index (IVF, PQ, HNSW) is not asked to rebuild all its rows (gigabytes at R1M scale)."""
+        return self.itq is not None or self.exact or self._vectors is not None
+
     def rescore_images(self, items: Sequence[np.ndarray], images: np.ndarray) -> np.ndarray:
         """Exact D2R scores (n_items, len(images)) of each query item against the given int image ids: the max
         over each image's region rows (the ITQ prefilter's exact rows when there is one). Re-scores a shortlist an

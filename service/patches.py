@@ -126,11 +126,12 @@ class PatchSearch:
                 extras.append({})
                 continue
             S, ids = idx.search_regional(items, per_item, allowed)
-            if per_item is not None:
-                # approximate lists (ITQ prefilter, FAISS IVF): every image any item reached is re-scored exactly
+            if per_item is not None and idx.can_rescore:
+                # approximate lists (the ITQ prefilter): every image any item reached is re-scored exactly
                 # for every item (seed 000 §4.2: exact features re-rank the prefilter's shortlist). Filling an
                 # item's unreached images with its lowest listed score put the tail of a prefilter's re-ranked
                 # candidates (-0.10) below a positive painting it missed (0.11): no-box patches:5 lost 3.9 mAP.
+                # An approximate FAISS index without ITQ keeps that fill (dense_from_topk): no exact rows.
                 reached = np.unique(ids[ids >= 0])
                 S, ids = idx.rescore_images(items, reached), np.broadcast_to(reached, (len(items), len(reached)))
             d, i = vote_rankings(S, ids, n_img, width, mask)

@@ -393,3 +393,5 @@ def test_rescore_images_equals_the_dense_regional_scores():
     got = idx.rescore_images(items, sel)
     np.testing.assert_allclose(got, regional_image_scores(items, RegionSet.build(X, img), 50)[:, sel], rtol=1e-6)
     assert np.isneginf(got[:, 1]).all() and idx.rescore_images(items, np.zeros(0, np.int64)).shape == (4, 0)
+    assert idx.can_rescore  # exact rows at hand; an approximate FAISS index without ITQ is not rebuilt for it
+    assert not dataclasses.replace(idx, exact=False, _vectors=None).can_rescore
