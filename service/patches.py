@@ -71,8 +71,8 @@ class PatchSearch:
         D = np.asarray(q.patch_desc, np.float32)
         n_img = len(idx.image_ids)
         exact = idx.exact and idx.itq is None
-        Sf, If = idx.search_regional([np.asarray(q.regions["full"], np.float32)[:1]],
-                                     None if exact else self.cfg.item_depth, allowed)
+        full = np.asarray(q.regions["full"], np.float32)[:1]
+        Sf, If = idx.search_regional([full], None if exact else self.cfg.item_depth, allowed)
         full_dense = dense_from_topk(Sf, If, n_img)[0]
         tops, best = [], []
         for s in range(0, len(D), _PROFILE_BATCH):
@@ -81,6 +81,11 @@ class PatchSearch:
             tops.append(S)
             best.append(I[:, 0])
         b = np.concatenate(best) if best else np.zeros(0, np.int64)
+        if not exact and idx.can_rescore:
+            # as in rank(): the patches' best images get the full image's exact score, also those its approximate
+            # list missed (the list's lowest score is no bound of theirs); training computes this column exactly
+            at = np.unique(b[b >= 0])
+            full_dense[at] = idx.rescore_images([full], at)[0]
         full_at = np.where(b >= 0, full_dense[np.maximum(b, 0)], np.nan)
         top = np.concatenate(tops) if tops else np.zeros((0, PROFILE_K), np.float32)
         return retrieval_profile(top, float(Sf[0, 0]) if np.isfinite(Sf[0, 0]) else 0.0, full_at)

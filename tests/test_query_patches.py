@@ -395,3 +395,28 @@ def test_rescore_images_equals_the_dense_regional_scores():
     assert np.isneginf(got[:, 1]).all() and idx.rescore_images(items, np.zeros(0, np.int64)).shape == (4, 0)
     assert idx.can_rescore  # exact rows at hand; an approximate FAISS index without ITQ is not rebuilt for it
     assert not dataclasses.replace(idx, exact=False, _vectors=None).can_rescore
+
+
+def test_profile_over_a_shallow_itq_prefilter_takes_the_full_images_exact_score(tmp_path):
+    """profile_full_agree is the full query image's score of each patch's best image. Training computes it exactly;
+    over a 30-of-240 prefilter, images outside the full image's list must get their exact score, not its lowest."""
+    from pipeline.region_scoring import PROFILE_K, retrieval_profile
+
+    rng = np.random.default_rng(11)
+    d, P, F = 32, 30, 5
+    X, img = _clustered(rng, 60, 4, d)
+    root, reg = _published_regional(tmp_path, X, img)
+    publish_itq(root, "regional_os_egm", reg, X, FaissConfig(itq_bits=32, itq_prefilter=30), True)
+    idx = open_index(root, "regional_os_egm")
+    idx.itq = open_itq(root, idx)
+    cfg = PatchSearchConfig(k=3, lam=-0.4, source="os_egm")
+    names = [f"f{i}" for i in range(F)] + list(PROFILE_NAMES)
+    _, folder = _scorer_folder(tmp_path, F + len(PROFILE_NAMES), cfg, names)
+    q = _query(rng, d, P, F)
+    q.regions["full"] = X[:1] + 0.0
+    got = PatchSearch.load(folder).profile(q, idx)
+    S, I = idx.search_regional([q.patch_desc[i:i + 1] for i in range(P)], PROFILE_K)
+    Sf, If = idx.search_regional([q.regions["full"]], cfg.item_depth)
+    full_exact = sim_patch_img(q.regions["full"], X, img, 60)[0]
+    assert not set(I[:, 0]) <= set(If[0][If[0] >= 0])  # some best images lie outside the full image's list
+    np.testing.assert_allclose(got, retrieval_profile(S, float(Sf[0, 0]), full_exact[I[:, 0]]), rtol=1e-5, atol=1e-6)
