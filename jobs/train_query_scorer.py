@@ -171,11 +171,12 @@ def fit_scorer(queries: list[TrainingQuery], labels: list[np.ndarray], cfg: Scor
         model = next(m for held, m in models if q.group in held)
         psis.append(model.predict(q.feats))
     label_var = float(np.var(y))
-    print(f"[scorer] chosen C={scorer.C:g}: CV error {scorer.cv['mse'].min():.5f} (label variance {label_var:.5f}, "
+    cv_error = float(scorer.cv["mse"].min())
+    print(f"[scorer] chosen C={scorer.C:g}: CV error {cv_error:.5f} (label variance {label_var:.5f}, "
           f"{len(y)} patches of {len({q.photo for q in queries})} photos in {len(set(groups))} object groups)",
           flush=True)
-    if scorer.cv["mse"].min() >= label_var:
-        print(f"[scorer] warning: CV error {scorer.cv['mse'].min():.5f} >= label variance {label_var:.5f}: on "
+    if cv_error >= label_var:
+        print(f"[scorer] warning: CV error {cv_error:.5f} >= label variance {label_var:.5f}: on "
               "objects it was not trained on, the scorer predicts patch usefulness no better than a constant, so "
               "patches:k picks patches mostly by lambda's diversity term; more (and more varied) training photos "
               "are what helps", flush=True)
